@@ -1,0 +1,66 @@
+# One set of commands for people, CI and hooks. Only Python 3.11+, git and make are assumed.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help venv install proto proto-check lint fmt typecheck test test-only run bench clean
+
+help:
+	@echo "make run         start the whole mesh on embedded PostgreSQL and Redis (Ctrl-C stops it)"
+	@echo "make test        lint, type-check, check generated code, and run every test"
+	@echo "make proto       regenerate Python code and stubs from protos/"
+	@echo "make lint|fmt    ruff, mypy, buf lint / format everything"
+	@echo "make bench       run the benchmarks in bench/ and print their figures"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+proto: $(STAMP)
+	$(PY) scripts/protogen.py
+	$(BIN)/buf format -w
+
+proto-check: $(STAMP)
+	$(PY) scripts/protogen.py --check
+
+lint: $(STAMP)
+	$(PY) scripts/protogen.py --check
+	$(BIN)/buf lint
+	$(BIN)/buf format --exit-code -d > /dev/null || { $(BIN)/buf format -d; echo "protos are not buf-formatted: run make fmt"; exit 1; }
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+fmt: $(STAMP)
+	$(BIN)/buf format -w
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+# pytest exits 5 when it collected nothing; that must fail, never pass silently.
+test-only: $(STAMP)
+	@$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+test: lint test-only
+
+run: $(STAMP)
+	$(BIN)/agentvault-dev run
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+clean:
+	rm -rf .build .pytest_cache .mypy_cache .ruff_cache
