@@ -1,0 +1,1 @@
+"""Shared runtime for every AgentVault Mesh service: settings, errors, server skeleton, storage, telemetry."""

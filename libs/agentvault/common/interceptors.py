@@ -1,0 +1,166 @@
+"""gRPC interceptors: request ids, structured logs, Prometheus metrics, tracing and error mapping.
+
+The server side is a single interceptor that wraps each method handler once (cached per method), so the
+per-call cost is one extra coroutine frame rather than a chain of interceptors.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from opentelemetry import trace
+
+from agentvault.common import errors, tracing
+from agentvault.common.logs import request_id_var
+from agentvault.common.metrics import GRPC_HANDLED, GRPC_LATENCY
+
+log = logging.getLogger("agentvault.rpc")
+
+REQUEST_ID_KEY = "x-request-id"
+_MAX_REQUEST_ID = 128
+
+
+def _metadata_value(metadata: Any, key: str) -> str | None:
+    for k, v in metadata or ():
+        if k == key and isinstance(v, str):
+            return v
+    return None
+
+
+def _request_id(metadata: Any) -> str:
+    rid = _metadata_value(metadata, REQUEST_ID_KEY)
+    if rid and len(rid) <= _MAX_REQUEST_ID and rid.isprintable():
+        return rid
+    return uuid.uuid4().hex
+
+
+async def _fail(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> str:
+    """Aborts the call with the status for `exc`; returns the status code name for the metrics."""
+    err: errors.AgentVaultError | None
+    if isinstance(exc, errors.AgentVaultError):
+        err = exc
+    else:
+        err = errors.from_database_error(exc)
+        if err is None:
+            log.exception("unhandled error in %s", method)
+            err = errors.AgentVaultError(
+                f"internal error (request id {request_id_var.get()})", "INTERNAL", {}, grpc.StatusCode.INTERNAL
+            )
+        else:
+            log.warning("%s: %s mapped to %s", method, type(exc).__name__, err.code.name)
+    await context.abort_with_status(err.to_status())
+    return err.code.name  # pragma: no cover - abort_with_status raises
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self) -> None:
+        self._cache: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+        self._tracer = tracing.tracer()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method = handler_call_details.method
+        cached = self._cache.get(method)
+        if cached is not None:
+            return cached
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        wrapped = self._wrap(method, handler)
+        self._cache[method] = wrapped
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+        _, _, tail = method.partition("/")
+        service, _, name = tail.partition("/")
+        latency = GRPC_LATENCY.labels(service, name)
+        tracer = self._tracer
+
+        def finish(code: str, start: float) -> None:
+            latency.observe(time.perf_counter() - start)
+            GRPC_HANDLED.labels(service, name, code).inc()
+
+        def unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+            async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                md = context.invocation_metadata()
+                token = request_id_var.set(_request_id(md))
+                start = time.perf_counter()
+                code = "OK"
+                try:
+                    with tracer.start_as_current_span(method, context=tracing.extract(md), kind=trace.SpanKind.SERVER):
+                        return await behavior(request, context)
+                except grpc.aio.AbortError:
+                    code = _code_name(context)
+                    raise
+                except Exception as exc:
+                    code = await _fail(context, exc, method)
+                finally:
+                    finish(code, start)
+                    request_id_var.reset(token)
+
+            return call
+
+        def streaming(behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
+            async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                md = context.invocation_metadata()
+                token = request_id_var.set(_request_id(md))
+                start = time.perf_counter()
+                code = "OK"
+                try:
+                    with tracer.start_as_current_span(method, context=tracing.extract(md), kind=trace.SpanKind.SERVER):
+                        if inspect.isasyncgenfunction(behavior):
+                            async for item in behavior(request, context):
+                                yield item
+                        else:
+                            await behavior(request, context)
+                except grpc.aio.AbortError:
+                    code = _code_name(context)
+                    raise
+                except Exception as exc:
+                    code = await _fail(context, exc, method)
+                finally:
+                    finish(code, start)
+                    request_id_var.reset(token)
+
+            return call
+
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kwargs)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **kwargs)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), **kwargs)
+        assert handler.stream_stream is not None
+        return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **kwargs)
+
+
+def _code_name(context: grpc.aio.ServicerContext) -> str:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return "UNKNOWN"
+
+
+def outgoing_metadata(extra: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
+    """Metadata for a call made while handling another: the request id and trace context travel on."""
+    md: list[tuple[str, str]] = list(extra or ())
+    rid = request_id_var.get()
+    if rid and not any(k == REQUEST_ID_KEY for k, _ in md):
+        md.append((REQUEST_ID_KEY, rid))
+    carrier: dict[str, str] = {}
+    tracing.inject(carrier)
+    md.extend(carrier.items())
+    return md

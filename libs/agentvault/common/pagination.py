@@ -1,0 +1,48 @@
+"""Opaque page tokens (AIP-158): the position of the last item, bound to the query that produced it."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from typing import Any
+
+from agentvault.common.errors import invalid
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+_MAX_TOKEN = 1024
+
+
+def page_size(requested: int, default: int = DEFAULT_PAGE_SIZE, maximum: int = MAX_PAGE_SIZE) -> int:
+    """The documented default for 0, the maximum for anything larger; negative sizes are an error."""
+    if requested < 0:
+        raise invalid("page_size", "must not be negative")
+    if requested == 0:
+        return default
+    return min(requested, maximum)
+
+
+def _bind(query_fingerprint: str) -> str:
+    return hashlib.sha256(query_fingerprint.encode()).hexdigest()[:16]
+
+
+def encode(position: list[Any], query_fingerprint: str) -> str:
+    raw = json.dumps({"q": _bind(query_fingerprint), "p": position}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode(token: str, query_fingerprint: str) -> list[Any] | None:
+    """The position in `token`, None for the first page; a token from another query is rejected."""
+    if not token:
+        return None
+    if len(token) > _MAX_TOKEN:
+        raise invalid("page_token", "is not a valid page token")
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        bound, position = data["q"], data["p"]
+    except (ValueError, KeyError, TypeError):
+        raise invalid("page_token", "is not a valid page token") from None
+    if bound != _bind(query_fingerprint) or not isinstance(position, list):
+        raise invalid("page_token", "belongs to a different query; keep the other parameters unchanged")
+    return position
