@@ -1,0 +1,1 @@
+"""The registry service: agents, their capabilities, and the credentials allowed to change them."""

@@ -1,0 +1,287 @@
+"""RegistryService over gRPC: converts protobuf to domain objects and back, and nothing else."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import grpc
+from google.protobuf import empty_pb2, timestamp_pb2
+from google.protobuf.descriptor import EnumDescriptor
+
+from agentvault.common import pagination
+from agentvault.common.auth import Principal
+from agentvault.common.errors import AlreadyExists, NotFound, PermissionDenied, invalid
+from agentvault.registry.v1 import registry_service_pb2 as pb
+from agentvault.registry.v1 import registry_service_pb2_grpc as pb_grpc
+from agentvault.registry.v1.registry_service_pb2 import Agent as AgentPb
+from agentvault_registry import domain
+from agentvault_registry.auth import Authenticator, hash_secret, new_token
+from agentvault_registry.store import Store
+
+log = logging.getLogger("agentvault.registry")
+
+
+class EnumWords:
+    """Maps a proto enum to the lowercase words the domain and the JSON API use (SHARING_LOCAL <-> local)."""
+
+    def __init__(self, descriptor: EnumDescriptor, prefix: str) -> None:
+        self.field = descriptor.name
+        self.to_word = {v.number: v.name.removeprefix(prefix).lower() for v in descriptor.values if v.number}
+        self.to_number = {w: n for n, w in self.to_word.items()}
+
+    def word(self, number: int, path: str, *, required: bool = False) -> str:
+        if number == 0:
+            if required:
+                raise invalid(path, "is required")
+            return ""
+        word = self.to_word.get(number)
+        if word is None:
+            raise invalid(path, f"unknown value {number}")
+        return word
+
+    def number(self, word: str) -> Any:
+        # Any: the generated stubs type each enum's values as its own ValueType.
+        return self.to_number.get(word, 0)
+
+
+SHARING = EnumWords(pb.Sharing.DESCRIPTOR, "SHARING_")
+KIND = EnumWords(pb.CapabilityKind.DESCRIPTOR, "CAPABILITY_KIND_")
+PROTOCOL = EnumWords(pb.Protocol.DESCRIPTOR, "PROTOCOL_")
+HEALTH = EnumWords(pb.HealthStatus.DESCRIPTOR, "HEALTH_STATUS_")
+ROLE = EnumWords(pb.Role.DESCRIPTOR, "ROLE_")
+
+
+def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def spec_from_proto(agent: AgentPb, prefix: str = "agent") -> domain.AgentSpec:
+    """Converts shape only: enum numbers become words (unknown numbers are rejected); values are checked by
+    domain.validate_spec, so a partial update can be merged before it is validated."""
+    violations = domain.Violations()
+
+    def word(enum: EnumWords, number: int, path: str) -> str:
+        if number and number not in enum.to_word:
+            violations.add(path, f"unknown value {number}")
+        return enum.to_word.get(number, "")
+
+    # Lists are cut one past their limit so validation can still say "too many" without copying megabytes.
+    spec = domain.AgentSpec(
+        did=agent.did,
+        name=agent.name,
+        description=agent.description,
+        version=agent.version,
+        agent_type=agent.agent_type,
+        capabilities=tuple(
+            domain.Capability(word(KIND, c.kind, f"{prefix}.capabilities[{i}].kind"), c.name, c.version, c.description)
+            for i, c in enumerate(agent.capabilities[: domain.MAX_CAPABILITIES + 1])
+        ),
+        endpoints=tuple(
+            domain.Endpoint(word(PROTOCOL, e.protocol, f"{prefix}.endpoints[{i}].protocol"), e.url)
+            for i, e in enumerate(agent.endpoints[: domain.MAX_ENDPOINTS + 1])
+        ),
+        tags=tuple(agent.tags[: domain.MAX_TAGS + 1]),
+        sharing=word(SHARING, agent.sharing, f"{prefix}.sharing"),
+        health_check_url=agent.health_check_url,
+    )
+    violations.raise_if_any()
+    return spec
+
+
+def agent_to_proto(agent: domain.Agent) -> AgentPb:
+    s = agent.spec
+    return AgentPb(
+        id=agent.id,
+        did=s.did,
+        name=s.name,
+        description=s.description,
+        version=s.version,
+        agent_type=s.agent_type,
+        capabilities=[
+            pb.Capability(kind=KIND.number(c.kind), name=c.name, version=c.version, description=c.description)
+            for c in s.capabilities
+        ],
+        endpoints=[pb.Endpoint(protocol=PROTOCOL.number(e.protocol), url=e.url) for e in s.endpoints],
+        tags=s.tags,
+        owner=agent.owner,
+        sharing=SHARING.number(s.sharing),
+        health_check_url=s.health_check_url,
+        health_status=HEALTH.number(agent.health_status),
+        create_time=_timestamp(agent.created_at),
+        update_time=_timestamp(agent.updated_at),
+    )
+
+
+def key_to_proto(key: domain.ApiKey) -> pb.ApiKey:
+    return pb.ApiKey(
+        id=key.id,
+        name=key.name,
+        role=ROLE.number(key.role),
+        create_time=_timestamp(key.created_at),
+        revoke_time=_timestamp(key.revoked_at),
+    )
+
+
+def _can_see(agent: domain.Agent, viewer: Principal | None) -> bool:
+    if agent.spec.sharing != "private":
+        return True
+    return viewer is not None and (viewer.is_admin or viewer.name == agent.owner)
+
+
+class RegistryServicer(pb_grpc.RegistryServiceServicer):
+    def __init__(self, store: Store, auth: Authenticator, ping_redis: object) -> None:
+        self.store = store
+        self.auth = auth
+        self._ping_redis = ping_redis
+
+    def _authorize_owner(self, principal: Principal) -> object:
+        def check(agent: domain.Agent) -> None:
+            if not _can_see(agent, principal):
+                raise NotFound(f"agent {agent.id} not found", "AGENT_NOT_FOUND", id=agent.id)
+            if not principal.is_admin and principal.name != agent.owner:
+                raise PermissionDenied(
+                    "only the agent's owner or an admin may change it", "NOT_OWNER", owner=agent.owner
+                )
+
+        return check
+
+    async def CreateAgent(self, request: pb.CreateAgentRequest, context: grpc.aio.ServicerContext) -> AgentPb:
+        principal = await self.auth.require(context.invocation_metadata())
+        if not request.HasField("agent"):
+            raise invalid("agent", "is required")
+        spec = domain.validate_spec(spec_from_proto(request.agent))
+        try:
+            agent = await self.store.create_agent(principal.name, spec)
+        except asyncpg.UniqueViolationError:
+            raise AlreadyExists(
+                f"an agent with did {spec.did!r} already exists", "AGENT_DID_EXISTS", did=spec.did
+            ) from None
+        log.info("agent created", extra={"agent_id": agent.id, "owner": principal.name})
+        return agent_to_proto(agent)
+
+    async def GetAgent(self, request: pb.GetAgentRequest, context: grpc.aio.ServicerContext) -> AgentPb:
+        if not request.id:
+            raise invalid("id", "is required")
+        agent = await self.store.get_agent(request.id)
+        # A credential is only looked up when the answer depends on it: a private agent.
+        if agent is not None and agent.spec.sharing == "private":
+            viewer = await self.auth.principal(context.invocation_metadata())
+            if not _can_see(agent, viewer):
+                agent = None
+        if agent is None:
+            raise NotFound(f"agent {request.id} not found", "AGENT_NOT_FOUND", id=request.id)
+        return agent_to_proto(agent)
+
+    async def ListAgents(
+        self, request: pb.ListAgentsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListAgentsResponse:
+        viewer = await self.auth.principal(context.invocation_metadata())
+        query = domain.build_query(
+            {
+                "search": request.search,
+                "agent_type": request.agent_type,
+                "tag": request.tag,
+                "capability_kind": KIND.word(request.capability_kind, "capability_kind"),
+                "capability_name": request.capability_name,
+                "capability_version": request.capability_version,
+                "owner": request.owner,
+                "sharing": SHARING.word(request.sharing, "sharing"),
+            }
+        )
+        size = pagination.page_size(request.page_size)
+        after = pagination.decode(request.page_token, query.fingerprint())
+        agents, position = await self.store.list_agents(query, viewer, size, after)
+        return pb.ListAgentsResponse(
+            agents=[agent_to_proto(a) for a in agents],
+            next_page_token=pagination.encode(position, query.fingerprint()) if position else "",
+        )
+
+    async def UpdateAgent(self, request: pb.UpdateAgentRequest, context: grpc.aio.ServicerContext) -> AgentPb:
+        principal = await self.auth.require(context.invocation_metadata())
+        if not request.HasField("agent") or not request.agent.id:
+            raise invalid("agent.id", "is required")
+        paths = domain.validate_update_mask(list(request.update_mask.paths))
+        incoming = spec_from_proto(request.agent)
+
+        def apply(current: domain.AgentSpec) -> domain.AgentSpec:
+            return domain.validate_spec(current.merged(incoming, paths))
+
+        try:
+            agent = await self.store.update_agent(request.agent.id, self._authorize_owner(principal), apply)  # type: ignore[arg-type]
+        except asyncpg.UniqueViolationError:
+            raise AlreadyExists(
+                f"an agent with did {request.agent.did!r} already exists", "AGENT_DID_EXISTS", did=request.agent.did
+            ) from None
+        return agent_to_proto(agent)
+
+    async def DeleteAgent(self, request: pb.DeleteAgentRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
+        principal = await self.auth.require(context.invocation_metadata())
+        if not request.id:
+            raise invalid("id", "is required")
+        await self.store.delete_agent(request.id, self._authorize_owner(principal))  # type: ignore[arg-type]
+        log.info("agent deleted", extra={"agent_id": request.id, "by": principal.name})
+        return empty_pb2.Empty()
+
+    async def GetHealth(self, request: pb.GetHealthRequest, context: grpc.aio.ServicerContext) -> pb.GetHealthResponse:
+        try:
+            count = await self.store.count_agents()
+        except (OSError, asyncpg.PostgresError) as exc:
+            log.warning("health: database check failed: %s", exc)
+            return pb.GetHealthResponse(status=pb.HEALTH_STATUS_UNHEALTHY)
+        status = pb.HEALTH_STATUS_HEALTHY
+        try:
+            await self._ping_redis()  # type: ignore[operator]
+        except Exception as exc:  # any Redis failure degrades, it does not take reads down
+            log.warning("health: redis check failed: %s", exc)
+            status = pb.HEALTH_STATUS_DEGRADED
+        return pb.GetHealthResponse(status=status, agent_count=count)
+
+    async def CreateApiKey(
+        self, request: pb.CreateApiKeyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateApiKeyResponse:
+        admin = await self.auth.require_admin(context.invocation_metadata())
+        violations = domain.Violations()
+        if not request.name:
+            violations.add("name", "is required")
+        else:
+            domain.check_pattern(
+                violations, "name", request.name, domain.PRINCIPAL_NAME, "1-128 letters, digits and ._@-"
+            )
+        role = "member"
+        try:
+            role = ROLE.word(request.role, "role") or "member"
+        except Exception as exc:
+            violations.add("role", str(exc.args[0]) if exc.args else "invalid")
+        violations.raise_if_any()
+        key_id, secret, token = new_token()
+        key = await self.store.insert_key(key_id, request.name, role, hash_secret(secret), admin.name)
+        log.info("api key issued", extra={"key_id": key.id, "key_name": key.name, "role": role, "by": admin.name})
+        return pb.CreateApiKeyResponse(api_key=key_to_proto(key), token=token)
+
+    async def ListApiKeys(
+        self, request: pb.ListApiKeysRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListApiKeysResponse:
+        await self.auth.require_admin(context.invocation_metadata())
+        size = pagination.page_size(request.page_size)
+        keys, position = await self.store.list_keys(size, pagination.decode(request.page_token, "api_keys"))
+        return pb.ListApiKeysResponse(
+            api_keys=[key_to_proto(k) for k in keys],
+            next_page_token=pagination.encode(position, "api_keys") if position else "",
+        )
+
+    async def RevokeApiKey(self, request: pb.RevokeApiKeyRequest, context: grpc.aio.ServicerContext) -> pb.ApiKey:
+        admin = await self.auth.require_admin(context.invocation_metadata())
+        if not request.id or len(request.id) > 32:
+            raise invalid("id", "is required (at most 32 characters)")
+        key = await self.store.revoke_key(request.id)
+        if key is None:
+            raise NotFound(f"api key {request.id} not found", "API_KEY_NOT_FOUND", id=request.id)
+        log.info("api key revoked", extra={"key_id": key.id, "by": admin.name})
+        return key_to_proto(key)
