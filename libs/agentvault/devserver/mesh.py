@@ -1,0 +1,145 @@
+"""Starts the mesh's services as separate OS processes, waits until each serves, and stops them cleanly."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from agentvault.devserver.embedded import free_port
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    module: str
+    port_var: str
+    kind: str  # "grpc" (grpc.health.v1) or "http" (GET /healthz)
+
+
+# Start order: backends before the edge that fronts them.
+SERVICES: tuple[ServiceSpec, ...] = (
+    ServiceSpec("registry", "agentvault_registry", "REGISTRY_PORT", "grpc"),
+    ServiceSpec("edge", "agentvault_edge", "EDGE_PORT", "http"),
+)
+
+
+def grpc_serving(address: str, timeout: float = 1.0) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - loopback URL we built
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+@dataclass
+class Mesh:
+    """One mesh: a set of service processes sharing an environment (ports, DATABASE_URL, REDIS_URL, ...)."""
+
+    env: dict[str, str]
+    log_dir: Path | None = None
+    services: tuple[ServiceSpec, ...] = SERVICES
+    host: str = "127.0.0.1"
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    _logs: dict[str, IO[bytes]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for spec in self.services:
+            if not self.env.get(spec.port_var):
+                self.env[spec.port_var] = str(free_port())
+
+    def port(self, name: str) -> int:
+        return int(self.env[self.spec(name).port_var])
+
+    def address(self, name: str) -> str:
+        return f"{self.host}:{self.port(name)}"
+
+    def url(self, path: str = "") -> str:
+        return f"http://{self.host}:{self.port('edge')}{path}"
+
+    def spec(self, name: str) -> ServiceSpec:
+        return next(s for s in self.services if s.name == name)
+
+    def start(self, timeout: float = 60) -> None:
+        for spec in self.services:
+            self.start_service(spec.name, timeout)
+
+    def start_service(self, name: str, timeout: float = 60) -> None:
+        spec = self.spec(name)
+        env = {**os.environ, **self.env}
+        stdout: IO[bytes] | None = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            stdout = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop_service
+            self._logs[name] = stdout
+        process = subprocess.Popen(
+            [sys.executable, "-m", spec.module],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=subprocess.STDOUT if stdout else None,
+            start_new_session=True,  # Ctrl-C reaches the runner, which stops children in order
+        )
+        self.processes[name] = process
+        self._wait_ready(spec, process, timeout)
+
+    def _wait_ready(self, spec: ServiceSpec, process: subprocess.Popen[bytes], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        address = self.address(spec.name)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"{spec.name} exited with code {process.returncode} during start{self._tail(spec)}")
+            ready = grpc_serving(address) if spec.kind == "grpc" else http_ok(f"http://{address}/healthz")
+            if ready:
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"{spec.name} not ready on {address} after {timeout}s{self._tail(spec)}")
+
+    def _tail(self, spec: ServiceSpec) -> str:
+        if self.log_dir is None:
+            return ""
+        path = self.log_dir / f"{spec.name}.log"
+        if not path.exists():
+            return ""
+        return "\n--- last log lines ---\n" + "\n".join(path.read_text(errors="replace").splitlines()[-30:])
+
+    def stop_service(self, name: str, timeout: float = 15, sig: int = signal.SIGTERM) -> int | None:
+        process = self.processes.pop(name, None)
+        code = None
+        if process is not None:
+            if process.poll() is None:
+                process.send_signal(sig)
+                try:
+                    process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+            code = process.returncode
+        log = self._logs.pop(name, None)
+        if log is not None:
+            log.close()
+        return code
+
+    def stop(self) -> None:
+        for spec in reversed(self.services):
+            with contextlib.suppress(Exception):
+                self.stop_service(spec.name)

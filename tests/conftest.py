@@ -1,0 +1,158 @@
+"""Test session plumbing: one real PostgreSQL and Redis for the session, and meshes of real service processes.
+
+TEST_DATABASE_URL / TEST_REDIS_URL point the tests at existing servers instead of the embedded ones.
+Each mesh gets its own database and Redis database number, so meshes never see each other's data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import secrets
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import asyncpg
+import grpc
+import pytest
+
+from agentvault.devserver.embedded import EmbeddedPostgres, EmbeddedRedis
+from agentvault.devserver.mesh import SERVICES, Mesh, ServiceSpec
+from agentvault.registry.v1 import registry_service_pb2_grpc
+
+MAX_REDIS_DBS = 16
+
+
+@dataclass
+class Infra:
+    admin_dsn: str
+    redis_base: str
+    postgres: EmbeddedPostgres | None
+
+    def dsn(self, database: str) -> str:
+        if self.postgres is not None:
+            return self.postgres.uri(database)
+        parts = urlsplit(self.admin_dsn)
+        return urlunsplit(parts._replace(path="/" + database))
+
+
+@pytest.fixture(scope="session")
+def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Infra]:
+    root = tmp_path_factory.mktemp("infra")
+    postgres = redis = None
+    dsn = os.environ.get("TEST_DATABASE_URL")
+    if not dsn:
+        postgres = EmbeddedPostgres(root / "pg", delete_on_stop=True)
+        dsn = postgres.start()
+    redis_url = os.environ.get("TEST_REDIS_URL")
+    if not redis_url:
+        redis = EmbeddedRedis(root / "redis")
+        redis_url = redis.start()
+    try:
+        yield Infra(dsn, redis_url.rsplit("/", 1)[0] if redis_url.count("/") > 2 else redis_url, postgres)
+    finally:
+        if redis is not None:
+            redis.stop()
+        if postgres is not None:
+            postgres.stop()
+
+
+_mesh_numbers = itertools.count(1)
+
+
+@dataclass
+class MeshHandle:
+    mesh: Mesh
+    database_url: str
+    redis_url: str
+    admin_token: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        return self.mesh.env
+
+    def url(self, path: str = "") -> str:
+        return self.mesh.url(path)
+
+    def address(self, name: str) -> str:
+        return self.mesh.address(name)
+
+
+MeshFactory = Callable[..., MeshHandle]
+
+
+@pytest.fixture(scope="session")
+def mesh_factory(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshFactory]:
+    """Starts a fresh mesh (own database, own Redis db, own ports) as real processes."""
+    started: list[Mesh] = []
+
+    def start(
+        services: tuple[ServiceSpec, ...] = SERVICES, env: dict[str, str] | None = None, name: str = "mesh"
+    ) -> MeshHandle:
+        number = next(_mesh_numbers)
+        if number >= MAX_REDIS_DBS:
+            raise RuntimeError("too many meshes for one Redis; raise MAX_REDIS_DBS with a second server")
+        database = f"{name}_{number}"
+
+        async def create_database() -> None:
+            conn = await asyncpg.connect(infra.admin_dsn)
+            try:
+                await conn.execute(f'CREATE DATABASE "{database}"')
+            finally:
+                await conn.close()
+
+        asyncio.run(create_database())
+        token = "test-admin-" + secrets.token_urlsafe(16)
+        data_dir = tmp_path_factory.mktemp(database)
+        mesh_env = {
+            "DATABASE_URL": infra.dsn(database),
+            "REDIS_URL": f"{infra.redis_base}/{number}",
+            "AGENTVAULT_ADMIN_TOKEN": token,
+            "AGENTVAULT_DATA_DIR": str(data_dir),
+            "LOG_FORMAT": "text",
+            "LOG_LEVEL": "INFO",
+            **(env or {}),
+        }
+        mesh = Mesh(mesh_env, log_dir=Path(data_dir) / "logs", services=services)
+        started.append(mesh)
+        mesh.start()
+        return MeshHandle(mesh, mesh_env["DATABASE_URL"], mesh_env["REDIS_URL"], token)
+
+    yield start
+    for mesh in started:
+        mesh.stop()
+
+
+@pytest.fixture(scope="session")
+def mesh(mesh_factory: MeshFactory) -> MeshHandle:
+    """The shared mesh most tests use; tests that need isolation start their own with mesh_factory."""
+    return mesh_factory(name="shared")
+
+
+@pytest.fixture(scope="session")
+def admin_token(mesh: MeshHandle) -> str:
+    return mesh.admin_token
+
+
+def bearer(token: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")]
+
+
+@pytest.fixture(scope="session")
+async def registry(mesh: MeshHandle) -> AsyncIterator[registry_service_pb2_grpc.RegistryServiceStub]:
+    async with grpc.aio.insecure_channel(mesh.address("registry")) as channel:
+        yield registry_service_pb2_grpc.RegistryServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        yield session
+
+
+def unique_did(label: str = "agent") -> str:
+    return f"did:web:test.example:{label}-{secrets.token_hex(6)}"
