@@ -29,7 +29,7 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-agentvault/registry/v1/registry_service.proto\x12\x16\x61gentvault.registry.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x82\x01\n\nCapability\x12:\n\x04kind\x18\x01 \x01(\x0e\x32&.agentvault.registry.v1.CapabilityKindB\x04\xe2\x41\x01\x02\x12\x12\n\x04name\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\"W\n\x08\x45ndpoint\x12\x38\n\x08protocol\x18\x01 \x01(\x0e\x32 .agentvault.registry.v1.ProtocolB\x04\xe2\x41\x01\x02\x12\x11\n\x03url\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"\x8f\x04\n\x05\x41gent\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x11\n\x03\x64id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\x04name\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x15\n\x07version\x18\x05 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\nagent_type\x18\x06 \x01(\t\x12\x38\n\x0c\x63\x61pabilities\x18\x07 \x03(\x0b\x32\".agentvault.registry.v1.Capability\x12\x33\n\tendpoints\x18\x08 \x03(\x0b\x32 .agentvault.registry.v1.Endpoint\x12\x0c\n\x04tags\x18\t \x03(\t\x12\x13\n\x05owner\x18\n \x01(\tB\x04\xe2\x41\x01\x03\x12\x30\n\x07sharing\x18\x0b \x01(\x0e\x32\x1f.agentvault.registry.v1.Sharing\x12\x18\n\x10health_check_url\x18\x0c \x01(\t\x12\x41\n\rhealth_status\x18\r \x01(\x0e\x32$.agentvault.registry.v1.HealthStatusB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"H\n\x12\x43reateAgentRequest\x12\x32\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x1d.agentvault.registry.v1.AgentB\x04\xe2\x41\x01\x02\"#\n\x0fGetAgentRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\xa2\x02\n\x11ListAgentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06search\x18\x03 \x01(\t\x12\x12\n\nagent_type\x18\x04 \x01(\t\x12\x0b\n\x03tag\x18\x05 \x01(\t\x12?\n\x0f\x63\x61pability_kind\x18\x06 \x01(\x0e\x32&.agentvault.registry.v1.CapabilityKind\x12\x17\n\x0f\x63\x61pability_name\x18\x07 \x01(\t\x12\x1a\n\x12\x63\x61pability_version\x18\x08 \x01(\t\x12\r\n\x05owner\x18\t \x01(\t\x12\x30\n\x07sharing\x18\n \x01(\x0e\x32\x1f.agentvault.registry.v1.Sharing\"\\\n\x12ListAgentsResponse\x12-\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x1d.agentvault.registry.v1.Agent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"y\n\x12UpdateAgentRequest\x12\x32\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x1d.agentvault.registry.v1.AgentB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"&\n\x12\x44\x65leteAgentRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x12\n\x10GetHealthRequest\"^\n\x11GetHealthResponse\x12\x34\n\x06status\x18\x01 \x01(\x0e\x32$.agentvault.registry.v1.HealthStatus\x12\x13\n\x0b\x61gent_count\x18\x02 \x01(\x03\"\xc8\x01\n\x06\x41piKey\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\x04name\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12*\n\x04role\x18\x03 \x01(\x0e\x32\x1c.agentvault.registry.v1.Role\x12\x35\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0brevoke_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"U\n\x13\x43reateApiKeyRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12*\n\x04role\x18\x02 \x01(\x0e\x32\x1c.agentvault.registry.v1.Role\"V\n\x14\x43reateApiKeyResponse\x12/\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1e.agentvault.registry.v1.ApiKey\x12\r\n\x05token\x18\x02 \x01(\t\";\n\x12ListApiKeysRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"`\n\x13ListApiKeysResponse\x12\x30\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x1e.agentvault.registry.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x13RevokeApiKeyRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02*a\n\x07Sharing\x12\x17\n\x13SHARING_UNSPECIFIED\x10\x00\x12\x13\n\x0fSHARING_PRIVATE\x10\x01\x12\x11\n\rSHARING_LOCAL\x10\x02\x12\x15\n\x11SHARING_FEDERATED\x10\x03*\x81\x01\n\x0e\x43\x61pabilityKind\x12\x1f\n\x1b\x43\x41PABILITY_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43\x41PABILITY_KIND_TOOL\x10\x01\x12\x19\n\x15\x43\x41PABILITY_KIND_SKILL\x10\x02\x12\x19\n\x15\x43\x41PABILITY_KIND_MODEL\x10\x03*\x86\x01\n\x08Protocol\x12\x18\n\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x11\n\rPROTOCOL_HTTP\x10\x01\x12\x16\n\x12PROTOCOL_WEBSOCKET\x10\x02\x12\x11\n\rPROTOCOL_GRPC\x10\x03\x12\x10\n\x0cPROTOCOL_A2A\x10\x04\x12\x10\n\x0cPROTOCOL_MCP\x10\x05*\x9c\x01\n\x0cHealthStatus\x12\x1d\n\x19HEALTH_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15HEALTH_STATUS_HEALTHY\x10\x01\x12\x1a\n\x16HEALTH_STATUS_DEGRADED\x10\x02\x12\x1b\n\x17HEALTH_STATUS_UNHEALTHY\x10\x03\x12\x19\n\x15HEALTH_STATUS_UNKNOWN\x10\x04*=\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_MEMBER\x10\x01\x12\x0e\n\nROLE_ADMIN\x10\x02\x32\x9e\t\n\x0fRegistryService\x12w\n\x0b\x43reateAgent\x12*.agentvault.registry.v1.CreateAgentRequest\x1a\x1d.agentvault.registry.v1.Agent\"\x1d\x82\xd3\xe4\x93\x02\x17\"\x0e/api/v1/agents:\x05\x61gent\x12o\n\x08GetAgent\x12\'.agentvault.registry.v1.GetAgentRequest\x1a\x1d.agentvault.registry.v1.Agent\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/api/v1/agents/{id}\x12{\n\nListAgents\x12).agentvault.registry.v1.ListAgentsRequest\x1a*.agentvault.registry.v1.ListAgentsResponse\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/api/v1/agents\x12\xa6\x01\n\x0bUpdateAgent\x12*.agentvault.registry.v1.UpdateAgentRequest\x1a\x1d.agentvault.registry.v1.Agent\"L\x82\xd3\xe4\x93\x02\x46\x32\x19/api/v1/agents/{agent.id}:\x05\x61gentZ\"\x1a\x19/api/v1/agents/{agent.id}:\x05\x61gent\x12n\n\x0b\x44\x65leteAgent\x12*.agentvault.registry.v1.DeleteAgentRequest\x1a\x16.google.protobuf.Empty\"\x1b\x82\xd3\xe4\x93\x02\x15*\x13/api/v1/agents/{id}\x12x\n\tGetHealth\x12(.agentvault.registry.v1.GetHealthRequest\x1a).agentvault.registry.v1.GetHealthResponse\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/api/v1/health\x12\x86\x01\n\x0c\x43reateApiKey\x12+.agentvault.registry.v1.CreateApiKeyRequest\x1a,.agentvault.registry.v1.CreateApiKeyResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\"\x10/api/v1/api-keys:\x01*\x12\x80\x01\n\x0bListApiKeys\x12*.agentvault.registry.v1.ListApiKeysRequest\x1a+.agentvault.registry.v1.ListApiKeysResponse\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/api/v1/api-keys\x12\x84\x01\n\x0cRevokeApiKey\x12+.agentvault.registry.v1.RevokeApiKeyRequest\x1a\x1e.agentvault.registry.v1.ApiKey\"\'\x82\xd3\xe4\x93\x02!\"\x1c/api/v1/api-keys/{id}:revoke:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-agentvault/registry/v1/registry_service.proto\x12\x16\x61gentvault.registry.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x82\x01\n\nCapability\x12:\n\x04kind\x18\x01 \x01(\x0e\x32&.agentvault.registry.v1.CapabilityKindB\x04\xe2\x41\x01\x02\x12\x12\n\x04name\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\"W\n\x08\x45ndpoint\x12\x38\n\x08protocol\x18\x01 \x01(\x0e\x32 .agentvault.registry.v1.ProtocolB\x04\xe2\x41\x01\x02\x12\x11\n\x03url\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"\x8f\x04\n\x05\x41gent\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x11\n\x03\x64id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\x04name\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x15\n\x07version\x18\x05 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\nagent_type\x18\x06 \x01(\t\x12\x38\n\x0c\x63\x61pabilities\x18\x07 \x03(\x0b\x32\".agentvault.registry.v1.Capability\x12\x33\n\tendpoints\x18\x08 \x03(\x0b\x32 .agentvault.registry.v1.Endpoint\x12\x0c\n\x04tags\x18\t \x03(\t\x12\x13\n\x05owner\x18\n \x01(\tB\x04\xe2\x41\x01\x03\x12\x30\n\x07sharing\x18\x0b \x01(\x0e\x32\x1f.agentvault.registry.v1.Sharing\x12\x18\n\x10health_check_url\x18\x0c \x01(\t\x12\x41\n\rhealth_status\x18\r \x01(\x0e\x32$.agentvault.registry.v1.HealthStatusB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"H\n\x12\x43reateAgentRequest\x12\x32\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x1d.agentvault.registry.v1.AgentB\x04\xe2\x41\x01\x02\"#\n\x0fGetAgentRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\xcf\x02\n\x11ListAgentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06search\x18\x03 \x01(\t\x12\x12\n\nagent_type\x18\x04 \x01(\t\x12\x0b\n\x03tag\x18\x05 \x01(\t\x12?\n\x0f\x63\x61pability_kind\x18\x06 \x01(\x0e\x32&.agentvault.registry.v1.CapabilityKind\x12\x17\n\x0f\x63\x61pability_name\x18\x07 \x01(\t\x12\x1a\n\x12\x63\x61pability_version\x18\x08 \x01(\t\x12\r\n\x05owner\x18\t \x01(\t\x12\x30\n\x07sharing\x18\n \x01(\x0e\x32\x1f.agentvault.registry.v1.Sharing\x12\x1c\n\x14has_health_check_url\x18\x0b \x01(\x08\x12\r\n\x05limit\x18\x0c \x01(\x05\"\\\n\x12ListAgentsResponse\x12-\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x1d.agentvault.registry.v1.Agent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"y\n\x12UpdateAgentRequest\x12\x32\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x1d.agentvault.registry.v1.AgentB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"&\n\x12\x44\x65leteAgentRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x12\n\x10GetHealthRequest\"^\n\x11GetHealthResponse\x12\x34\n\x06status\x18\x01 \x01(\x0e\x32$.agentvault.registry.v1.HealthStatus\x12\x13\n\x0b\x61gent_count\x18\x02 \x01(\x03\"o\n\x18ReportAgentHealthRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x41\n\rhealth_status\x18\x02 \x01(\x0e\x32$.agentvault.registry.v1.HealthStatusB\x04\xe2\x41\x01\x02\"\x12\n\x10GetCallerRequest\"S\n\x06\x43\x61ller\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x04role\x18\x02 \x01(\x0e\x32\x1c.agentvault.registry.v1.Role\x12\x0f\n\x07is_peer\x18\x03 \x01(\x08\"\xc8\x01\n\x06\x41piKey\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\x04name\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12*\n\x04role\x18\x03 \x01(\x0e\x32\x1c.agentvault.registry.v1.Role\x12\x35\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0brevoke_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"U\n\x13\x43reateApiKeyRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12*\n\x04role\x18\x02 \x01(\x0e\x32\x1c.agentvault.registry.v1.Role\"V\n\x14\x43reateApiKeyResponse\x12/\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1e.agentvault.registry.v1.ApiKey\x12\r\n\x05token\x18\x02 \x01(\t\";\n\x12ListApiKeysRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"`\n\x13ListApiKeysResponse\x12\x30\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x1e.agentvault.registry.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x13RevokeApiKeyRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02*a\n\x07Sharing\x12\x17\n\x13SHARING_UNSPECIFIED\x10\x00\x12\x13\n\x0fSHARING_PRIVATE\x10\x01\x12\x11\n\rSHARING_LOCAL\x10\x02\x12\x15\n\x11SHARING_FEDERATED\x10\x03*\x81\x01\n\x0e\x43\x61pabilityKind\x12\x1f\n\x1b\x43\x41PABILITY_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43\x41PABILITY_KIND_TOOL\x10\x01\x12\x19\n\x15\x43\x41PABILITY_KIND_SKILL\x10\x02\x12\x19\n\x15\x43\x41PABILITY_KIND_MODEL\x10\x03*\x86\x01\n\x08Protocol\x12\x18\n\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x11\n\rPROTOCOL_HTTP\x10\x01\x12\x16\n\x12PROTOCOL_WEBSOCKET\x10\x02\x12\x11\n\rPROTOCOL_GRPC\x10\x03\x12\x10\n\x0cPROTOCOL_A2A\x10\x04\x12\x10\n\x0cPROTOCOL_MCP\x10\x05*\x9c\x01\n\x0cHealthStatus\x12\x1d\n\x19HEALTH_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15HEALTH_STATUS_HEALTHY\x10\x01\x12\x1a\n\x16HEALTH_STATUS_DEGRADED\x10\x02\x12\x1b\n\x17HEALTH_STATUS_UNHEALTHY\x10\x03\x12\x19\n\x15HEALTH_STATUS_UNKNOWN\x10\x04*=\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_MEMBER\x10\x01\x12\x0e\n\nROLE_ADMIN\x10\x02\x32\xa1\x0b\n\x0fRegistryService\x12w\n\x0b\x43reateAgent\x12*.agentvault.registry.v1.CreateAgentRequest\x1a\x1d.agentvault.registry.v1.Agent\"\x1d\x82\xd3\xe4\x93\x02\x17\"\x0e/api/v1/agents:\x05\x61gent\x12o\n\x08GetAgent\x12\'.agentvault.registry.v1.GetAgentRequest\x1a\x1d.agentvault.registry.v1.Agent\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/api/v1/agents/{id}\x12{\n\nListAgents\x12).agentvault.registry.v1.ListAgentsRequest\x1a*.agentvault.registry.v1.ListAgentsResponse\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/api/v1/agents\x12\xa6\x01\n\x0bUpdateAgent\x12*.agentvault.registry.v1.UpdateAgentRequest\x1a\x1d.agentvault.registry.v1.Agent\"L\x82\xd3\xe4\x93\x02\x46\x32\x19/api/v1/agents/{agent.id}:\x05\x61gentZ\"\x1a\x19/api/v1/agents/{agent.id}:\x05\x61gent\x12n\n\x0b\x44\x65leteAgent\x12*.agentvault.registry.v1.DeleteAgentRequest\x1a\x16.google.protobuf.Empty\"\x1b\x82\xd3\xe4\x93\x02\x15*\x13/api/v1/agents/{id}\x12x\n\tGetHealth\x12(.agentvault.registry.v1.GetHealthRequest\x1a).agentvault.registry.v1.GetHealthResponse\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/api/v1/health\x12\x91\x01\n\x11ReportAgentHealth\x12\x30.agentvault.registry.v1.ReportAgentHealthRequest\x1a\x1d.agentvault.registry.v1.Agent\"+\x82\xd3\xe4\x93\x02%\" /api/v1/agents/{id}:reportHealth:\x01*\x12m\n\tGetCaller\x12(.agentvault.registry.v1.GetCallerRequest\x1a\x1e.agentvault.registry.v1.Caller\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/api/v1/whoami\x12\x86\x01\n\x0c\x43reateApiKey\x12+.agentvault.registry.v1.CreateApiKeyRequest\x1a,.agentvault.registry.v1.CreateApiKeyResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\"\x10/api/v1/api-keys:\x01*\x12\x80\x01\n\x0bListApiKeys\x12*.agentvault.registry.v1.ListApiKeysRequest\x1a+.agentvault.registry.v1.ListApiKeysResponse\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/api/v1/api-keys\x12\x84\x01\n\x0cRevokeApiKey\x12+.agentvault.registry.v1.RevokeApiKeyRequest\x1a\x1e.agentvault.registry.v1.ApiKey\"\'\x82\xd3\xe4\x93\x02!\"\x1c/api/v1/api-keys/{id}:revoke:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -68,6 +68,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPDATEAGENTREQUEST'].fields_by_name['agent']._serialized_options = b'\342A\001\002'
   _globals['_DELETEAGENTREQUEST'].fields_by_name['id']._loaded_options = None
   _globals['_DELETEAGENTREQUEST'].fields_by_name['id']._serialized_options = b'\342A\001\002'
+  _globals['_REPORTAGENTHEALTHREQUEST'].fields_by_name['id']._loaded_options = None
+  _globals['_REPORTAGENTHEALTHREQUEST'].fields_by_name['id']._serialized_options = b'\342A\001\002'
+  _globals['_REPORTAGENTHEALTHREQUEST'].fields_by_name['health_status']._loaded_options = None
+  _globals['_REPORTAGENTHEALTHREQUEST'].fields_by_name['health_status']._serialized_options = b'\342A\001\002'
   _globals['_APIKEY'].fields_by_name['id']._loaded_options = None
   _globals['_APIKEY'].fields_by_name['id']._serialized_options = b'\342A\001\003'
   _globals['_APIKEY'].fields_by_name['name']._loaded_options = None
@@ -92,22 +96,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTRYSERVICE'].methods_by_name['DeleteAgent']._serialized_options = b'\202\323\344\223\002\025*\023/api/v1/agents/{id}'
   _globals['_REGISTRYSERVICE'].methods_by_name['GetHealth']._loaded_options = None
   _globals['_REGISTRYSERVICE'].methods_by_name['GetHealth']._serialized_options = b'\202\323\344\223\002\020\022\016/api/v1/health'
+  _globals['_REGISTRYSERVICE'].methods_by_name['ReportAgentHealth']._loaded_options = None
+  _globals['_REGISTRYSERVICE'].methods_by_name['ReportAgentHealth']._serialized_options = b'\202\323\344\223\002%\" /api/v1/agents/{id}:reportHealth:\001*'
+  _globals['_REGISTRYSERVICE'].methods_by_name['GetCaller']._loaded_options = None
+  _globals['_REGISTRYSERVICE'].methods_by_name['GetCaller']._serialized_options = b'\202\323\344\223\002\020\022\016/api/v1/whoami'
   _globals['_REGISTRYSERVICE'].methods_by_name['CreateApiKey']._loaded_options = None
   _globals['_REGISTRYSERVICE'].methods_by_name['CreateApiKey']._serialized_options = b'\202\323\344\223\002\025\"\020/api/v1/api-keys:\001*'
   _globals['_REGISTRYSERVICE'].methods_by_name['ListApiKeys']._loaded_options = None
   _globals['_REGISTRYSERVICE'].methods_by_name['ListApiKeys']._serialized_options = b'\202\323\344\223\002\022\022\020/api/v1/api-keys'
   _globals['_REGISTRYSERVICE'].methods_by_name['RevokeApiKey']._loaded_options = None
   _globals['_REGISTRYSERVICE'].methods_by_name['RevokeApiKey']._serialized_options = b'\202\323\344\223\002!\"\034/api/v1/api-keys/{id}:revoke:\001*'
-  _globals['_SHARING']._serialized_start=2339
-  _globals['_SHARING']._serialized_end=2436
-  _globals['_CAPABILITYKIND']._serialized_start=2439
-  _globals['_CAPABILITYKIND']._serialized_end=2568
-  _globals['_PROTOCOL']._serialized_start=2571
-  _globals['_PROTOCOL']._serialized_end=2705
-  _globals['_HEALTHSTATUS']._serialized_start=2708
-  _globals['_HEALTHSTATUS']._serialized_end=2864
-  _globals['_ROLE']._serialized_start=2866
-  _globals['_ROLE']._serialized_end=2927
+  _globals['_SHARING']._serialized_start=2602
+  _globals['_SHARING']._serialized_end=2699
+  _globals['_CAPABILITYKIND']._serialized_start=2702
+  _globals['_CAPABILITYKIND']._serialized_end=2831
+  _globals['_PROTOCOL']._serialized_start=2834
+  _globals['_PROTOCOL']._serialized_end=2968
+  _globals['_HEALTHSTATUS']._serialized_start=2971
+  _globals['_HEALTHSTATUS']._serialized_end=3127
+  _globals['_ROLE']._serialized_start=3129
+  _globals['_ROLE']._serialized_end=3190
   _globals['_CAPABILITY']._serialized_start=233
   _globals['_CAPABILITY']._serialized_end=363
   _globals['_ENDPOINT']._serialized_start=365
@@ -119,29 +127,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETAGENTREQUEST']._serialized_start=1058
   _globals['_GETAGENTREQUEST']._serialized_end=1093
   _globals['_LISTAGENTSREQUEST']._serialized_start=1096
-  _globals['_LISTAGENTSREQUEST']._serialized_end=1386
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=1388
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=1480
-  _globals['_UPDATEAGENTREQUEST']._serialized_start=1482
-  _globals['_UPDATEAGENTREQUEST']._serialized_end=1603
-  _globals['_DELETEAGENTREQUEST']._serialized_start=1605
-  _globals['_DELETEAGENTREQUEST']._serialized_end=1643
-  _globals['_GETHEALTHREQUEST']._serialized_start=1645
-  _globals['_GETHEALTHREQUEST']._serialized_end=1663
-  _globals['_GETHEALTHRESPONSE']._serialized_start=1665
-  _globals['_GETHEALTHRESPONSE']._serialized_end=1759
-  _globals['_APIKEY']._serialized_start=1762
-  _globals['_APIKEY']._serialized_end=1962
-  _globals['_CREATEAPIKEYREQUEST']._serialized_start=1964
-  _globals['_CREATEAPIKEYREQUEST']._serialized_end=2049
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=2051
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=2137
-  _globals['_LISTAPIKEYSREQUEST']._serialized_start=2139
-  _globals['_LISTAPIKEYSREQUEST']._serialized_end=2198
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=2200
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=2296
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=2298
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=2337
-  _globals['_REGISTRYSERVICE']._serialized_start=2930
-  _globals['_REGISTRYSERVICE']._serialized_end=4112
+  _globals['_LISTAGENTSREQUEST']._serialized_end=1431
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=1433
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=1525
+  _globals['_UPDATEAGENTREQUEST']._serialized_start=1527
+  _globals['_UPDATEAGENTREQUEST']._serialized_end=1648
+  _globals['_DELETEAGENTREQUEST']._serialized_start=1650
+  _globals['_DELETEAGENTREQUEST']._serialized_end=1688
+  _globals['_GETHEALTHREQUEST']._serialized_start=1690
+  _globals['_GETHEALTHREQUEST']._serialized_end=1708
+  _globals['_GETHEALTHRESPONSE']._serialized_start=1710
+  _globals['_GETHEALTHRESPONSE']._serialized_end=1804
+  _globals['_REPORTAGENTHEALTHREQUEST']._serialized_start=1806
+  _globals['_REPORTAGENTHEALTHREQUEST']._serialized_end=1917
+  _globals['_GETCALLERREQUEST']._serialized_start=1919
+  _globals['_GETCALLERREQUEST']._serialized_end=1937
+  _globals['_CALLER']._serialized_start=1939
+  _globals['_CALLER']._serialized_end=2022
+  _globals['_APIKEY']._serialized_start=2025
+  _globals['_APIKEY']._serialized_end=2225
+  _globals['_CREATEAPIKEYREQUEST']._serialized_start=2227
+  _globals['_CREATEAPIKEYREQUEST']._serialized_end=2312
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=2314
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=2400
+  _globals['_LISTAPIKEYSREQUEST']._serialized_start=2402
+  _globals['_LISTAPIKEYSREQUEST']._serialized_end=2461
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=2463
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=2559
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=2561
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=2600
+  _globals['_REGISTRYSERVICE']._serialized_start=3193
+  _globals['_REGISTRYSERVICE']._serialized_end=4634
 # @@protoc_insertion_point(module_scope)

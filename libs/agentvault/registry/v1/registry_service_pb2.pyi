@@ -379,6 +379,8 @@ class ListAgentsRequest(_message.Message):
     CAPABILITY_VERSION_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
     SHARING_FIELD_NUMBER: _builtins.int
+    HAS_HEALTH_CHECK_URL_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum results per page: default 50, maximum 500 (larger values are coerced)."""
     page_token: _builtins.str
@@ -399,6 +401,10 @@ class ListAgentsRequest(_message.Message):
     """Only agents owned by this principal."""
     sharing: Global___Sharing.ValueType
     """Only agents with this sharing level."""
+    has_health_check_url: _builtins.bool
+    """Only agents that declare a health_check_url."""
+    limit: _builtins.int
+    """Alias of page_size, as the seed's federation clients send it; page_size wins when both are set."""
     def __init__(
         self,
         *,
@@ -412,10 +418,12 @@ class ListAgentsRequest(_message.Message):
         capability_version: _builtins.str = ...,
         owner: _builtins.str = ...,
         sharing: Global___Sharing.ValueType = ...,
+        has_health_check_url: _builtins.bool = ...,
+        limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_type", b"agent_type", "capability_kind", b"capability_kind", "capability_name", b"capability_name", "capability_version", b"capability_version", "owner", b"owner", "page_size", b"page_size", "page_token", b"page_token", "search", b"search", "sharing", b"sharing", "tag", b"tag"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_type", b"agent_type", "capability_kind", b"capability_kind", "capability_name", b"capability_name", "capability_version", b"capability_version", "has_health_check_url", b"has_health_check_url", "limit", b"limit", "owner", b"owner", "page_size", b"page_size", "page_token", b"page_token", "search", b"search", "sharing", b"sharing", "tag", b"tag"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -543,6 +551,79 @@ class GetHealthResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetHealthResponse: _TypeAlias = GetHealthResponse  # noqa: Y015
+
+@_typing.final
+class ReportAgentHealthRequest(_message.Message):
+    """ReportAgentHealthRequest is one health observation of an agent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    HEALTH_STATUS_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The agent's UUID."""
+    health_status: Global___HealthStatus.ValueType
+    """What the check saw."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        health_status: Global___HealthStatus.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["health_status", b"health_status", "id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportAgentHealthRequest: _TypeAlias = ReportAgentHealthRequest  # noqa: Y015
+
+@_typing.final
+class GetCallerRequest(_message.Message):
+    """GetCallerRequest has no fields."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCallerRequest: _TypeAlias = GetCallerRequest  # noqa: Y015
+
+@_typing.final
+class Caller(_message.Message):
+    """Caller is the principal behind a credential."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    IS_PEER_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Principal name; owner of the agents it creates. Empty when the call carried no credential."""
+    role: Global___Role.ValueType
+    """Role."""
+    is_peer: _builtins.bool
+    """Whether the caller is a federation peer rather than a user."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        role: Global___Role.ValueType = ...,
+        is_peer: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["is_peer", b"is_peer", "name", b"name", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Caller: _TypeAlias = Caller  # noqa: Y015
 
 @_typing.final
 class ApiKey(_message.Message):

@@ -66,6 +66,16 @@ class RegistryServiceStub:
                 request_serializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.GetHealthRequest.SerializeToString,
                 response_deserializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.GetHealthResponse.FromString,
                 _registered_method=True)
+        self.ReportAgentHealth = channel.unary_unary(
+                '/agentvault.registry.v1.RegistryService/ReportAgentHealth',
+                request_serializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.ReportAgentHealthRequest.SerializeToString,
+                response_deserializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.Agent.FromString,
+                _registered_method=True)
+        self.GetCaller = channel.unary_unary(
+                '/agentvault.registry.v1.RegistryService/GetCaller',
+                request_serializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.GetCallerRequest.SerializeToString,
+                response_deserializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.Caller.FromString,
+                _registered_method=True)
         self.CreateApiKey = channel.unary_unary(
                 '/agentvault.registry.v1.RegistryService/CreateApiKey',
                 request_serializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.CreateApiKeyRequest.SerializeToString,
@@ -129,6 +139,20 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportAgentHealth(self, request, context):
+        """ReportAgentHealth records the latest health check of an agent; the health monitor calls it. Admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCaller(self, request, context):
+        """GetCaller returns who the presented credential belongs to; other services use it to authorize.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateApiKey(self, request, context):
         """CreateApiKey issues a credential; its secret is returned once and only its hash is kept. Admin only.
         """
@@ -182,6 +206,16 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.GetHealth,
                     request_deserializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.GetHealthRequest.FromString,
                     response_serializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.GetHealthResponse.SerializeToString,
+            ),
+            'ReportAgentHealth': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportAgentHealth,
+                    request_deserializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.ReportAgentHealthRequest.FromString,
+                    response_serializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.Agent.SerializeToString,
+            ),
+            'GetCaller': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCaller,
+                    request_deserializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.GetCallerRequest.FromString,
+                    response_serializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.Caller.SerializeToString,
             ),
             'CreateApiKey': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateApiKey,
@@ -362,6 +396,60 @@ class RegistryService:
             '/agentvault.registry.v1.RegistryService/GetHealth',
             agentvault_dot_registry_dot_v1_dot_registry__service__pb2.GetHealthRequest.SerializeToString,
             agentvault_dot_registry_dot_v1_dot_registry__service__pb2.GetHealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportAgentHealth(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentvault.registry.v1.RegistryService/ReportAgentHealth',
+            agentvault_dot_registry_dot_v1_dot_registry__service__pb2.ReportAgentHealthRequest.SerializeToString,
+            agentvault_dot_registry_dot_v1_dot_registry__service__pb2.Agent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCaller(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentvault.registry.v1.RegistryService/GetCaller',
+            agentvault_dot_registry_dot_v1_dot_registry__service__pb2.GetCallerRequest.SerializeToString,
+            agentvault_dot_registry_dot_v1_dot_registry__service__pb2.Caller.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,10 @@ class RegistryServiceStub:
     """DeleteAgent removes an agent."""
     GetHealth: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.GetHealthRequest, _registry_service_pb2.GetHealthResponse]
     """GetHealth reports whether the registry can serve and how many agents it holds."""
+    ReportAgentHealth: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ReportAgentHealthRequest, _registry_service_pb2.Agent]
+    """ReportAgentHealth records the latest health check of an agent; the health monitor calls it. Admin only."""
+    GetCaller: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.GetCallerRequest, _registry_service_pb2.Caller]
+    """GetCaller returns who the presented credential belongs to; other services use it to authorize."""
     CreateApiKey: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.CreateApiKeyRequest, _registry_service_pb2.CreateApiKeyResponse]
     """CreateApiKey issues a credential; its secret is returned once and only its hash is kept. Admin only."""
     ListApiKeys: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ListApiKeysRequest, _registry_service_pb2.ListApiKeysResponse]
@@ -70,6 +74,10 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     """DeleteAgent removes an agent."""
     GetHealth: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.GetHealthRequest, _registry_service_pb2.GetHealthResponse]  # type: ignore[assignment]
     """GetHealth reports whether the registry can serve and how many agents it holds."""
+    ReportAgentHealth: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ReportAgentHealthRequest, _registry_service_pb2.Agent]  # type: ignore[assignment]
+    """ReportAgentHealth records the latest health check of an agent; the health monitor calls it. Admin only."""
+    GetCaller: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.GetCallerRequest, _registry_service_pb2.Caller]  # type: ignore[assignment]
+    """GetCaller returns who the presented credential belongs to; other services use it to authorize."""
     CreateApiKey: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.CreateApiKeyRequest, _registry_service_pb2.CreateApiKeyResponse]  # type: ignore[assignment]
     """CreateApiKey issues a credential; its secret is returned once and only its hash is kept. Admin only."""
     ListApiKeys: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ListApiKeysRequest, _registry_service_pb2.ListApiKeysResponse]  # type: ignore[assignment]
@@ -127,6 +135,22 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_registry_service_pb2.GetHealthResponse, _abc.Awaitable[_registry_service_pb2.GetHealthResponse]]:
         """GetHealth reports whether the registry can serve and how many agents it holds."""
+
+    @_abc_1.abstractmethod
+    def ReportAgentHealth(
+        self,
+        request: _registry_service_pb2.ReportAgentHealthRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.Agent, _abc.Awaitable[_registry_service_pb2.Agent]]:
+        """ReportAgentHealth records the latest health check of an agent; the health monitor calls it. Admin only."""
+
+    @_abc_1.abstractmethod
+    def GetCaller(
+        self,
+        request: _registry_service_pb2.GetCallerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.Caller, _abc.Awaitable[_registry_service_pb2.Caller]]:
+        """GetCaller returns who the presented credential belongs to; other services use it to authorize."""
 
     @_abc_1.abstractmethod
     def CreateApiKey(
