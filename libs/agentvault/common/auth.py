@@ -22,10 +22,12 @@ class Principal:
     name: str
     role: Role
     key_id: str
+    # A federation peer calling with the credential this mesh issued to it; it sees only shared agents.
+    is_peer: bool = False
 
     @property
     def is_admin(self) -> bool:
-        return self.role is Role.ADMIN
+        return self.role is Role.ADMIN and not self.is_peer
 
 
 def bearer_token(metadata: Any) -> str | None:
