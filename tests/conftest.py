@@ -7,6 +7,7 @@ Each mesh gets its own database and Redis database number, so meshes never see e
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import os
 import secrets
@@ -20,6 +21,7 @@ import asyncpg
 import grpc
 import pytest
 
+from agentvault.common.secretbox import SecretBox
 from agentvault.devserver.embedded import EmbeddedPostgres, EmbeddedRedis
 from agentvault.devserver.mesh import SERVICES, Mesh, ServiceSpec
 from agentvault.registry.v1 import registry_service_pb2_grpc
@@ -105,13 +107,17 @@ def mesh_factory(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> Iter
             finally:
                 await conn.close()
 
-        asyncio.run(create_database())
+        # A thread of its own, so a mesh can also be started from inside an async fixture or test.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, create_database()).result()
         token = "test-admin-" + secrets.token_urlsafe(16)
         data_dir = tmp_path_factory.mktemp(database)
         mesh_env = {
             "DATABASE_URL": infra.dsn(database),
             "REDIS_URL": f"{infra.redis_base}/{number}",
             "AGENTVAULT_ADMIN_TOKEN": token,
+            "FEDERATION_ENCRYPTION_KEYS": SecretBox.generate_key(),
+            "FEDERATION_REGISTRY_NAME": database,
             "AGENTVAULT_DATA_DIR": str(data_dir),
             "LOG_FORMAT": "text",
             "LOG_LEVEL": "INFO",
@@ -143,9 +149,9 @@ def bearer(token: str) -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="session")
-async def registry(mesh: MeshHandle) -> AsyncIterator[registry_service_pb2_grpc.RegistryServiceStub]:
+async def registry(mesh: MeshHandle) -> AsyncIterator[registry_service_pb2_grpc.RegistryServiceAsyncStub]:
     async with grpc.aio.insecure_channel(mesh.address("registry")) as channel:
-        yield registry_service_pb2_grpc.RegistryServiceStub(channel)
+        yield registry_service_pb2_grpc.RegistryServiceStub(channel)  # type: ignore[misc]
 
 
 @pytest.fixture(scope="session")

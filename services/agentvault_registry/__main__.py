@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Awaitable, Callable, Iterable
 from importlib.resources import files
 
 from agentvault.common import db
 from agentvault.common.redis import create_redis
+from agentvault.common.secretbox import SecretBox
 from agentvault.common.server import GrpcServer, run
 from agentvault.common.settings import SettingsError
+from agentvault.federation.v1 import federation_service_pb2 as fed_pb
+from agentvault.federation.v1 import federation_service_pb2_grpc as fed_grpc
 from agentvault.registry.v1 import registry_service_pb2, registry_service_pb2_grpc
 from agentvault_registry.auth import Authenticator
+from agentvault_registry.federation import FederationGate, FederationServicer, PeerServicer
+from agentvault_registry.federation_store import FederationStore
 from agentvault_registry.servicer import RegistryServicer
 from agentvault_registry.settings import RegistrySettings
 from agentvault_registry.store import Store, init_connection
 
 SERVICE_NAME = registry_service_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name
+PEER_SERVICE = fed_pb.DESCRIPTOR.services_by_name["PeerService"].full_name
+FEDERATION_SERVICE = fed_pb.DESCRIPTOR.services_by_name["FederationService"].full_name
+log = logging.getLogger("agentvault.registry")
 
 
 def main() -> None:
@@ -30,8 +39,20 @@ def main() -> None:
         await db.migrate(pool, "registry", files("agentvault_registry") / "migrations")
         redis = create_redis(settings.redis_url)
         store = Store(pool)
-        servicer = RegistryServicer(store, Authenticator(store, settings.admin_token), redis.ping)
-        server.add(SERVICE_NAME, lambda s: registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(servicer, s))
+        auth = Authenticator(store, settings.admin_token)
+        fed = settings.federation
+        box = (
+            SecretBox([k.strip() for k in fed.encryption_keys.split(",") if k.strip()]) if fed.encryption_keys else None
+        )
+        if box is None:
+            log.warning("FEDERATION_ENCRYPTION_KEYS is not set: peers and federation credentials are unavailable")
+        fed_store = FederationStore(pool)
+        federation = FederationServicer(store, fed_store, FederationGate(fed_store, box, redis, fed), fed)
+        registry = RegistryServicer(store, auth, redis.ping, federation)
+        peers = PeerServicer(fed_store, auth, box)
+        server.add(SERVICE_NAME, lambda s: registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(registry, s))
+        server.add(PEER_SERVICE, lambda s: fed_grpc.add_PeerServiceServicer_to_server(peers, s))
+        server.add(FEDERATION_SERVICE, lambda s: fed_grpc.add_FederationServiceServicer_to_server(federation, s))
 
         async def close() -> None:
             await pool.close()

@@ -261,6 +261,7 @@ class AgentQuery:
     capability_version: versions.Constraint | None = None
     owner: str = ""
     sharing: str = ""
+    has_health_check_url: bool = False
 
     def fingerprint(self) -> str:
         constraint = self.capability_version.text if self.capability_version else ""
@@ -274,6 +275,7 @@ class AgentQuery:
                 constraint,
                 self.owner,
                 self.sharing,
+                str(self.has_health_check_url),
             )
         )
 
@@ -313,4 +315,5 @@ def build_query(raw: dict[str, Any]) -> AgentQuery:
         capability_version=constraint,
         owner=owner,
         sharing=str(raw.get("sharing", "")),
+        has_health_check_url=bool(raw.get("has_health_check_url", False)),
     )

@@ -129,6 +129,16 @@ def key_to_proto(key: domain.ApiKey) -> pb.ApiKey:
     )
 
 
+LIST_METHOD = "/agentvault.registry.v1.RegistryService/ListAgents"
+
+
+def _carries_federation_token(metadata: Any) -> bool:
+    for key, value in metadata or ():
+        if key == "authorization" and isinstance(value, str):
+            return value.strip()[7:].lstrip().startswith("avf_")
+    return False
+
+
 def _can_see(agent: domain.Agent, viewer: Principal | None) -> bool:
     if agent.spec.sharing != "private":
         return True
@@ -136,10 +146,12 @@ def _can_see(agent: domain.Agent, viewer: Principal | None) -> bool:
 
 
 class RegistryServicer(pb_grpc.RegistryServiceServicer):
-    def __init__(self, store: Store, auth: Authenticator, ping_redis: object) -> None:
+    def __init__(self, store: Store, auth: Authenticator, ping_redis: object, federation: Any = None) -> None:
         self.store = store
         self.auth = auth
         self._ping_redis = ping_redis
+        # The FederationServicer, which answers the seed's HTTP form: ListAgents called with a peer's token.
+        self.federation = federation
 
     def _authorize_owner(self, principal: Principal) -> object:
         def check(agent: domain.Agent) -> None:
@@ -182,7 +194,10 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def ListAgents(
         self, request: pb.ListAgentsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListAgentsResponse:
-        viewer = await self.auth.principal(context.invocation_metadata())
+        metadata = context.invocation_metadata()
+        if self.federation is not None and _carries_federation_token(metadata):
+            return await self._list_for_peer(request, metadata)
+        viewer = await self.auth.principal(metadata)
         query = domain.build_query(
             {
                 "search": request.search,
@@ -193,15 +208,31 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
                 "capability_version": request.capability_version,
                 "owner": request.owner,
                 "sharing": SHARING.word(request.sharing, "sharing"),
+                "has_health_check_url": request.has_health_check_url,
             }
         )
-        size = pagination.page_size(request.page_size)
+        size = pagination.page_size(request.page_size or request.limit)
         after = pagination.decode(request.page_token, query.fingerprint())
         agents, position = await self.store.list_agents(query, viewer, size, after)
         return pb.ListAgentsResponse(
             agents=[agent_to_proto(a) for a in agents],
             next_page_token=pagination.encode(position, query.fingerprint()) if position else "",
         )
+
+    async def _list_for_peer(self, request: pb.ListAgentsRequest, metadata: Any) -> pb.ListAgentsResponse:
+        cred, registry = await self.federation.gate.admit(metadata, LIST_METHOD, request)
+        raw = {
+            "search": request.search,
+            "agent_type": request.agent_type,
+            "tag": request.tag,
+            "capability_kind": KIND.word(request.capability_kind, "capability_kind"),
+            "capability_name": request.capability_name,
+            "capability_version": request.capability_version,
+        }
+        agents = await self.federation.search_shared(
+            raw, request.page_size or request.limit, cred, registry, "ListAgents"
+        )
+        return pb.ListAgentsResponse(agents=agents)
 
     async def UpdateAgent(self, request: pb.UpdateAgentRequest, context: grpc.aio.ServicerContext) -> AgentPb:
         principal = await self.auth.require(context.invocation_metadata())
@@ -242,6 +273,24 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             log.warning("health: redis check failed: %s", exc)
             status = pb.HEALTH_STATUS_DEGRADED
         return pb.GetHealthResponse(status=status, agent_count=count)
+
+    async def ReportAgentHealth(
+        self, request: pb.ReportAgentHealthRequest, context: grpc.aio.ServicerContext
+    ) -> AgentPb:
+        await self.auth.require_admin(context.invocation_metadata())
+        if not request.id:
+            raise invalid("id", "is required")
+        status = HEALTH.word(request.health_status, "health_status", required=True)
+        agent = await self.store.set_agent_health(request.id, status)
+        if agent is None:
+            raise NotFound(f"agent {request.id} not found", "AGENT_NOT_FOUND", id=request.id)
+        return agent_to_proto(agent)
+
+    async def GetCaller(self, request: pb.GetCallerRequest, context: grpc.aio.ServicerContext) -> pb.Caller:
+        principal = await self.auth.principal(context.invocation_metadata())
+        if principal is None:
+            return pb.Caller()
+        return pb.Caller(name=principal.name, role=ROLE.number(principal.role.value), is_peer=principal.is_peer)
 
     async def CreateApiKey(
         self, request: pb.CreateApiKeyRequest, context: grpc.aio.ServicerContext

@@ -8,12 +8,40 @@ from agentvault.common.settings import CommonSettings, Env
 
 
 @dataclass(frozen=True)
+class FederationSettings:
+    """The seed's FEDERATION_* variables that concern the peer-facing API, plus what it needs beside them."""
+
+    enabled: bool
+    registry_name: str
+    public_grpc_endpoint: str
+    max_results_per_peer: int
+    require_signature: bool
+    signature_max_age: int
+    rate_limit_per_minute: int
+    encryption_keys: str | None
+
+    @classmethod
+    def load(cls, env: Env, registry_port: int) -> FederationSettings:
+        return cls(
+            enabled=env.bool("FEDERATION_ENABLED", True),
+            registry_name=env.str("FEDERATION_REGISTRY_NAME", "agentvault")[:255],
+            public_grpc_endpoint=env.str("FEDERATION_PUBLIC_GRPC_ENDPOINT", f"127.0.0.1:{registry_port}"),
+            max_results_per_peer=env.int("FEDERATION_MAX_RESULTS_PER_PEER", 50, minimum=1, maximum=500),
+            require_signature=env.bool("FEDERATION_REQUIRE_SIGNATURE", True),
+            signature_max_age=env.int("FEDERATION_SIGNATURE_MAX_AGE", 300, minimum=1, maximum=86_400),
+            rate_limit_per_minute=env.int("FEDERATION_RATE_LIMIT_PER_MINUTE", 600, minimum=1),
+            encryption_keys=env.optional("FEDERATION_ENCRYPTION_KEYS"),
+        )
+
+
+@dataclass(frozen=True)
 class RegistrySettings:
     common: CommonSettings
     database_url: str
     redis_url: str
     admin_token: str | None
     db_pool_size: int
+    federation: FederationSettings
 
     @classmethod
     def load(cls, env: Env | None = None) -> RegistrySettings:
@@ -25,4 +53,5 @@ class RegistrySettings:
             redis_url=common.require_redis(),
             admin_token=env.optional("AGENTVAULT_ADMIN_TOKEN"),
             db_pool_size=env.int("REGISTRY_DB_POOL_SIZE", 10, minimum=1, maximum=200),
+            federation=FederationSettings.load(env, common.port),
         )

@@ -221,6 +221,8 @@ class Store:
             where.append(f"a.owner = {param(query.owner)}")
         if query.sharing:
             where.append(f"a.sharing = {param(query.sharing)}")
+        if query.has_health_check_url:
+            where.append("a.health_check_url <> ''")
         if query.capability_kind or query.capability_name:
             cap = ["c.agent_id = a.id"]
             if query.capability_kind:
@@ -266,6 +268,13 @@ class Store:
         if tsquery:
             return agents, [float(last["rank"]), str(last["id"])]
         return agents, [last["created_at"].isoformat(), str(last["id"])]
+
+    async def set_agent_health(self, agent_id: str, status: str) -> Agent | None:
+        # updated_at is the agent's own change time; a health observation does not change the agent.
+        row = await self.pool.fetchrow(
+            f"UPDATE agents a SET health_status = $2 WHERE a.id = $1 RETURNING {_COLUMNS}", parse_id(agent_id), status
+        )
+        return _agent(row) if row else None
 
     async def count_agents(self) -> int:
         return int(await self.pool.fetchval("SELECT count(*) FROM agents"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import asyncpg
 import grpc
 import pytest
@@ -10,9 +12,11 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from agentvault.registry.v1 import registry_service_pb2 as pb
-from agentvault.registry.v1.registry_service_pb2_grpc import RegistryServiceStub
 
 from ..conftest import MeshHandle, bearer, unique_did
+
+if TYPE_CHECKING:
+    from agentvault.registry.v1.registry_service_pb2_grpc import RegistryServiceAsyncStub
 
 
 def make_agent(**overrides: object) -> pb.Agent:
@@ -46,13 +50,13 @@ def violations(err: grpc.aio.AioRpcError) -> dict[str, str]:
     return found
 
 
-async def member_token(registry: RegistryServiceStub, admin_token: str, name: str) -> str:
+async def member_token(registry: RegistryServiceAsyncStub, admin_token: str, name: str) -> str:
     reply = await registry.CreateApiKey(pb.CreateApiKeyRequest(name=name), metadata=bearer(admin_token))
     assert reply.api_key.role == pb.ROLE_MEMBER
     return reply.token
 
 
-async def test_create_get_update_delete(registry: RegistryServiceStub, admin_token: str) -> None:
+async def test_create_get_update_delete(registry: RegistryServiceAsyncStub, admin_token: str) -> None:
     token = await member_token(registry, admin_token, "crud-owner")
     created = await registry.CreateAgent(pb.CreateAgentRequest(agent=make_agent()), metadata=bearer(token))
     assert created.id and created.owner == "crud-owner"
@@ -83,7 +87,7 @@ async def test_create_get_update_delete(registry: RegistryServiceStub, admin_tok
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_duplicate_did_is_already_exists(registry: RegistryServiceStub, admin_token: str) -> None:
+async def test_duplicate_did_is_already_exists(registry: RegistryServiceAsyncStub, admin_token: str) -> None:
     agent = make_agent()
     await registry.CreateAgent(pb.CreateAgentRequest(agent=agent), metadata=bearer(admin_token))
     with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -92,7 +96,7 @@ async def test_duplicate_did_is_already_exists(registry: RegistryServiceStub, ad
     assert agent.did in (err.value.details() or "")
 
 
-async def test_writes_need_a_credential(registry: RegistryServiceStub) -> None:
+async def test_writes_need_a_credential(registry: RegistryServiceAsyncStub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await registry.CreateAgent(pb.CreateAgentRequest(agent=make_agent()))
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -102,7 +106,7 @@ async def test_writes_need_a_credential(registry: RegistryServiceStub) -> None:
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-async def test_only_owner_or_admin_may_change(registry: RegistryServiceStub, admin_token: str) -> None:
+async def test_only_owner_or_admin_may_change(registry: RegistryServiceAsyncStub, admin_token: str) -> None:
     alice = await member_token(registry, admin_token, "alice")
     bob = await member_token(registry, admin_token, "bob")
     agent = await registry.CreateAgent(pb.CreateAgentRequest(agent=make_agent()), metadata=bearer(alice))
@@ -125,7 +129,7 @@ async def test_only_owner_or_admin_may_change(registry: RegistryServiceStub, adm
     assert by_admin.name == "Fixed by admin" and by_admin.owner == "alice"
 
 
-async def test_private_agents_are_hidden_from_others(registry: RegistryServiceStub, admin_token: str) -> None:
+async def test_private_agents_are_hidden_from_others(registry: RegistryServiceAsyncStub, admin_token: str) -> None:
     carol = await member_token(registry, admin_token, "carol")
     dave = await member_token(registry, admin_token, "dave")
     private = await registry.CreateAgent(
@@ -144,7 +148,7 @@ async def test_private_agents_are_hidden_from_others(registry: RegistryServiceSt
         assert private.id in {a.id for a in listed.agents}
 
 
-async def test_revoked_key_stops_working(registry: RegistryServiceStub, admin_token: str) -> None:
+async def test_revoked_key_stops_working(registry: RegistryServiceAsyncStub, admin_token: str) -> None:
     reply = await registry.CreateApiKey(pb.CreateApiKeyRequest(name="temp"), metadata=bearer(admin_token))
     await registry.CreateAgent(pb.CreateAgentRequest(agent=make_agent()), metadata=bearer(reply.token))
     revoked = await registry.RevokeApiKey(pb.RevokeApiKeyRequest(id=reply.api_key.id), metadata=bearer(admin_token))
@@ -158,7 +162,7 @@ async def test_revoked_key_stops_working(registry: RegistryServiceStub, admin_to
     assert "token" not in str(keys)  # secrets are never listed
 
 
-async def test_key_management_is_admin_only(registry: RegistryServiceStub, admin_token: str) -> None:
+async def test_key_management_is_admin_only(registry: RegistryServiceAsyncStub, admin_token: str) -> None:
     member = await member_token(registry, admin_token, "erin")
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await registry.CreateApiKey(pb.CreateApiKeyRequest(name="sneaky", role=pb.ROLE_ADMIN), metadata=bearer(member))
@@ -168,7 +172,9 @@ async def test_key_management_is_admin_only(registry: RegistryServiceStub, admin
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
-async def test_api_keys_are_stored_hashed(mesh: MeshHandle, registry: RegistryServiceStub, admin_token: str) -> None:
+async def test_api_keys_are_stored_hashed(
+    mesh: MeshHandle, registry: RegistryServiceAsyncStub, admin_token: str
+) -> None:
     reply = await registry.CreateApiKey(pb.CreateApiKeyRequest(name="hashcheck"), metadata=bearer(admin_token))
     secret = reply.token.rsplit("_", 1)[1]
     conn = await asyncpg.connect(mesh.database_url)
@@ -208,7 +214,7 @@ async def test_api_keys_are_stored_hashed(mesh: MeshHandle, registry: RegistrySe
     ],
 )  # fmt: skip
 async def test_bad_input_is_rejected_and_nothing_stored(
-    registry: RegistryServiceStub, admin_token: str, change: dict[str, object], field: str
+    registry: RegistryServiceAsyncStub, admin_token: str, change: dict[str, object], field: str
 ) -> None:
     agent = make_agent(**change)
     with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -220,7 +226,9 @@ async def test_bad_input_is_rejected_and_nothing_stored(
         assert agent.did not in {a.did for a in listed.agents}
 
 
-async def test_update_mask_rejects_output_only_and_unknown(registry: RegistryServiceStub, admin_token: str) -> None:
+async def test_update_mask_rejects_output_only_and_unknown(
+    registry: RegistryServiceAsyncStub, admin_token: str
+) -> None:
     agent = await registry.CreateAgent(pb.CreateAgentRequest(agent=make_agent()), metadata=bearer(admin_token))
     for path in ("owner", "no_such_field"):
         with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -242,7 +250,7 @@ async def test_update_mask_rejects_output_only_and_unknown(registry: RegistrySer
     assert (await registry.GetAgent(pb.GetAgentRequest(id=agent.id))).version == "1.0.0"
 
 
-async def test_bad_ids_and_tokens(registry: RegistryServiceStub) -> None:
+async def test_bad_ids_and_tokens(registry: RegistryServiceAsyncStub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await registry.GetAgent(pb.GetAgentRequest(id="not-a-uuid"))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -258,7 +266,7 @@ async def test_bad_ids_and_tokens(registry: RegistryServiceStub) -> None:
     assert "capability_version" in violations(err.value)
 
 
-async def test_pagination_walks_every_agent_once(registry: RegistryServiceStub, admin_token: str) -> None:
+async def test_pagination_walks_every_agent_once(registry: RegistryServiceAsyncStub, admin_token: str) -> None:
     tag = "page-" + unique_did()[-12:]
     created = set()
     for i in range(23):
@@ -284,7 +292,7 @@ async def test_pagination_walks_every_agent_once(registry: RegistryServiceStub, 
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_search_ranks_and_filters(registry: RegistryServiceStub, admin_token: str) -> None:
+async def test_search_ranks_and_filters(registry: RegistryServiceAsyncStub, admin_token: str) -> None:
     word = "zyxquant" + unique_did()[-6:].replace("-", "")
     strong = await registry.CreateAgent(
         pb.CreateAgentRequest(agent=make_agent(name=f"{word} analyst", agent_type="finance", tags=[word[:60]])),
@@ -306,7 +314,7 @@ async def test_search_ranks_and_filters(registry: RegistryServiceStub, admin_tok
     assert list(punctuation.agents) == []
 
 
-async def test_search_pagination_by_rank(registry: RegistryServiceStub, admin_token: str) -> None:
+async def test_search_pagination_by_rank(registry: RegistryServiceAsyncStub, admin_token: str) -> None:
     word = "pagrank" + unique_did()[-6:].replace("-", "")
     ids = set()
     for i in range(7):
@@ -326,7 +334,7 @@ async def test_search_pagination_by_rank(registry: RegistryServiceStub, admin_to
     assert len(seen) == 7 and set(seen) == ids
 
 
-async def test_capability_version_constraints(registry: RegistryServiceStub, admin_token: str) -> None:
+async def test_capability_version_constraints(registry: RegistryServiceAsyncStub, admin_token: str) -> None:
     cap = "translate-" + unique_did()[-8:]
     by_version = {}
     for version in ("1.1.0", "1.4.0", "1.9.3", "2.0.0", "2.0.0-rc.1"):
@@ -357,7 +365,7 @@ async def test_capability_version_constraints(registry: RegistryServiceStub, adm
     assert unversioned.id in {a.id for a in every.agents} and len(every.agents) == 6
 
 
-async def test_health_counts_agents(registry: RegistryServiceStub, admin_token: str) -> None:
+async def test_health_counts_agents(registry: RegistryServiceAsyncStub, admin_token: str) -> None:
     before = await registry.GetHealth(pb.GetHealthRequest())
     assert before.status == pb.HEALTH_STATUS_HEALTHY
     await registry.CreateAgent(pb.CreateAgentRequest(agent=make_agent()), metadata=bearer(admin_token))

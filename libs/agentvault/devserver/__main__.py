@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from agentvault.common.settings import Env, SettingsError
-from agentvault.devserver.embedded import EmbeddedPostgres, EmbeddedRedis, ensure_admin_token
+from agentvault.devserver.embedded import EmbeddedPostgres, EmbeddedRedis, ensure_admin_token, ensure_encryption_key
 from agentvault.devserver.mesh import SERVICES, Mesh
 
 
@@ -54,6 +54,7 @@ def run() -> int:
             "DATABASE_URL": database_url,
             "REDIS_URL": redis_url,
             "AGENTVAULT_ADMIN_TOKEN": admin_token,
+            "FEDERATION_ENCRYPTION_KEYS": env.optional("FEDERATION_ENCRYPTION_KEYS") or ensure_encryption_key(data_dir),
             "LOG_FORMAT": os.environ.get("LOG_FORMAT", "text"),
         }
         mesh = Mesh(service_env, log_dir=None)

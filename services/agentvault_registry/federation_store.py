@@ -1,0 +1,235 @@
+"""SQL for federation peers, issued federation credentials and the inbound query log."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from agentvault.common.errors import invalid
+
+_PEER_COLUMNS = (
+    "id, name, registry_url, api_key, is_active, last_sync, last_health_check, health_status, agent_count, "
+    "metadata, protocol, grpc_endpoint, require_mtls, consecutive_failures, is_down, created_at, updated_at"
+)
+_CREDENTIAL_COLUMNS = "id, name, token_encrypted, created_at, revoked_at, last_used_at"
+
+
+@dataclass(frozen=True)
+class PeerRecord:
+    id: str
+    name: str
+    registry_url: str
+    api_key: str | None  # encrypted
+    is_active: bool
+    last_sync: datetime | None
+    last_health_check: datetime | None
+    health_status: str
+    agent_count: int
+    metadata: dict[str, str]
+    protocol: str
+    grpc_endpoint: str
+    require_mtls: bool
+    consecutive_failures: int
+    is_down: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class CredentialRecord:
+    id: str
+    name: str
+    token_encrypted: str
+    created_at: datetime
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+
+
+def _peer(row: asyncpg.Record) -> PeerRecord:
+    data = dict(row)
+    data["id"] = str(data["id"])
+    metadata = data["metadata"]
+    data["metadata"] = json.loads(metadata) if isinstance(metadata, str) else dict(metadata)
+    return PeerRecord(**data)
+
+
+def _peer_id(value: str, field: str = "peer_id") -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except (ValueError, AttributeError):
+        raise invalid(field, f"must be a UUID (got {value[:80]!r})") from None
+
+
+# Columns a caller may write, in the order PeerWrite lists them.
+PEER_WRITABLE = (
+    "name",
+    "registry_url",
+    "api_key",
+    "is_active",
+    "protocol",
+    "grpc_endpoint",
+    "require_mtls",
+    "metadata",
+)
+
+
+class FederationStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def create_peer(self, values: dict[str, Any]) -> PeerRecord:
+        columns = [c for c in PEER_WRITABLE if c in values]
+        placeholders = ", ".join(f"${i + 1}" for i in range(len(columns)))
+        row = await self.pool.fetchrow(
+            f"INSERT INTO federation_peers ({', '.join(columns)}) VALUES ({placeholders}) RETURNING {_PEER_COLUMNS}",
+            *(values[c] for c in columns),
+        )
+        return _peer(row)
+
+    async def get_peer(self, peer_id: str) -> PeerRecord | None:
+        row = await self.pool.fetchrow(f"SELECT {_PEER_COLUMNS} FROM federation_peers WHERE id = $1", _peer_id(peer_id))
+        return _peer(row) if row else None
+
+    async def list_peers(
+        self, limit: int, after: list[Any] | None, *, active_only: bool = False
+    ) -> tuple[list[PeerRecord], list[Any] | None]:
+        where: list[str] = []
+        params: list[Any] = [limit + 1]
+        if active_only:
+            where.append("is_active")
+        if after is not None:
+            if len(after) != 2:
+                raise invalid("page_token", "is not a valid page token")
+            params += [str(after[0]), _peer_id(str(after[1]), "page_token")]
+            where.append("(name, id) > ($2, $3)")
+        clause = "WHERE " + " AND ".join(where) if where else ""
+        rows = await self.pool.fetch(
+            f"SELECT {_PEER_COLUMNS} FROM federation_peers {clause} ORDER BY name, id LIMIT $1", *params
+        )
+        peers = [_peer(r) for r in rows[:limit]]
+        more = len(rows) > limit
+        return peers, ([peers[-1].name, peers[-1].id] if more else None)
+
+    async def update_peer(self, peer_id: str, values: dict[str, Any]) -> PeerRecord | None:
+        columns = [c for c in PEER_WRITABLE if c in values]
+        if not columns:
+            return await self.get_peer(peer_id)
+        sets = ", ".join(f"{c} = ${i + 2}" for i, c in enumerate(columns))
+        row = await self.pool.fetchrow(
+            f"UPDATE federation_peers SET {sets}, updated_at = now() WHERE id = $1 RETURNING {_PEER_COLUMNS}",
+            _peer_id(peer_id, "peer.id"),
+            *(values[c] for c in columns),
+        )
+        return _peer(row) if row else None
+
+    async def delete_peer(self, peer_id: str) -> bool:
+        result = await self.pool.execute("DELETE FROM federation_peers WHERE id = $1", _peer_id(peer_id))
+        return bool(result.endswith(" 1"))
+
+    async def record_health(
+        self,
+        peer_id: str,
+        status: str,
+        agent_count: int | None,
+        is_down: bool,
+        consecutive_failures: int,
+        checked_at: datetime,
+    ) -> PeerRecord | None:
+        row = await self.pool.fetchrow(
+            f"""UPDATE federation_peers SET health_status = $2, last_health_check = $3, is_down = $4,
+                    consecutive_failures = $5,
+                    agent_count = COALESCE($6, agent_count),
+                    last_sync = CASE WHEN $6::int IS NULL THEN last_sync ELSE $3 END
+                WHERE id = $1 RETURNING {_PEER_COLUMNS}""",
+            _peer_id(peer_id),
+            status,
+            checked_at,
+            is_down,
+            consecutive_failures,
+            agent_count,
+        )
+        return _peer(row) if row else None
+
+    # Credentials issued to peer meshes ---------------------------------------------------------------
+
+    async def insert_credential(
+        self, cred_id: str, name: str, token_encrypted: str, created_by: str
+    ) -> CredentialRecord:
+        row = await self.pool.fetchrow(
+            f"""INSERT INTO federation_credentials (id, name, token_encrypted, created_by) VALUES ($1, $2, $3, $4)
+                RETURNING {_CREDENTIAL_COLUMNS}""",
+            cred_id,
+            name,
+            token_encrypted,
+            created_by,
+        )
+        return CredentialRecord(**dict(row))
+
+    async def get_credential(self, cred_id: str) -> CredentialRecord | None:
+        row = await self.pool.fetchrow(
+            f"SELECT {_CREDENTIAL_COLUMNS} FROM federation_credentials WHERE id = $1", cred_id
+        )
+        return CredentialRecord(**dict(row)) if row else None
+
+    async def list_credentials(
+        self, limit: int, after: list[Any] | None
+    ) -> tuple[list[CredentialRecord], list[Any] | None]:
+        params: list[Any] = [limit + 1]
+        where = ""
+        if after is not None:
+            if len(after) != 2:
+                raise invalid("page_token", "is not a valid page token")
+            try:
+                params += [datetime.fromisoformat(str(after[0])), str(after[1])]
+            except ValueError:
+                raise invalid("page_token", "is not a valid page token") from None
+            where = "WHERE (created_at, id) < ($2, $3)"
+        rows = await self.pool.fetch(
+            f"""SELECT {_CREDENTIAL_COLUMNS} FROM federation_credentials {where}
+                ORDER BY created_at DESC, id DESC LIMIT $1""",
+            *params,
+        )
+        creds = [CredentialRecord(**dict(r)) for r in rows[:limit]]
+        if len(rows) <= limit:
+            return creds, None
+        return creds, [creds[-1].created_at.isoformat(), creds[-1].id]
+
+    async def revoke_credential(self, cred_id: str) -> CredentialRecord | None:
+        row = await self.pool.fetchrow(
+            f"""UPDATE federation_credentials SET revoked_at = COALESCE(revoked_at, now()) WHERE id = $1
+                RETURNING {_CREDENTIAL_COLUMNS}""",
+            cred_id,
+        )
+        return CredentialRecord(**dict(row)) if row else None
+
+    async def log_inbound(
+        self,
+        cred: CredentialRecord,
+        peer_registry: str,
+        method: str,
+        query: dict[str, Any],
+        result_count: int,
+        response_time_ms: float,
+    ) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                """INSERT INTO federation_inbound_log
+                       (credential_id, peer_name, peer_registry, method, query, result_count, response_time_ms)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7)""",
+                cred.id,
+                cred.name,
+                peer_registry[:255],
+                method,
+                query,
+                result_count,
+                response_time_ms,
+            )
+            await conn.execute("UPDATE federation_credentials SET last_used_at = now() WHERE id = $1", cred.id)
+
+    async def count_shared_agents(self) -> int:
+        return int(await self.pool.fetchval("SELECT count(*) FROM agents WHERE sharing = 'federated'"))
