@@ -11,6 +11,8 @@ import concurrent.futures
 import itertools
 import os
 import secrets
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +45,10 @@ class Infra:
 
 
 @pytest.fixture(scope="session")
-def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Infra]:
-    root = tmp_path_factory.mktemp("infra")
+def infra() -> Iterator[Infra]:
+    # Not pytest's tmp tree: it is private to root (0700), and pgserver runs postgres as its own user.
+    root = Path(tempfile.mkdtemp(prefix="agentvault-test-"))
+    root.chmod(0o755)
     postgres = redis = None
     dsn = os.environ.get("TEST_DATABASE_URL")
     if not dsn:
@@ -61,6 +65,7 @@ def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Infra]:
             redis.stop()
         if postgres is not None:
             postgres.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 _mesh_numbers = itertools.count(1)
