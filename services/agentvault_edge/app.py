@@ -1,0 +1,485 @@
+"""The aiohttp application: one generic handler that transcodes every annotated route to its gRPC method."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+from urllib.parse import parse_qsl
+
+import grpc
+from aiohttp import WSMsgType, web
+from google.protobuf import message
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
+
+from agentvault.common.logs import request_id_var
+from agentvault.common.settings import SettingsError
+from agentvault_edge import errors
+from agentvault_edge.openapi import build_openapi
+from agentvault_edge.routes import Route, RouteTable, build_routes, discover_services
+from agentvault_edge.settings import EdgeSettings
+from agentvault_edge.transcode import FieldError, HttpRequestParts, build_request, dumps, response_to_json
+
+log = logging.getLogger("agentvault.edge")
+
+# The only request headers forwarded to backends, as lowercase gRPC metadata. Anything else a client sends
+# stays at the edge, so a client cannot forge metadata the services trust (e.g. x-http-method).
+FORWARDED_HEADERS: tuple[str, ...] = (
+    "authorization",
+    "x-request-id",
+    "x-federation-registry",
+    "x-federation-signature",
+    "x-federation-timestamp",
+    "x-federation-nonce",
+    "traceparent",
+    "tracestate",
+)
+SIGNATURE_HEADER = "x-federation-signature"
+REQUEST_ID_HEADER = "X-Request-ID"
+MAX_REQUEST_ID = 128
+MAX_QUERY_FIELDS = 256
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# Seconds a stream waits for its first message before the HTTP response starts without it.
+FIRST_MESSAGE_WAIT = 1.0
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 60_000),
+    # A backend that restarts is back in well under a second; the default backoff (1 s doubling to 120 s)
+    # would keep answering 503 long after it returned.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+
+HTTP_REQUESTS = Counter("http_requests_total", "HTTP requests answered by the edge.", ["method", "route", "code"])
+HTTP_LATENCY = Histogram(
+    "http_request_duration_seconds",
+    "Time to answer an HTTP request at the edge, backend call included.",
+    ["method", "route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+
+EDGE_KEY: web.AppKey[Edge] = web.AppKey("edge")
+# The matched route template, for the metrics labels: set by the handler, read by the middleware (same task).
+_route_var: contextvars.ContextVar[str] = contextvars.ContextVar("edge_route", default="unmatched")
+
+
+def json_response(payload: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=dumps(payload), status=status, content_type="application/json", charset="utf-8", headers=headers
+    )
+
+
+def error_response(exc: errors.EdgeError) -> web.Response:
+    return json_response(exc.body(), exc.http_status, exc.headers)
+
+
+def _is_metadata_text(value: str) -> bool:
+    # gRPC refuses non-printable or non-ASCII values in text metadata; reject them here with a 400.
+    return all(" " <= ch <= "~" for ch in value)
+
+
+def _request_id(header: str | None) -> str:
+    if header and len(header) <= MAX_REQUEST_ID and _is_metadata_text(header) and header.strip():
+        return header
+    return uuid.uuid4().hex
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of duplicate keys silently; which one a client meant is unknowable.
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+class Backends:
+    """One grpc.aio channel per backend address, reused, and one multicallable per method."""
+
+    def __init__(self, addresses: Mapping[str, str]) -> None:
+        self._addresses = addresses
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._callables: dict[tuple[str, str], Any] = {}
+
+    def address(self, api: str) -> str:
+        return self._addresses[api]
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels[address] = channel
+        return channel
+
+    def _callable(self, route: Route) -> Any:
+        key = (route.api, route.grpc_path)
+        found = self._callables.get(key)
+        if found is None:
+            channel = self.channel(self.address(route.api))
+            factory = channel.unary_stream if route.server_streaming else channel.unary_unary
+            found = factory(
+                route.grpc_path,
+                request_serializer=route.request_class.SerializeToString,
+                response_deserializer=route.response_class.FromString,
+            )
+            self._callables[key] = found
+        return found
+
+    def unary(self, route: Route) -> grpc.aio.UnaryUnaryMultiCallable:
+        return self._callable(route)
+
+    def server_stream(self, route: Route) -> grpc.aio.UnaryStreamMultiCallable:
+        return self._callable(route)
+
+    async def check(self, apis: Sequence[str], deadline: float) -> dict[str, dict[str, str]]:
+        """grpc.health.v1 Check of each distinct backend address behind `apis`."""
+        by_address: dict[str, list[str]] = {}
+        for api in apis:
+            by_address.setdefault(self.address(api), []).append(api)
+
+        async def probe(address: str) -> str:
+            stub = health_pb2_grpc.HealthStub(self.channel(address))
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=deadline)
+            except grpc.aio.AioRpcError as exc:
+                return str(exc.code().name)
+            return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+        statuses = await asyncio.gather(*(probe(address) for address in by_address))
+        return {
+            address: {"status": status, "apis": ",".join(apis)}
+            for (address, apis), status in zip(by_address.items(), statuses, strict=True)
+        }
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        self._callables.clear()
+        for channel in channels:
+            await channel.close()
+
+
+class Edge:
+    """Routes HTTP requests to backend RPCs; holds the route table and the backend channels."""
+
+    def __init__(self, settings: EdgeSettings, table: RouteTable) -> None:
+        self.settings = settings
+        self.table = table
+        self.backends = Backends(settings.backends)
+        self._openapi: bytes | None = None
+        self._fixed: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]] = {
+            "/healthz": self.healthz,
+            "/readyz": self.readyz,
+            "/metrics": self.metrics,
+            "/api/v1/openapi.json": self.openapi,
+        }
+
+    # ------------------------------------------------------------------------------- middleware
+
+    @web.middleware
+    async def middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        rid = _request_id(request.headers.get(REQUEST_ID_HEADER))
+        token = request_id_var.set(rid)
+        route_token = _route_var.set("unmatched")
+        start = time.perf_counter()
+        response: web.StreamResponse
+        try:
+            response = await handler(request)
+        except errors.EdgeError as exc:
+            response = error_response(exc)
+        except web.HTTPException as exc:
+            # Raised by aiohttp itself (e.g. a malformed request line it still hands over).
+            response = error_response(
+                errors.EdgeError(exc.status, grpc.StatusCode.INVALID_ARGUMENT, exc.reason or "bad request")
+            )
+        except Exception:
+            log.exception("unhandled error for %s %s", request.method, request.rel_url.raw_path)
+            response = error_response(errors.internal(rid))
+        finally:
+            route = _route_var.get()
+            _route_var.reset(route_token)
+            request_id_var.reset(token)
+        if not response.prepared:
+            response.headers[REQUEST_ID_HEADER] = rid
+        elapsed = time.perf_counter() - start
+        HTTP_REQUESTS.labels(request.method, route, str(response.status)).inc()
+        HTTP_LATENCY.labels(request.method, route).observe(elapsed)
+        log.log(
+            logging.WARNING if response.status >= 500 else logging.INFO,
+            "%s %s %d",
+            request.method,
+            route,
+            response.status,
+            extra={"http_status": response.status, "duration_ms": round(elapsed * 1000, 2), "request_id": rid},
+        )
+        return response
+
+    # ------------------------------------------------------------------------------- fixed routes
+
+    async def healthz(self, request: web.Request) -> web.StreamResponse:
+        return json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.StreamResponse:
+        apis = sorted(self.table.backends())
+        backends = await self.backends.check(apis, self.settings.readiness_timeout)
+        ready = all(b["status"] == "SERVING" for b in backends.values())
+        return json_response(
+            {"status": "ready" if ready else "unavailable", "backends": backends}, 200 if ready else 503
+        )
+
+    async def metrics(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def openapi(self, request: web.Request) -> web.StreamResponse:
+        if self._openapi is None:
+            self._openapi = dumps(build_openapi(self.table))
+        return web.Response(body=self._openapi, content_type="application/json", charset="utf-8")
+
+    # ------------------------------------------------------------------------------- transcoding
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        raw_path = request.rel_url.raw_path
+        fixed = self._fixed.get(raw_path)
+        if fixed is not None:
+            _route_var.set(raw_path)
+            if request.method != "GET":
+                raise errors.method_not_allowed(request.method, ["GET"])
+            return await fixed(request)
+        try:
+            found = self.table.match(request.method, raw_path)
+        except UnicodeDecodeError:
+            raise errors.bad_request("", "the URL path is not valid percent-encoded UTF-8") from None
+        if found is None:
+            raise errors.not_found(raw_path)
+        if isinstance(found, list):
+            raise errors.method_not_allowed(request.method, found)
+        route = found.route
+        _route_var.set(route.template.source)
+
+        raw_body = await self._read_body(request)
+        body = self._parse_body(request, route, raw_body)
+        try:
+            query = parse_qsl(
+                request.rel_url.raw_query_string,
+                keep_blank_values=True,
+                encoding="utf-8",
+                errors="strict",
+                max_num_fields=MAX_QUERY_FIELDS,
+            )
+        except ValueError:  # UnicodeDecodeError included
+            raise errors.bad_request("", "the query string is malformed or has too many parameters") from None
+        try:
+            msg = build_request(
+                route.request_class, route.body, HttpRequestParts(request.method, found.bindings, query, body)
+            )
+        except FieldError as exc:
+            raise errors.bad_request(exc.field, exc.description) from None
+        metadata = self._metadata(request, raw_body)
+        if route.server_streaming:
+            return await self._stream(request, route, msg, metadata)
+        try:
+            reply = await self.backends.unary(route)(msg, timeout=self.settings.call_timeout, metadata=metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise errors.from_rpc_error(exc, route.service.full_name) from None
+        return json_response(response_to_json(reply, route.response_body))
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.settings.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise errors.body_too_large(limit)
+        chunks: list[bytes] = []
+        size = 0
+        # Read in pieces rather than request.read(): a chunked body has no Content-Length to check first.
+        while True:
+            chunk = await request.content.readany()
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > limit:
+                raise errors.body_too_large(limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _parse_body(self, request: web.Request, route: Route, raw: bytes) -> Any:
+        if not raw.strip():
+            return None
+        if not route.body:
+            raise errors.bad_request("", f"{route.http_method} {route.template.source} takes no request body")
+        content_type = request.headers.get("Content-Type")
+        if content_type:
+            mime = content_type.split(";", 1)[0].strip().lower()
+            if mime != "application/json" and not mime.endswith("+json"):
+                raise errors.unsupported_media_type(mime)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise errors.bad_request("", "the request body is not valid UTF-8") from None
+        try:
+            return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_object_without_duplicates)
+        except _DuplicateKey as exc:
+            raise errors.bad_request(exc.key, "appears twice in the same JSON object") from None
+        except RecursionError:
+            raise errors.bad_request("", "malformed JSON: nested too deeply") from None
+        except ValueError as exc:
+            raise errors.bad_request("", f"malformed JSON: {exc}") from None
+
+    def _metadata(self, request: web.Request, raw_body: bytes) -> list[tuple[str, str | bytes]]:
+        metadata: list[tuple[str, str | bytes]] = [("x-request-id", request_id_var.get())]
+        for name in FORWARDED_HEADERS:
+            if name == "x-request-id":
+                continue
+            for value in request.headers.getall(name, ()):
+                if not _is_metadata_text(value):
+                    raise errors.bad_request(name, "header value must be printable ASCII")
+                metadata.append((name, value))
+        if SIGNATURE_HEADER in request.headers:
+            # The backend verifies the HMAC over exactly what the client signed: method, path as sent, body.
+            metadata.append(("x-http-method", request.method))
+            metadata.append(("x-http-path", request.raw_path))
+            metadata.append(("x-http-body-bin", raw_body))
+        return metadata
+
+    # ------------------------------------------------------------------------------- streaming
+
+    async def _stream(
+        self, request: web.Request, route: Route, msg: message.Message, metadata: list[tuple[str, str | bytes]]
+    ) -> web.StreamResponse:
+        """A server-streaming RPC as Server-Sent Events, or as a WebSocket when the client asks to upgrade."""
+        # No deadline: a watch is meant to stay open; it ends when either side goes away.
+        call = self.backends.server_stream(route)(msg, metadata=metadata)
+        pending: asyncio.Future[Any] = asyncio.ensure_future(call.read())
+        try:
+            # Wait a little for the first message, so that a call failing at once (not found, permission
+            # denied) is answered with its real HTTP status; a quiet stream starts anyway after that.
+            await asyncio.wait({pending}, timeout=min(self.settings.stream_heartbeat, FIRST_MESSAGE_WAIT))
+            failed = pending.exception() if pending.done() else None
+            if isinstance(failed, grpc.aio.AioRpcError):
+                raise errors.from_rpc_error(failed, route.service.full_name)
+            if request.headers.get("Upgrade", "").lower() == "websocket":
+                return await self._websocket(request, route, call, pending)
+            return await self._sse(request, route, call, pending)
+        finally:
+            call.cancel()
+
+    def _event(self, route: Route, item: Any) -> bytes:
+        return dumps(response_to_json(item, route.response_body))
+
+    async def _sse(
+        self, request: web.Request, route: Route, call: Any, pending: asyncio.Future[Any]
+    ) -> web.StreamResponse:
+        """`pending` is the read of the next message, possibly already done."""
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+                REQUEST_ID_HEADER: request_id_var.get(),
+            }
+        )
+        await response.prepare(request)
+        try:
+            while True:
+                while not (await asyncio.wait({pending}, timeout=self.settings.stream_heartbeat))[0]:
+                    # A comment line keeps proxies from timing out a quiet stream, and writing it is how a
+                    # client that went away is noticed (aiohttp does not cancel the handler).
+                    await response.write(b": keepalive\n\n")
+                item = pending.result()
+                if item is grpc.aio.EOF:
+                    break
+                await response.write(b"data: " + self._event(route, item) + b"\n\n")
+                pending = asyncio.ensure_future(call.read())
+        except grpc.aio.AioRpcError as exc:
+            failure = errors.from_rpc_error(exc, route.service.full_name)
+            with contextlib.suppress(ConnectionError):
+                await response.write(b"event: error\ndata: " + dumps(failure.body()) + b"\n\n")
+        except ConnectionError:
+            return response  # the client went away; the caller cancels the call
+        finally:
+            pending.cancel()
+        with contextlib.suppress(ConnectionError):
+            await response.write_eof()
+        return response
+
+    async def _websocket(
+        self, request: web.Request, route: Route, call: Any, pending: asyncio.Future[Any]
+    ) -> web.StreamResponse:
+        """Each message one JSON text frame; a failure sends the error body, then closes with 1011."""
+        ws = web.WebSocketResponse(heartbeat=30)
+        if not ws.can_prepare(request).ok:
+            raise errors.bad_request("", "invalid WebSocket upgrade request")
+        ws.headers[REQUEST_ID_HEADER] = request_id_var.get()
+        await ws.prepare(request)
+
+        async def pump() -> None:
+            nonlocal pending
+            try:
+                while (item := await pending) is not grpc.aio.EOF:
+                    await ws.send_str(self._event(route, item).decode("utf-8"))
+                    pending = asyncio.ensure_future(call.read())
+            except grpc.aio.AioRpcError as exc:
+                failure = errors.from_rpc_error(exc, route.service.full_name)
+                await ws.send_str(dumps(failure.body()).decode("utf-8"))
+                await ws.close(code=1011, message=failure.grpc_code.name.encode())
+                return
+            await ws.close()
+
+        async def drain() -> None:
+            # Client frames are ignored (server streaming takes one request); this notices the client closing.
+            # Bidirectional streams would read their requests here.
+            async for frame in ws:
+                if frame.type in (WSMsgType.CLOSE, WSMsgType.ERROR):
+                    break
+
+        tasks = {asyncio.create_task(pump()), asyncio.create_task(drain())}
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            pending.cancel()
+            if not ws.closed:
+                await ws.close()
+        return ws
+
+
+async def _close_backends(app: web.Application) -> None:
+    await app[EDGE_KEY].backends.close()
+
+
+def create_app(settings: EdgeSettings, services: Sequence[ServiceDescriptor] | None = None) -> web.Application:
+    """The edge application; `services` defaults to every generated agentvault.<api>.v1 service."""
+    table = build_routes(discover_services() if services is None else services)
+    missing = sorted({route.api for route in table.routes} - set(settings.backends))
+    if missing:
+        raise SettingsError(f"no backend address for API(s) {', '.join(missing)}: set <API>_ADDR")
+    edge = Edge(settings, table)
+    app = web.Application(middlewares=[edge.middleware])
+    app[EDGE_KEY] = edge
+    app.router.add_route("*", "/{tail:.*}", edge.handle)
+    app.on_cleanup.append(_close_backends)
+    for route in table.routes:
+        log.debug("route %s %s -> %s", route.http_method, route.template.source, route.grpc_path)
+    return app
