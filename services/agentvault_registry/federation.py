@@ -153,7 +153,7 @@ class FederationGate:
             # Came through the edge in the seed's HTTP form: the peer signed the HTTP request line.
             path = _metadata_value(metadata, "x-http-path")
             _require_query_matches(path, request)
-            method, body = http_method, ""
+            method, body = http_method, _body_text(metadata)
         else:
             method, path = signing.GRPC_METHOD, grpc_method
             body = signing.grpc_body(request.SerializeToString(deterministic=True))
@@ -185,6 +185,13 @@ class FederationGate:
                 f"federation rate limit of {self.settings.rate_limit_per_minute} requests per minute exceeded",
                 "FEDERATION_RATE_LIMITED",
             )
+
+
+def _body_text(metadata: Any) -> str:
+    for key, value in metadata or ():
+        if key == "x-http-body-bin" and isinstance(value, bytes):
+            return value.decode("utf-8", errors="replace")
+    return ""
 
 
 def _require_query_matches(path: str, request: Any) -> None:
