@@ -28,7 +28,8 @@ from agentvault.devserver.embedded import EmbeddedPostgres, EmbeddedRedis
 from agentvault.devserver.mesh import SERVICES, Mesh, ServiceSpec
 from agentvault.registry.v1 import registry_service_pb2_grpc
 
-MAX_REDIS_DBS = 16
+# The embedded server is started with 256 databases; an external TEST_REDIS_URL needs `databases` >= this.
+MAX_REDIS_DBS = 256
 
 
 @dataclass

@@ -88,6 +88,8 @@ class EmbeddedRedis:
             "--appendonly", "yes",
             "--appendfsync", "everysec",
             "--save", "",
+            # Tests give each mesh its own database number; 16 is too few for a federation suite.
+            "--databases", "256",
             "--daemonize", "no",
             "--logfile", str((self.data_dir / "redis.log").resolve()),
         ]  # fmt: skip

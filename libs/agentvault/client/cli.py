@@ -1,0 +1,379 @@
+"""`agentvault`: the command-line tool for a registry, printing JSON the way the REST API does, or tables.
+
+Exit codes: 0 success, 1 the call failed (server error, unreachable, not found, denied), 2 bad usage or input,
+including a request the server rejected as INVALID_ARGUMENT. Errors are one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+
+from agentvault.client.convert import enum_number, enum_words, from_dict, parse_capability, parse_endpoint, to_dict
+from agentvault.client.errors import ClientError
+from agentvault.client.registry import DEFAULT_TIMEOUT, TOKEN_ENV, AgentFilters, RegistryClient
+from agentvault.common.settings import Env
+from agentvault.registry.v1 import registry_service_pb2 as pb
+
+PROG = "agentvault"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+SHARING_WORDS = enum_words(pb.Sharing.DESCRIPTOR)
+KIND_WORDS = enum_words(pb.CapabilityKind.DESCRIPTOR)
+ROLE_WORDS = enum_words(pb.Role.DESCRIPTOR)
+AGENT_COLUMNS = ("id", "did", "name", "version", "agent_type", "sharing", "owner", "health_status")
+KEY_COLUMNS = ("id", "name", "role", "create_time", "revoke_time")
+# Scalar agent fields settable from a flag of the same name (with - for _).
+SCALAR_FIELDS = ("did", "name", "version", "description", "agent_type", "sharing", "health_check_url")
+LIST_FIELDS = {"tags": "tag", "capabilities": "capability", "endpoints": "endpoint"}
+WRITABLE_FIELDS = (*SCALAR_FIELDS, *LIST_FIELDS)
+
+
+class UsageError(Exception):
+    """Bad command-line input, found after argparse accepted the syntax."""
+
+
+Handler = Callable[[RegistryClient, argparse.Namespace], Awaitable[dict[str, Any]]]
+
+
+# --------------------------------------------------------------------------------------------- input
+
+
+def _read_json(path: str) -> Any:
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{'stdin' if path == '-' else path}: invalid JSON: {exc}") from None
+
+
+def _agent_from_args(args: argparse.Namespace) -> tuple[pb.Agent, list[str]]:
+    """The agent described by --file and the field flags (flags win), and the fields they set, in order."""
+    paths: list[str] = []
+    agent = pb.Agent()
+    if args.file is not None:
+        data = _read_json(args.file)
+        try:
+            agent = from_dict(data, pb.Agent)
+        except ValueError as exc:
+            raise UsageError(f"{args.file}: {exc}") from None
+        fields = pb.Agent.DESCRIPTOR.fields_by_name
+        camel = pb.Agent.DESCRIPTOR.fields_by_camelcase_name
+        paths += [fd.name for key in data if (fd := fields.get(key) or camel.get(key)) and fd.name in WRITABLE_FIELDS]
+    try:
+        for name in SCALAR_FIELDS:
+            value = getattr(args, name)
+            if value is not None:
+                if name == "sharing":
+                    value = enum_number(pb.Sharing.DESCRIPTOR, value, "--sharing")
+                setattr(agent, name, value)
+                paths.append(name)
+        lists: dict[str, list[Any] | None] = {
+            "tags": args.tag,
+            "capabilities": [parse_capability(c) for c in args.capability] if args.capability else None,
+            "endpoints": [parse_endpoint(e) for e in args.endpoint] if args.endpoint else None,
+        }
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    for name, items in lists.items():
+        if items is not None:
+            field = getattr(agent, name)
+            del field[:]
+            field.extend(items)
+            paths.append(name)
+    return agent, list(dict.fromkeys(paths))
+
+
+def _filters(args: argparse.Namespace) -> AgentFilters:
+    filters = AgentFilters()
+    for name in ("agent_type", "tag", "capability_kind", "capability_name", "capability_version", "owner", "sharing"):
+        value = getattr(args, name)
+        if value:
+            filters[name] = value
+    return filters
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+async def agents_create(client: RegistryClient, args: argparse.Namespace) -> dict[str, Any]:
+    agent, _ = _agent_from_args(args)
+    return to_dict(await client.create_agent(agent))
+
+
+async def agents_get(client: RegistryClient, args: argparse.Namespace) -> dict[str, Any]:
+    return to_dict(await client.get_agent(args.id))
+
+
+async def agents_list(client: RegistryClient, args: argparse.Namespace) -> dict[str, Any]:
+    search = getattr(args, "query", "")
+    if args.all:
+        agents = [a async for a in client.iter_agents(search=search, page_size=args.page_size, **_filters(args))]
+        return to_dict(pb.ListAgentsResponse(agents=agents))
+    page = await client.list_agents(
+        search=search, page_size=args.page_size, page_token=args.page_token, **_filters(args)
+    )
+    return to_dict(page)
+
+
+async def agents_update(client: RegistryClient, args: argparse.Namespace) -> dict[str, Any]:
+    agent, paths = _agent_from_args(args)
+    paths += [name for name in args.clear or () if name not in paths]
+    if not paths:
+        raise UsageError("nothing to update: give at least one field flag (e.g. --name), --clear FIELD or --file")
+    agent.id = args.id
+    return to_dict(await client.update_agent(agent, paths))
+
+
+async def agents_delete(client: RegistryClient, args: argparse.Namespace) -> dict[str, Any]:
+    await client.delete_agent(args.id)
+    return {}
+
+
+async def keys_create(client: RegistryClient, args: argparse.Namespace) -> dict[str, Any]:
+    return to_dict(await client.create_api_key(args.name, args.role))
+
+
+async def keys_list(client: RegistryClient, args: argparse.Namespace) -> dict[str, Any]:
+    keys = [k async for k in client.iter_api_keys()]
+    return to_dict(pb.ListApiKeysResponse(api_keys=keys))
+
+
+async def keys_revoke(client: RegistryClient, args: argparse.Namespace) -> dict[str, Any]:
+    return to_dict(await client.revoke_api_key(args.id))
+
+
+async def health(client: RegistryClient, args: argparse.Namespace) -> dict[str, Any]:
+    return to_dict(await client.health())
+
+
+# -------------------------------------------------------------------------------------------- output
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, list):
+        return ", ".join(_cell(v) for v in value)
+    if isinstance(value, dict):
+        if "kind" in value and "name" in value:  # a capability, as typed on the command line
+            return f"{value['kind']}:{value['name']}" + (f"@{value['version']}" if value.get("version") else "")
+        if "protocol" in value and "url" in value:  # an endpoint
+            return f"{value['protocol']}={value['url']}"
+        return json.dumps(value, separators=(",", ":"))
+    return "" if value is None else str(value)
+
+
+def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    cells = [[c.upper() for c in columns]] + [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in cells)
+
+
+def _fields(data: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for key, value in data.items():
+        if isinstance(value, dict) and value and not {"kind", "protocol"} & value.keys():
+            out += _fields(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", _cell(value)))
+    return out
+
+
+def render(data: dict[str, Any], output: str) -> str:
+    if output == "json":
+        return json.dumps(data, indent=2, ensure_ascii=False)
+    if "agents" in data:
+        return _table(data["agents"], AGENT_COLUMNS)
+    if "api_keys" in data:
+        return _table(data["api_keys"], KEY_COLUMNS)
+    fields = _fields(data)
+    width = max((len(k) for k, _ in fields), default=0)
+    return "\n".join(f"{k.ljust(width)}  {v}".rstrip() for k, v in fields)
+
+
+# ------------------------------------------------------------------------------------------- parsing
+
+
+def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """The connection options; repeated on every command (without defaults) so they may follow it too."""
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument(
+        "--registry",
+        metavar="HOST:PORT",
+        default=default(None),
+        help="registry address (default: $REGISTRY_ADDR, else 127.0.0.1:$REGISTRY_PORT)",
+    )
+    parser.add_argument("--token", default=default(None), help=f"bearer credential (default: ${TOKEN_ENV})")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        default=default(DEFAULT_TIMEOUT),
+        help=f"deadline of each call, retries included (default: {DEFAULT_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--output", "-o", choices=("json", "table"), default=default("json"), help="output format (default: json)"
+    )
+    parser.add_argument("--tls", action="store_true", default=default(False), help="use TLS with the system roots")
+    parser.add_argument("--ca-file", metavar="PEM", default=default(None), help="use TLS with these root certificates")
+
+
+def _agent_fields(parser: argparse.ArgumentParser, *, update: bool) -> None:
+    parser.add_argument(
+        "--file", "-f", metavar="PATH", help="agent JSON in the REST shape (enum words, snake_case); - for stdin"
+    )
+    parser.add_argument("--did", help="decentralized identifier, e.g. did:web:example.com:agents:nlp")
+    parser.add_argument("--name", help="display name")
+    parser.add_argument("--version", help="semantic version of the agent")
+    parser.add_argument("--description")
+    parser.add_argument("--agent-type", metavar="TYPE", help="type label, e.g. assistant")
+    parser.add_argument("--sharing", choices=SHARING_WORDS)
+    parser.add_argument("--health-check-url", metavar="URL")
+    replace = " (replaces the agent's list)" if update else ""
+    parser.add_argument("--tag", action="append", metavar="TAG", help=f"a tag; repeat for more{replace}")
+    parser.add_argument(
+        "--capability",
+        action="append",
+        metavar="KIND:NAME[@VERSION]",
+        help=f"e.g. skill:summarize@1.2.0; kinds: {', '.join(KIND_WORDS)}; repeat for more{replace}",
+    )
+    parser.add_argument(
+        "--endpoint", action="append", metavar="PROTOCOL=URL", help=f"e.g. http=https://agent.example/api{replace}"
+    )
+
+
+def _list_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--agent-type", metavar="TYPE")
+    parser.add_argument("--tag")
+    parser.add_argument("--capability-kind", choices=KIND_WORDS)
+    parser.add_argument("--capability-name", metavar="NAME")
+    parser.add_argument("--capability-version", metavar="CONSTRAINT", help='e.g. ">=1.2,<2" or "^1.4"')
+    parser.add_argument("--owner")
+    parser.add_argument("--sharing", choices=SHARING_WORDS)
+    parser.add_argument("--page-size", type=int, default=0, help="results per page (server default 50, max 500)")
+    parser.add_argument("--page-token", default="", help="next_page_token of a previous page")
+    parser.add_argument("--all", action="store_true", help="follow next_page_token to the last page")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Manage agents and API keys in an AgentVault registry.",
+        epilog="Exit codes: 0 ok, 1 the call failed, 2 bad usage or invalid input.",
+    )
+    _global_options(parser, suppress=False)
+    commands = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, suppress=True)
+
+    def command(
+        sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, handler: Handler, help: str
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p.set_defaults(handler=handler)
+        return p
+
+    agents = commands.add_parser("agents", help="register, find, change and remove agents")
+    agent_cmds = agents.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _agent_fields(command(agent_cmds, "create", agents_create, "register an agent"), update=False)
+    command(agent_cmds, "get", agents_get, "show one agent").add_argument("id")
+    _list_options(command(agent_cmds, "list", agents_list, "list agents, newest first"))
+    search = command(agent_cmds, "search", agents_list, "full-text search, best match first")
+    search.add_argument("query")
+    _list_options(search)
+    update = command(agent_cmds, "update", agents_update, "change the fields given (and only those)")
+    update.add_argument("id")
+    _agent_fields(update, update=True)
+    update.add_argument(
+        "--clear", action="append", choices=WRITABLE_FIELDS, metavar="FIELD", help="reset a field to empty"
+    )
+    command(agent_cmds, "delete", agents_delete, "remove an agent").add_argument("id")
+
+    keys = commands.add_parser("keys", help="issue, list and revoke API keys (admin only)")
+    key_cmds = keys.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    create_key = command(key_cmds, "create", keys_create, "issue a key; its token is printed this once")
+    create_key.add_argument("name", help="principal name the key acts as")
+    create_key.add_argument("--role", choices=ROLE_WORDS, default="member")
+    command(key_cmds, "list", keys_list, "list every key, without secrets")
+    command(key_cmds, "revoke", keys_revoke, "revoke a key at once").add_argument("id")
+
+    command(commands, "health", health, "the registry's health and agent count")
+    return parser
+
+
+# ------------------------------------------------------------------------------------------- running
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"{PROG}: {message}", file=sys.stderr)
+    return code
+
+
+async def _run(args: argparse.Namespace, address: str, roots: bytes | None) -> dict[str, Any]:
+    client = RegistryClient(address, token=args.token, timeout=args.timeout, root_certificates=roots, tls=args.tls)
+    async with client:
+        handler: Handler = args.handler
+        return await handler(client, args)
+
+
+def _client_error(exc: ClientError, address: str | None) -> int:
+    lines = [str(exc)]
+    if exc.code == grpc.StatusCode.UNAVAILABLE and address:
+        lines[0] = f"UNAVAILABLE: cannot reach the registry at {address}: {exc.message}"
+    lines += [f"  {v.field}: {v.description}" for v in exc.field_violations]
+    print("\n".join(f"{PROG}: {lines[0]}" if i == 0 else line for i, line in enumerate(lines)), file=sys.stderr)
+    return EXIT_USAGE if exc.code == grpc.StatusCode.INVALID_ARGUMENT else EXIT_FAILED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # exits 2 with a usage line on bad syntax
+    if args.timeout <= 0:
+        return _fail("error: --timeout must be positive", EXIT_USAGE)
+    address = args.registry
+    try:
+        address = address or Env().addr("REGISTRY_ADDR", "REGISTRY_PORT")
+        roots = None
+        if args.ca_file:
+            try:
+                with open(args.ca_file, "rb") as f:
+                    roots = f.read()
+            except OSError as exc:
+                raise UsageError(f"cannot read {args.ca_file}: {exc.strerror or exc}") from None
+        data = asyncio.run(_run(args, address, roots))
+        print(render(data, args.output))
+        if args.handler is health and data.get("status") not in ("healthy", "degraded"):
+            return EXIT_FAILED
+        sys.stdout.flush()
+    except ClientError as exc:
+        return _client_error(exc, address)
+    except (UsageError, ValueError) as exc:  # ValueError: a bad setting or enum word found late
+        return _fail(f"error: {exc}", EXIT_USAGE)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader (e.g. `| head`) went away; point stdout at /dev/null so the exit flush stays quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except Exception as exc:  # the promise is one line, never a traceback
+        return _fail(f"internal error: {type(exc).__name__}: {exc}", EXIT_FAILED)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
