@@ -1,0 +1,294 @@
+"""DiscoveryService over gRPC: validates requests, gathers local and federated results, converts them to protobuf."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+
+import grpc
+
+from agentvault.common import pagination
+from agentvault.common.auth import AUTHORIZATION_KEY
+from agentvault.common.errors import (
+    AgentVaultError,
+    FieldViolation,
+    InvalidArgument,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+    invalid,
+)
+from agentvault.common.interceptors import outgoing_metadata
+from agentvault.discovery.v1 import discovery_service_pb2 as dpb
+from agentvault.discovery.v1 import discovery_service_pb2_grpc as dpb_grpc
+from agentvault.registry.v1 import registry_service_pb2 as pb
+from agentvault.registry.v1 import registry_service_pb2_grpc as pb_grpc
+from agentvault_discovery import domain, ranking
+from agentvault_discovery.federator import FAILED, OK, SKIPPED, TIMEOUT, Federator, PeerOutcome
+from agentvault_discovery.settings import DiscoverySettings
+from agentvault_discovery.store import Store
+from agentvault_registry import domain as registry_domain
+
+log = logging.getLogger("agentvault.discovery")
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 200
+REGISTRY_TIMEOUT_SECONDS = 10.0
+_STATUS = {
+    OK: dpb.PEER_QUERY_STATUS_OK,
+    FAILED: dpb.PEER_QUERY_STATUS_FAILED,
+    TIMEOUT: dpb.PEER_QUERY_STATUS_TIMEOUT,
+    SKIPPED: dpb.PEER_QUERY_STATUS_SKIPPED,
+}
+_PASSED_THROUGH = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+def _registry_error(exc: grpc.aio.AioRpcError, what: str) -> AgentVaultError:
+    """The registry's refusal of the caller is the caller's error; anything else means the registry is unwell."""
+    code = exc.code()
+    if code in _PASSED_THROUGH:
+        return AgentVaultError(exc.details() or code.name, code.name, {"upstream": "registry"}, code)
+    log.error("registry call %s failed: %s %s", what, code.name, exc.details())
+    return Unavailable(f"the registry is unavailable ({code.name})", "REGISTRY_UNAVAILABLE")
+
+
+def _caller_metadata(context: grpc.aio.ServicerContext) -> list[tuple[str, str]]:
+    """The caller's credential, forwarded so the registry applies its visibility rules to the caller, not to us."""
+    forwarded = [
+        (k, v) for k, v in context.invocation_metadata() or () if k == AUTHORIZATION_KEY and isinstance(v, str)
+    ]
+    return outgoing_metadata(forwarded[:1])
+
+
+def _valid_position(position: list[Any] | None) -> list[Any] | None:
+    if position is None:
+        return None
+    types_ok = (
+        len(position) == 5
+        and isinstance(position[0], int | float)
+        and not isinstance(position[0], bool)
+        and all(isinstance(p, int) and not isinstance(p, bool) for p in position[1:3])
+        and all(isinstance(p, str) for p in position[3:])
+    )
+    if not types_ok:
+        raise invalid("page_token", "is not a valid page token")
+    return [float(position[0]), *position[1:]]
+
+
+class Search:
+    """A validated SearchAgentsRequest."""
+
+    def __init__(self, request: dpb.SearchAgentsRequest, max_results_per_peer: int) -> None:
+        violations: list[FieldViolation] = []
+        query = registry_domain.AgentQuery()
+        try:
+            query = registry_domain.build_query(
+                {
+                    "search": request.search,
+                    "agent_type": request.agent_type,
+                    "tag": request.tag,
+                    "capability_name": request.capability_name,
+                    "capability_version": request.capability_version,
+                }
+            )
+        except InvalidArgument as exc:
+            violations.extend(exc.violations)
+        if request.capability_kind and request.capability_kind not in pb.CapabilityKind.values():
+            violations.append(FieldViolation("capability_kind", f"unknown value {request.capability_kind}"))
+        if request.page_size < 0:
+            violations.append(FieldViolation("page_size", "must not be negative"))
+        if violations:
+            raise InvalidArgument(violations)
+        self.request = request
+        self.query = query
+        self.size = pagination.page_size(request.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        self.terms = ranking.query_terms(query.search)
+        self.peer_query = domain.PeerQuery(
+            search=query.search,
+            agent_type=query.agent_type,
+            tag=query.tag,
+            capability_kind=request.capability_kind,
+            capability_name=query.capability_name,
+            capability_version=request.capability_version.strip(),
+            limit=max_results_per_peer,
+        )
+        self.filters = domain.Filters(
+            agent_type=query.agent_type,
+            tag=query.tag,
+            capability_kind=request.capability_kind,
+            capability_name=query.capability_name,
+            capability_version=query.capability_version,
+            healthy_only=request.healthy_only,
+        )
+        # force_refresh is left out on purpose: it changes where answers come from, not which answers match.
+        self.fingerprint = "\x1f".join(
+            (
+                "discovery",
+                query.fingerprint(),
+                str(request.capability_kind),
+                str(request.include_federated),
+                str(request.healthy_only),
+            )
+        )
+        self.after = _valid_position(pagination.decode(request.page_token, self.fingerprint))
+
+
+class DiscoveryServicer(dpb_grpc.DiscoveryServiceServicer):
+    def __init__(
+        self,
+        settings: DiscoverySettings,
+        registry: pb_grpc.RegistryServiceAsyncStub,
+        federator: Federator | None,
+        store: Store,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.federator = federator
+        self.store = store
+
+    async def SearchAgents(
+        self, request: dpb.SearchAgentsRequest, context: grpc.aio.ServicerContext
+    ) -> dpb.SearchAgentsResponse:
+        search = Search(request, self.settings.max_results_per_peer)
+        federated_task: asyncio.Task[list[PeerOutcome]] | None = None
+        if request.include_federated and self.federator is not None:
+            federated_task = asyncio.create_task(
+                self.federator.search(search.peer_query, search.filters, request.force_refresh)
+            )
+        try:
+            local = await self._local(search, context)
+        except BaseException:
+            if federated_task is not None:
+                federated_task.cancel()
+            raise
+        outcomes = await federated_task if federated_task is not None else []
+
+        federated = [
+            [
+                ranking.Candidate(a, True, o.peer.registry_url, o.peer.name, ranking.score(a, search.terms))
+                for a in o.agents
+            ]
+            for o in outcomes
+            if o.status == OK
+        ]
+        merged = ranking.merge(local, federated)
+        items, position = ranking.page(merged, search.after, search.size)
+        response = dpb.SearchAgentsResponse(
+            agents=[_discovered(c) for c in items],
+            next_page_token=pagination.encode(position, search.fingerprint) if position else "",
+        )
+        if request.include_federated:
+            response.federation_stats.CopyFrom(_stats(outcomes))
+        return response
+
+    async def _local(self, search: Search, context: grpc.aio.ServicerContext) -> list[ranking.Candidate]:
+        r = search.request
+        try:
+            reply = await self.registry.ListAgents(
+                pb.ListAgentsRequest(
+                    page_size=self.settings.max_local_results,
+                    search=search.query.search,
+                    agent_type=search.query.agent_type,
+                    tag=search.query.tag,
+                    capability_kind=r.capability_kind,
+                    capability_name=search.query.capability_name,
+                    capability_version=r.capability_version,
+                ),
+                metadata=_caller_metadata(context),
+                timeout=REGISTRY_TIMEOUT_SECONDS,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _registry_error(exc, "ListAgents") from None
+        return [
+            ranking.Candidate(
+                a, False, self.settings.public_url, self.settings.registry_name, ranking.score(a, search.terms)
+            )
+            for a in reply.agents
+            if not search.filters.healthy_only or a.health_status == pb.HEALTH_STATUS_HEALTHY
+        ]
+
+    async def ClearPeerCache(
+        self, request: dpb.ClearPeerCacheRequest, context: grpc.aio.ServicerContext
+    ) -> dpb.ClearPeerCacheResponse:
+        await self._require_admin(context)
+        try:
+            peer_id = str(uuid.UUID(request.peer_id))
+        except ValueError:
+            raise invalid("peer_id", f"must be a UUID (got {request.peer_id[:80]!r})") from None
+        cleared = 0
+        if self.federator is not None:
+            cleared = await self.federator.clear_cache(peer_id)
+        rows = await self.store.delete_peer_cache(peer_id)
+        log.info("peer cache cleared", extra={"peer_id": peer_id, "redis_keys": cleared, "rows": rows})
+        return dpb.ClearPeerCacheResponse(cleared_entries=cleared)
+
+    async def _require_admin(self, context: grpc.aio.ServicerContext) -> None:
+        metadata = _caller_metadata(context)
+        if not any(k == AUTHORIZATION_KEY for k, _ in metadata):
+            raise Unauthenticated("this call needs a credential: Authorization: Bearer <token>", "CREDENTIAL_MISSING")
+        try:
+            caller = await self.registry.GetCaller(
+                pb.GetCallerRequest(), metadata=metadata, timeout=REGISTRY_TIMEOUT_SECONDS
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _registry_error(exc, "GetCaller") from None
+        if not caller.name:
+            raise Unauthenticated("this call needs a credential: Authorization: Bearer <token>", "CREDENTIAL_MISSING")
+        if caller.role != pb.ROLE_ADMIN or caller.is_peer:
+            raise PermissionDenied("this call needs an admin credential", "ADMIN_REQUIRED")
+
+
+def _discovered(c: ranking.Candidate) -> dpb.DiscoveredAgent:
+    a = c.agent
+    out = dpb.DiscoveredAgent(
+        id=a.id,
+        did=a.did,
+        name=a.name,
+        description=a.description,
+        version=a.version,
+        agent_type=a.agent_type,
+        capabilities=a.capabilities,
+        endpoints=a.endpoints,
+        tags=a.tags,
+        health_status=a.health_status,
+        is_federated=c.is_federated,
+        registry_url=c.registry_url,
+        registry_name=c.registry_name,
+        score=c.score,
+    )
+    if a.HasField("update_time"):
+        out.update_time.CopyFrom(a.update_time)
+    return out
+
+
+def _stats(outcomes: list[PeerOutcome]) -> dpb.FederationStats:
+    stats = dpb.FederationStats()
+    for o in outcomes:
+        stats.peers.add(
+            peer_id=o.peer.id,
+            name=o.peer.name,
+            registry_url=o.peer.registry_url,
+            status=_STATUS[o.status],
+            latency_ms=round(o.latency_ms, 3),
+            from_cache=o.from_cache,
+            result_count=len(o.agents),
+            error=o.error,
+        )
+        if o.status == SKIPPED:
+            stats.skipped_registries += 1
+            continue
+        stats.queried_registries += 1
+        if o.status == OK:
+            stats.successful_queries += 1
+            stats.total_federated_results += len(o.agents)
+            stats.cached_queries += int(o.from_cache)
+        else:
+            stats.failed_queries += 1
+    return stats
