@@ -15,7 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg
 import grpc
 import redis.asyncio as aioredis
-from google.protobuf import empty_pb2, timestamp_pb2
+from google.protobuf import empty_pb2
 
 from agentvault.common import pagination, signing
 from agentvault.common.auth import Principal, Role, bearer_token
@@ -34,7 +34,7 @@ from agentvault.registry.v1 import registry_service_pb2 as pb
 from agentvault_registry import domain
 from agentvault_registry.auth import Authenticator
 from agentvault_registry.federation_store import CredentialRecord, FederationStore, PeerRecord
-from agentvault_registry.servicer import KIND, SHARING, EnumWords, agent_to_proto
+from agentvault_registry.servicer import KIND, SHARING, EnumWords, agent_to_proto, to_timestamp
 from agentvault_registry.settings import FederationSettings
 from agentvault_registry.store import Store
 
@@ -54,14 +54,6 @@ MAX_API_KEY = 512
 MAX_METADATA = 20
 
 
-def _ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
-    return ts
-
-
 def peer_to_proto(peer: PeerRecord) -> fpb.Peer:
     return fpb.Peer(
         id=peer.id,
@@ -70,14 +62,14 @@ def peer_to_proto(peer: PeerRecord) -> fpb.Peer:
         is_active=peer.is_active,
         health_status=PEER_STATUS.number(peer.health_status),
         agent_count=peer.agent_count,
-        last_sync=_ts(peer.last_sync),
-        last_health_check=_ts(peer.last_health_check),
+        last_sync=to_timestamp(peer.last_sync),
+        last_health_check=to_timestamp(peer.last_health_check),
         protocol=PROTOCOL_NUMBER.get(peer.protocol, 0),  # type: ignore[arg-type]
         grpc_endpoint=peer.grpc_endpoint,
         require_mtls=peer.require_mtls,
         metadata=peer.metadata,
-        create_time=_ts(peer.created_at),
-        update_time=_ts(peer.updated_at),
+        create_time=to_timestamp(peer.created_at),
+        update_time=to_timestamp(peer.updated_at),
         consecutive_failures=peer.consecutive_failures,
         is_down=peer.is_down,
     )
@@ -87,9 +79,9 @@ def credential_to_proto(cred: CredentialRecord) -> fpb.FederationCredential:
     return fpb.FederationCredential(
         id=cred.id,
         name=cred.name,
-        create_time=_ts(cred.created_at),
-        revoke_time=_ts(cred.revoked_at),
-        last_used_time=_ts(cred.last_used_at),
+        create_time=to_timestamp(cred.created_at),
+        revoke_time=to_timestamp(cred.revoked_at),
+        last_used_time=to_timestamp(cred.last_used_at),
     )
 
 

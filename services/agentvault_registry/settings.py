@@ -41,6 +41,8 @@ class RegistrySettings:
     redis_url: str
     admin_token: str | None
     db_pool_size: int
+    agent_cache_ttl: float
+    agent_cache_size: int
     federation: FederationSettings
 
     @classmethod
@@ -53,5 +55,7 @@ class RegistrySettings:
             redis_url=common.require_redis(),
             admin_token=env.optional("AGENTVAULT_ADMIN_TOKEN"),
             db_pool_size=env.int("REGISTRY_DB_POOL_SIZE", 10, minimum=1, maximum=200),
+            agent_cache_ttl=env.float("REGISTRY_AGENT_CACHE_TTL", 5.0, minimum=0),
+            agent_cache_size=env.int("REGISTRY_AGENT_CACHE_SIZE", 10_000, minimum=1),
             federation=FederationSettings.load(env, common.port),
         )

@@ -30,6 +30,8 @@ async def create_pool(
     max_size: int = 10,
     wait_seconds: float = 30,
     init: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
+    server_settings: dict[str, str] | None = None,
+    stateless: bool = False,
 ) -> asyncpg.Pool:
     """Connects, retrying for `wait_seconds` so services can start before the database is ready."""
     deadline = time.monotonic() + wait_seconds
@@ -43,6 +45,10 @@ async def create_pool(
                 command_timeout=30,
                 max_inactive_connection_lifetime=300,
                 init=init,
+                server_settings=server_settings,
+                # A service that never changes session state (no SET, LISTEN or advisory locks outside a
+                # transaction) can skip the reset round trip asyncpg runs on every release.
+                **({"reset": _keep_session} if stateless else {}),
             )
             assert pool is not None
             return pool
@@ -52,6 +58,10 @@ async def create_pool(
             log.warning("database not ready (%s); retrying", exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    return None
 
 
 def _load(migrations: Traversable) -> list[tuple[int, str, str]]:

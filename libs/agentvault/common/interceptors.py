@@ -6,10 +6,12 @@ per-call cost is one extra coroutine frame rather than a chain of interceptors.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import itertools
 import logging
+import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -33,11 +35,16 @@ def _metadata_value(metadata: Any, key: str) -> str | None:
     return None
 
 
+# Generated ids are a random per-process prefix and a counter: unique, and no system call per request.
+_ID_PREFIX = secrets.token_hex(6)
+_ids = itertools.count(1)
+
+
 def _request_id(metadata: Any) -> str:
     rid = _metadata_value(metadata, REQUEST_ID_KEY)
     if rid and len(rid) <= _MAX_REQUEST_ID and rid.isprintable():
         return rid
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}{next(_ids):010x}"
 
 
 async def _fail(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> str:
@@ -83,20 +90,27 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         _, _, tail = method.partition("/")
         service, _, name = tail.partition("/")
         latency = GRPC_LATENCY.labels(service, name)
+        handled_ok = GRPC_HANDLED.labels(service, name, "OK")
         tracer = self._tracer
 
         def finish(code: str, start: float) -> None:
             latency.observe(time.perf_counter() - start)
-            GRPC_HANDLED.labels(service, name, code).inc()
+            (handled_ok if code == "OK" else GRPC_HANDLED.labels(service, name, code)).inc()
+
+        def span(metadata: Any) -> Any:
+            if not tracing.recording():
+                return contextlib.nullcontext()
+            return tracer.start_as_current_span(method, context=tracing.extract(metadata), kind=trace.SpanKind.SERVER)
 
         def unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
             async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 md = context.invocation_metadata()
                 token = request_id_var.set(_request_id(md))
+                carried = tracing.carry(md)
                 start = time.perf_counter()
                 code = "OK"
                 try:
-                    with tracer.start_as_current_span(method, context=tracing.extract(md), kind=trace.SpanKind.SERVER):
+                    with span(md):
                         return await behavior(request, context)
                 except grpc.aio.AbortError:
                     code = _code_name(context)
@@ -105,6 +119,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     code = await _fail(context, exc, method)
                 finally:
                     finish(code, start)
+                    tracing.release(carried)
                     request_id_var.reset(token)
 
             return call
@@ -113,10 +128,11 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 md = context.invocation_metadata()
                 token = request_id_var.set(_request_id(md))
+                carried = tracing.carry(md)
                 start = time.perf_counter()
                 code = "OK"
                 try:
-                    with tracer.start_as_current_span(method, context=tracing.extract(md), kind=trace.SpanKind.SERVER):
+                    with span(md):
                         if inspect.isasyncgenfunction(behavior):
                             async for item in behavior(request, context):
                                 yield item
@@ -129,6 +145,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     code = await _fail(context, exc, method)
                 finally:
                     finish(code, start)
+                    tracing.release(carried)
                     request_id_var.reset(token)
 
             return call
