@@ -45,7 +45,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 WORKDIR /tmp
 USER ${APP_UID}:${APP_UID}
 # registry gRPC, edge HTTP, Prometheus (REGISTRY_METRICS_PORT); later services add theirs.
-EXPOSE 50051 8080 9090
+EXPOSE 50051 50052 50053 8080 9090
 # The servers handle SIGTERM themselves (health -> NOT_SERVING, then a graceful stop), so no init or shell
 # wrapper is needed; exec-form CMD makes the service PID 1 and the receiver of the signal.
 STOPSIGNAL SIGTERM

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import re
 import socket
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +25,28 @@ K8S = ROOT / "deploy" / "k8s"
 KUSTOMIZATIONS = [K8S / "base", *sorted(p for p in (K8S / "overlays").iterdir() if p.is_dir())]
 # Oldest supported (preStop.sleep is on by default from 1.30) and the newest kubernetes-validate ships.
 K8S_VERSIONS = ["1.30.0", "1.37.0"]
-OUR_SERVICES = ("registry", "edge")
-SECRET_KEYS = {"DATABASE_URL", "REDIS_URL", "AGENTVAULT_ADMIN_TOKEN"}
+OUR_SERVICES = ("registry", "discovery", "health-monitor", "edge")
+# The gRPC backends: port, the variable that sets it, and the edge's variable that points at it.
+GRPC_BACKENDS = {
+    "registry": (50051, "REGISTRY_PORT", "REGISTRY_ADDR"),
+    "discovery": (50052, "DISCOVERY_PORT", "DISCOVERY_ADDR"),
+    "health-monitor": (50053, "HEALTH_MONITOR_PORT", "HEALTH_MONITOR_ADDR"),
+}
+SECRET_KEYS = {"DATABASE_URL", "REDIS_URL", "AGENTVAULT_ADMIN_TOKEN", "FEDERATION_ENCRYPTION_KEYS"}
+# The seed's federation defaults, shared by the backends in compose and in the ConfigMap.
+FEDERATION_DEFAULTS = {
+    "FEDERATION_ENABLED": "true",
+    "FEDERATION_CACHE_TTL": "300",
+    "FEDERATION_QUERY_TIMEOUT": "5000",
+    "FEDERATION_MAX_RESULTS_PER_PEER": "50",
+    "FEDERATION_REQUIRE_SIGNATURE": "true",
+    "FEDERATION_SIGNATURE_MAX_AGE": "300",
+    "FEDERATION_HEALTH_CHECK_INTERVAL": "60",
+    "FEDERATION_UNHEALTHY_THRESHOLD": "3",
+}
+MESH_PODS = {"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "agentvault-mesh"}}}
+# What compose must be given: both are required (`${VAR:?...}`), with no default.
+REQUIRED_ENV = {"AGENTVAULT_ADMIN_TOKEN": "test-admin-token", "FEDERATION_ENCRYPTION_KEYS": "test-encryption-keys"}
 APP_UID = 10001
 
 
@@ -74,8 +96,13 @@ def _compose(tmp_path: Path, *args: str, file: Path = COMPOSE_FILE, **env: str) 
     return _run(argv, env=_compose_env(tmp_path, **env))
 
 
+def _scripts() -> set[str]:
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        return set(tomllib.load(f)["project"]["scripts"])
+
+
 def test_compose_config_is_valid(tmp_path: Path) -> None:
-    result = _compose(tmp_path, "config", "-q", AGENTVAULT_ADMIN_TOKEN="test-admin-token")
+    result = _compose(tmp_path, "config", "-q", **REQUIRED_ENV)
     assert result.returncode == 0, result.stderr
 
 
@@ -84,21 +111,27 @@ def test_compose_config_rejects_a_broken_file(tmp_path: Path) -> None:
     text = COMPOSE_FILE.read_text()
     assert "\n  edge:\n" in text
     broken.write_text(text.replace("  edge:\n", "  edge:\n    not_a_compose_key: 1\n", 1))
-    result = _compose(tmp_path, "config", "-q", file=broken, AGENTVAULT_ADMIN_TOKEN="test-admin-token")
+    result = _compose(tmp_path, "config", "-q", file=broken, **REQUIRED_ENV)
     assert result.returncode != 0
     assert "not_a_compose_key" in result.stderr
 
 
-def test_compose_requires_the_admin_token(tmp_path: Path) -> None:
-    result = _compose(tmp_path, "config", "-q")
+@pytest.mark.parametrize("variable", sorted(REQUIRED_ENV))
+def test_compose_requires_the_secrets(tmp_path: Path, variable: str) -> None:
+    env = {k: v for k, v in REQUIRED_ENV.items() if k != variable}
+    result = _compose(tmp_path, "config", "-q", **env)
     assert result.returncode != 0
-    assert "AGENTVAULT_ADMIN_TOKEN" in result.stderr
+    assert variable in result.stderr
+    # Set but empty is refused too (`:?`, not `?`).
+    result = _compose(tmp_path, "config", "-q", **env, **{variable: ""})
+    assert result.returncode != 0
+    assert variable in result.stderr
 
 
 @pytest.fixture(scope="module")
 def compose_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp_path = tmp_path_factory.mktemp("compose")
-    result = _compose(tmp_path, "config", "--format", "json", AGENTVAULT_ADMIN_TOKEN="test-admin-token")
+    result = _compose(tmp_path, "config", "--format", "json", **REQUIRED_ENV)
     assert result.returncode == 0, result.stderr
     model: dict[str, Any] = json.loads(result.stdout)
     return model
@@ -112,8 +145,9 @@ def test_compose_every_service_has_a_healthcheck(compose_model: dict[str, Any]) 
         assert check, f"{name} has no healthcheck"
         assert not check.get("disable"), f"{name} disables its healthcheck"
         assert check["test"][0] in ("CMD", "CMD-SHELL"), name
-    registry_check = services["registry"]["healthcheck"]["test"]
-    assert registry_check[1:4] == ["python", "-m", "agentvault.common.healthcheck"]
+    for name, (port, _, _) in GRPC_BACKENDS.items():
+        check = services[name]["healthcheck"]["test"]
+        assert check == ["CMD", "python", "-m", "agentvault.common.healthcheck", f"127.0.0.1:{port}"], name
     assert "http://127.0.0.1:8080/healthz" in " ".join(services["edge"]["healthcheck"]["test"])
 
 
@@ -121,15 +155,20 @@ def test_compose_services_share_one_image_built_from_the_repo(compose_model: dic
     services = compose_model["services"]
     images = {services[name]["image"] for name in OUR_SERVICES}
     assert images == {"agentvault-mesh:latest"}
+    scripts = _scripts()
     for name in OUR_SERVICES:
         assert Path(services[name]["build"]["context"]) == ROOT, name
         assert services[name]["command"] == [f"agentvault-{name}"]
+        assert services[name]["command"][0] in scripts, f"{name}: no such [project.scripts] entry"
 
 
 def test_compose_dependencies_wait_for_health(compose_model: dict[str, Any]) -> None:
     services = compose_model["services"]
     assert set(services["registry"]["depends_on"]) == {"postgres", "redis"}
-    assert set(services["edge"]["depends_on"]) == {"registry"}
+    for name in ("discovery", "health-monitor"):
+        assert set(services[name]["depends_on"]) == {"postgres", "redis", "registry"}, name
+    # The edge's /readyz needs every backend it routes to.
+    assert set(services["edge"]["depends_on"]) == set(GRPC_BACKENDS)
     for name, service in services.items():
         for dependency, spec in service.get("depends_on", {}).items():
             assert spec["condition"] == "service_healthy", f"{name} -> {dependency}"
@@ -145,15 +184,31 @@ def test_compose_services_are_locked_down(compose_model: dict[str, Any]) -> None
         assert service["cap_drop"] == ["ALL"], name
         assert service["environment"]["AGENTVAULT_BIND_HOST"] == "0.0.0.0", name
         assert service["environment"]["LOG_FORMAT"] == "json", name
-    registry_env = services["registry"]["environment"]
-    assert registry_env["AGENTVAULT_ADMIN_TOKEN"] == "test-admin-token"
-    assert registry_env["DATABASE_URL"].startswith("postgresql://")
-    assert registry_env["DATABASE_URL"].endswith("@postgres:5432/agentvault")
-    assert registry_env["REDIS_URL"] == "redis://redis:6379/0"
-    assert registry_env["REGISTRY_METRICS_PORT"] == "9090"
-    assert services["edge"]["environment"]["REGISTRY_ADDR"] == "registry:50051"
+    for name, (port, port_var, _) in GRPC_BACKENDS.items():
+        env = services[name]["environment"]
+        for key, value in REQUIRED_ENV.items():
+            assert env[key] == value, f"{name} {key}"
+        assert env["DATABASE_URL"].startswith("postgresql://"), name
+        assert env["DATABASE_URL"].endswith("@postgres:5432/agentvault"), name
+        assert env["REDIS_URL"] == "redis://redis:6379/0", name
+        assert env[port_var] == str(port), name
+        assert env[port_var.replace("_PORT", "_METRICS_PORT")] == "9090", name
+        assert "9090" in services[name]["expose"], name
+        assert FEDERATION_DEFAULTS.items() <= env.items(), name
+        assert env["FEDERATION_REGISTRY_NAME"], name
+        assert env["FEDERATION_PUBLIC_GRPC_ENDPOINT"] == "127.0.0.1:50051", name
+        if name != "registry":
+            assert env["REGISTRY_ADDR"] == "registry:50051", name
     # Secrets go only where they are needed.
     assert not SECRET_KEYS & set(services["edge"]["environment"])
+
+
+def test_compose_edge_is_wired_to_every_backend(compose_model: dict[str, Any]) -> None:
+    services = compose_model["services"]
+    edge_env = services["edge"]["environment"]
+    for name, (port, _, addr_var) in GRPC_BACKENDS.items():
+        assert edge_env[addr_var] == f"{name}:{port}", addr_var
+        assert services["edge"]["depends_on"][name]["condition"] == "service_healthy", name
 
 
 def test_compose_publishes_edge_and_registry(compose_model: dict[str, Any]) -> None:
@@ -163,6 +218,9 @@ def test_compose_publishes_edge_and_registry(compose_model: dict[str, Any]) -> N
     }
     assert published["edge"] == {(8080, "8080")}
     assert published["registry"] == {(50051, "50051")}
+    # Reached through the edge only; unpublished, health-monitor can also be scaled (`--scale`).
+    assert not published["discovery"]
+    assert not published["health-monitor"]
     assert not published["postgres"]
     assert not published["redis"]
     volumes = {name: [v["source"] for v in services[name].get("volumes", [])] for name in ("postgres", "redis")}
@@ -346,11 +404,18 @@ def test_network_policies_default_deny_and_restrict_the_backends(objects: list[d
     assert deny["podSelector"]["matchLabels"] == {"app.kubernetes.io/part-of": "agentvault-mesh"}
     assert deny["policyTypes"] == ["Ingress"]
     assert not deny.get("ingress")
-    # The edge is public on http; the registry's gRPC port only admits the mesh's own pods.
+    # The edge is public on http; the backends' gRPC ports only admit the mesh's own pods. That includes the
+    # registry, although peers federate through it: see deploy/k8s/README.md ("Federation") for how an overlay
+    # exposes it, and change this test with it.
     assert policies["edge"]["ingress"] == [{"ports": [{"port": "http", "protocol": "TCP"}]}]
-    grpc_rules = [r for r in policies["registry"]["ingress"] if {"port": "grpc", "protocol": "TCP"} in r["ports"]]
-    assert len(grpc_rules) == 1
-    assert grpc_rules[0]["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "agentvault-mesh"}}}]
+    for name in GRPC_BACKENDS:
+        rules = policies[name]["ingress"]
+        grpc_rules = [r for r in rules if {"port": "grpc", "protocol": "TCP"} in r["ports"]]
+        assert len(grpc_rules) == 1, name
+        assert grpc_rules[0]["from"] == [MESH_PODS], name
+        # No rule without a port list (which would admit every port) and none for other ports but metrics.
+        assert all(r.get("ports") for r in rules), name
+        assert {p["port"] for r in rules for p in r["ports"]} == {"grpc", "metrics"}, name
 
 
 def test_no_secret_in_a_configmap(objects: list[dict[str, Any]]) -> None:
@@ -366,6 +431,60 @@ def test_no_secret_in_a_configmap(objects: list[dict[str, Any]]) -> None:
         for container in deployment["spec"]["template"]["spec"]["containers"]:
             for env in container.get("env", []):
                 assert env["name"] not in SECRET_KEYS or "valueFrom" in env, env["name"]
+
+
+def test_k8s_backends_and_edge_wiring(objects: list[dict[str, Any]], request: pytest.FixtureRequest) -> None:
+    is_base = request.node.callspec.id == "base"
+    deployments = {d["metadata"]["name"]: d for d in _by_kind(objects, "Deployment")}
+    services = {s["metadata"]["name"]: s for s in _by_kind(objects, "Service")}
+    config_maps = _by_kind(objects, "ConfigMap")
+    assert len(config_maps) == 1
+    config: dict[str, str] = config_maps[0]["data"]
+    scripts = _scripts()
+
+    def sources(name: str) -> list[dict[str, Any]]:
+        container = deployments[name]["spec"]["template"]["spec"]["containers"][0]
+        assert container["command"][0] in scripts, f"{name}: no such [project.scripts] entry"
+        return list(container.get("envFrom", []))
+
+    def reads_config(name: str) -> bool:
+        return any(s.get("configMapRef", {}).get("name") == config_maps[0]["metadata"]["name"] for s in sources(name))
+
+    # The overlays generate the Secret, so its name carries a hash suffix there.
+    secret_name = "agentvault-secrets" if is_base else _by_kind(objects, "Secret")[0]["metadata"]["name"]
+
+    def reads_secret(name: str) -> bool:
+        return any(s.get("secretRef", {}).get("name") == secret_name for s in sources(name))
+
+    for name, (port, port_var, addr_var) in GRPC_BACKENDS.items():
+        container = deployments[name]["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports == {"grpc": port, "metrics": 9090}, name
+        assert env[port_var] == str(port), name
+        assert env[port_var.replace("_PORT", "_METRICS_PORT")] == "9090", name
+        # Native gRPC probes on the service's own port, startup included (migrations run before it listens).
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"]["port"] == port, f"{name} {probe}"
+        service_ports = {p["name"]: p["port"] for p in services[name]["spec"]["ports"]}
+        assert service_ports == {"grpc": port, "metrics": 9090}, name
+        # The edge (and every other service) finds it at <Service name>:<grpc port>.
+        assert config[addr_var] == f"{name}:{port}", addr_var
+        assert reads_config(name), name
+        assert reads_secret(name), f"{name} needs DATABASE_URL, REDIS_URL, the admin token and the keys"
+    assert reads_config("edge")
+    assert not reads_secret("edge"), "the edge holds no credentials"
+
+    assert FEDERATION_DEFAULTS.items() <= config.items()
+    assert config["FEDERATION_REGISTRY_NAME"]
+    # A placeholder that cannot resolve until an operator sets it, never the registry's in-cluster address.
+    host, _, port = config["FEDERATION_PUBLIC_GRPC_ENDPOINT"].rpartition(":")
+    assert host.endswith(".invalid") and port.isdigit(), config["FEDERATION_PUBLIC_GRPC_ENDPOINT"]
+    if not is_base:
+        secret = _by_kind(objects, "Secret")[0]
+        keys = secret.get("stringData") or {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+        # Placeholders, clearly marked, that fail start-up if left in (not a valid Fernet key).
+        assert "CHANGE-ME" in keys["FEDERATION_ENCRYPTION_KEYS"]
 
 
 def test_references_resolve(objects: list[dict[str, Any]], request: pytest.FixtureRequest) -> None:
