@@ -157,7 +157,7 @@ def bearer(token: str) -> list[tuple[str, str]]:
 @pytest.fixture(scope="session")
 async def registry(mesh: MeshHandle) -> AsyncIterator[registry_service_pb2_grpc.RegistryServiceAsyncStub]:
     async with grpc.aio.insecure_channel(mesh.address("registry")) as channel:
-        yield registry_service_pb2_grpc.RegistryServiceStub(channel)  # type: ignore[misc]
+        yield registry_service_pb2_grpc.RegistryServiceStub(channel)
 
 
 @pytest.fixture(scope="session")

@@ -30,6 +30,8 @@ class ServiceSpec:
 # Start order: backends before the edge that fronts them.
 SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec("registry", "agentvault_registry", "REGISTRY_PORT", "grpc"),
+    ServiceSpec("discovery", "agentvault_discovery", "DISCOVERY_PORT", "grpc"),
+    ServiceSpec("health-monitor", "agentvault_healthmonitor", "HEALTH_MONITOR_PORT", "grpc"),
     ServiceSpec("edge", "agentvault_edge", "EDGE_PORT", "http"),
 )
 

@@ -1,0 +1,122 @@
+"""The registry as this service uses it: peers and agents to check, status write-back, and who a caller is."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from agentvault.common.peers import load_peers
+from agentvault.common.secretbox import SecretBox
+from agentvault.federation.v1 import federation_service_pb2 as fed_pb
+from agentvault.federation.v1 import federation_service_pb2_grpc as fed_grpc
+from agentvault.registry.v1 import registry_service_pb2 as reg_pb
+from agentvault.registry.v1 import registry_service_pb2_grpc as reg_grpc
+from agentvault_healthmonitor.domain import AgentSubject, PeerSubject, State
+
+STATUS_TO_PEER: dict[str, Any] = {
+    "healthy": fed_pb.PEER_STATUS_HEALTHY,
+    "unhealthy": fed_pb.PEER_STATUS_UNHEALTHY,
+    "timeout": fed_pb.PEER_STATUS_TIMEOUT,
+    "unreachable": fed_pb.PEER_STATUS_UNREACHABLE,
+    "error": fed_pb.PEER_STATUS_ERROR,
+}
+PAGE_SIZE = 500
+CALL_TIMEOUT = 5.0
+
+
+def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def agent_health(state: State) -> Any:
+    """What the registry shows for an agent: healthy after a success, unhealthy once down, else unchanged."""
+    if state.status == "healthy":
+        return reg_pb.HEALTH_STATUS_HEALTHY
+    if state.is_down:
+        return reg_pb.HEALTH_STATUS_UNHEALTHY
+    return None
+
+
+class RegistryClient:
+    def __init__(self, address: str, admin_token: str, box: SecretBox | None) -> None:
+        self.channel = grpc.aio.insecure_channel(address)
+        self.peers_stub = fed_grpc.PeerServiceStub(self.channel)
+        self.registry_stub = reg_grpc.RegistryServiceStub(self.channel)
+        self.box = box
+        self._token = admin_token
+        self._metadata = (("authorization", f"Bearer {admin_token}"),)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def peers(self) -> list[PeerSubject]:
+        if self.box is not None:
+            # load_peers also decrypts each peer's key; the probes never send it (they call public RPCs).
+            targets = await load_peers(self.peers_stub, self._token, self.box, CALL_TIMEOUT)
+            return [
+                PeerSubject(t.id, t.name, t.registry_url, t.protocol, t.grpc_endpoint, t.require_mtls) for t in targets
+            ]
+        reply = await self.peers_stub.ResolvePeers(
+            fed_pb.ResolvePeersRequest(), metadata=self._metadata, timeout=CALL_TIMEOUT
+        )
+        return [
+            PeerSubject(
+                r.peer.id,
+                r.peer.name,
+                r.peer.registry_url.rstrip("/"),
+                r.peer.protocol,
+                r.peer.grpc_endpoint,
+                r.peer.require_mtls,
+            )
+            for r in reply.peers
+        ]
+
+    async def agents(self) -> list[AgentSubject]:
+        found: list[AgentSubject] = []
+        token = ""
+        while True:
+            reply = await self.registry_stub.ListAgents(
+                reg_pb.ListAgentsRequest(has_health_check_url=True, page_size=PAGE_SIZE, page_token=token),
+                metadata=self._metadata,
+                timeout=CALL_TIMEOUT,
+            )
+            found.extend(
+                AgentSubject(a.id, a.name, a.health_check_url, a.health_status)
+                for a in reply.agents
+                if a.health_check_url
+            )
+            token = reply.next_page_token
+            if not token:
+                return found
+
+    async def report_peer(self, peer_id: str, state: State) -> None:
+        assert state.last_check is not None
+        await self.peers_stub.ReportPeerHealth(
+            fed_pb.ReportPeerHealthRequest(
+                peer_id=peer_id,
+                status=STATUS_TO_PEER[state.status],
+                agent_count=state.agent_count or 0,
+                is_down=state.is_down,
+                consecutive_failures=state.consecutive_failures,
+                check_time=timestamp(state.last_check),
+            ),
+            metadata=self._metadata,
+            timeout=CALL_TIMEOUT,
+        )
+
+    async def report_agent(self, agent_id: str, health: Any) -> None:
+        await self.registry_stub.ReportAgentHealth(
+            reg_pb.ReportAgentHealthRequest(id=agent_id, health_status=health),
+            metadata=self._metadata,
+            timeout=CALL_TIMEOUT,
+        )
+
+    async def caller(self, token: str) -> reg_pb.Caller:
+        return await self.registry_stub.GetCaller(
+            reg_pb.GetCallerRequest(), metadata=(("authorization", f"Bearer {token}"),), timeout=CALL_TIMEOUT
+        )
