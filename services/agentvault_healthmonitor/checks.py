@@ -101,6 +101,8 @@ class Prober:
             status, error, count = ERROR, f"TLS: {exc}", None
         except aiohttp.ClientConnectorError as exc:
             status, error, count = UNREACHABLE, f"cannot connect: {exc.os_error.strerror or exc.os_error}", None
+        except aiohttp.ClientResponseError as exc:
+            status, error, count = UNHEALTHY, f"HTTP {exc.status}", None
         except aiohttp.ClientError as exc:
             status, error, count = ERROR, f"{type(exc).__name__}: {exc}", None
         except Exception as exc:  # a probe must never take the loop down; the failure is recorded instead

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from importlib.resources import files
 
 from agentvault.common import db
+from agentvault.common import peers as peers_lib
 from agentvault.common.redis import create_redis
 from agentvault.common.secretbox import SecretBox
 from agentvault.common.server import GrpcServer, run
@@ -66,6 +67,10 @@ def main() -> None:
         server.add(SERVICE_NAME, lambda s: registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(registry, s))
         server.add(PEER_SERVICE, lambda s: fed_grpc.add_PeerServiceServicer_to_server(peers, s))
         server.add(FEDERATION_SERVICE, lambda s: fed_grpc.add_FederationServiceServicer_to_server(federation, s))
+        if fed.tls is not None:
+            creds = peers_lib.server_credentials(fed.tls, require_client_auth=fed.mtls_required)
+            tls_port = server.add_secure_port(fed.tls_port, creds)
+            log.info("federation TLS listener", extra={"port": tls_port, "mtls_required": fed.mtls_required})
 
         async def close() -> None:
             cache_task.cancel()

@@ -436,6 +436,7 @@ class FederationServicer(fpb_grpc.FederationServiceServicer):
             registry_name=self.settings.registry_name,
             protocol="agentvault-grpc/v1",
             grpc_endpoint=self.settings.public_grpc_endpoint,
+            mtls_required=self.settings.tls is not None and self.settings.mtls_required,
             agent_count=await self.fed_store.count_shared_agents(),
         )
 

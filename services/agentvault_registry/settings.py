@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from agentvault.common.peers import TlsFiles, tls_files
 from agentvault.common.settings import CommonSettings, Env
 
 
@@ -19,18 +20,31 @@ class FederationSettings:
     signature_max_age: int
     rate_limit_per_minute: int
     encryption_keys: str | None
+    # Mutual TLS between meshes: a second listener, for peers, when certificate files are configured.
+    tls: TlsFiles | None
+    tls_port: int
+    mtls_required: bool
+    peers_file: str | None
 
     @classmethod
     def load(cls, env: Env, registry_port: int) -> FederationSettings:
+        tls = tls_files(env)
+        tls_port = env.int("FEDERATION_TLS_PORT", 50055, minimum=0, maximum=65535)
+        # Peers are sent to the TLS listener when there is one.
+        advertised = f"127.0.0.1:{tls_port if tls else registry_port}"
         return cls(
             enabled=env.bool("FEDERATION_ENABLED", True),
             registry_name=env.str("FEDERATION_REGISTRY_NAME", "agentvault")[:255],
-            public_grpc_endpoint=env.str("FEDERATION_PUBLIC_GRPC_ENDPOINT", f"127.0.0.1:{registry_port}"),
+            public_grpc_endpoint=env.str("FEDERATION_PUBLIC_GRPC_ENDPOINT", advertised),
             max_results_per_peer=env.int("FEDERATION_MAX_RESULTS_PER_PEER", 50, minimum=1, maximum=500),
             require_signature=env.bool("FEDERATION_REQUIRE_SIGNATURE", True),
             signature_max_age=env.int("FEDERATION_SIGNATURE_MAX_AGE", 300, minimum=1, maximum=86_400),
             rate_limit_per_minute=env.int("FEDERATION_RATE_LIMIT_PER_MINUTE", 600, minimum=1),
             encryption_keys=env.optional("FEDERATION_ENCRYPTION_KEYS"),
+            tls=tls,
+            tls_port=tls_port,
+            mtls_required=env.bool("FEDERATION_MTLS_REQUIRED", True),
+            peers_file=env.optional("FEDERATION_PEERS_FILE"),
         )
 
 

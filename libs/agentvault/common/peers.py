@@ -82,11 +82,16 @@ class Discovered:
 async def discover(session: aiohttp.ClientSession, registry_url: str, timeout: float) -> Discovered:
     """Reads the peer's discovery document; a peer without one is a plain REST registry.
 
-    Raises asyncio.TimeoutError / aiohttp.ClientError when the peer cannot be reached, so callers can tell
-    "REST peer" from "peer down".
+    Raises TimeoutError / aiohttp.ClientError when the peer cannot be reached or answers 5xx, so callers
+    can tell "REST peer" from "peer down".
     """
     url = registry_url.rstrip("/") + DISCOVERY_PATH
     async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False) as response:
+        if response.status >= 500:
+            # A failing server says nothing about which protocol the peer speaks: the peer is down for now.
+            raise aiohttp.ClientResponseError(
+                response.request_info, response.history, status=response.status, message="discovery failed"
+            )
         if response.status != 200:
             return Discovered(fed_pb.PEER_PROTOCOL_REST, "", False)
         raw = await response.content.read(MAX_DISCOVERY_BYTES + 1)

@@ -7,12 +7,13 @@ import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from agentvault.common.interceptors import ServerInterceptor
+from agentvault.common.interceptors import instrument
 from agentvault.common.logs import configure_logging
 from agentvault.common.metrics import serve_metrics
 from agentvault.common.settings import CommonSettings
@@ -35,12 +36,35 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
+class _Registrar:
+    """Stands in for the server while generated code registers a service, and wraps each handler once.
+
+    Generated `add_*_to_server` registers the same handlers twice: as a generic handler and by name. The
+    instrumented handlers are registered both ways too; the uninstrumented generic one is dropped.
+    """
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+        self.registered: set[str] = set()
+
+    def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
+        return None
+
+    def add_registered_method_handlers(
+        self, service_name: str, method_handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        wrapped = {name: instrument(f"/{service_name}/{name}", h) for name, h in method_handlers.items()}
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name, wrapped),))
+        self._server.add_registered_method_handlers(service_name, wrapped)
+        self.registered.add(service_name)
+
+
 class GrpcServer:
     """A grpc.aio server with the stock health servicer and reflection, stopped cleanly on SIGTERM."""
 
     def __init__(self, settings: CommonSettings) -> None:
         self.settings = settings
-        self.server = grpc.aio.server(interceptors=[ServerInterceptor()], options=SERVER_OPTIONS)
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names: list[str] = []
@@ -48,8 +72,19 @@ class GrpcServer:
         self._stopped = asyncio.Event()
 
     def add(self, service_name: str, register: Callable[[grpc.aio.Server], None]) -> None:
-        register(self.server)
+        """Registers a service through its generated `add_*_to_server`, every handler instrumented."""
+        registrar = _Registrar(self.server)
+        register(registrar)  # type: ignore[arg-type]
+        if service_name not in registrar.registered:
+            raise RuntimeError(f"{service_name} did not register its methods; regenerate the stubs (make proto)")
         self._service_names.append(service_name)
+
+    def add_secure_port(self, port: int, credentials: grpc.ServerCredentials) -> int:
+        """An extra TLS listener (e.g. for peer meshes over mutual TLS); call before start()."""
+        bound = self.server.add_secure_port(f"{self.settings.bind_host}:{port}", credentials)
+        if bound == 0:
+            raise RuntimeError(f"cannot bind TLS port {self.settings.bind_host}:{port}")
+        return int(bound)
 
     async def start(self, credentials: grpc.ServerCredentials | None = None) -> int:
         names = [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
