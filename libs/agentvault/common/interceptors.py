@@ -1,7 +1,7 @@
-"""gRPC interceptors: request ids, structured logs, Prometheus metrics, tracing and error mapping.
+"""What every RPC gets: request ids, structured logs, Prometheus metrics, tracing and error mapping.
 
-The server side is a single interceptor that wraps each method handler once (cached per method), so the
-per-call cost is one extra coroutine frame rather than a chain of interceptors.
+Handlers are wrapped once, when a service is registered, rather than through grpc.aio's interceptor chain,
+which is awaited on every call; the per-call cost is one extra coroutine frame.
 """
 
 from __future__ import annotations
@@ -65,103 +65,87 @@ async def _fail(context: grpc.aio.ServicerContext, exc: BaseException, method: s
     return err.code.name  # pragma: no cover - abort_with_status raises
 
 
-class ServerInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self) -> None:
-        self._cache: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
-        self._tracer = tracing.tracer()
+def instrument(method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+    """Wraps one method handler with request ids, metrics, tracing and error mapping.
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        method = handler_call_details.method
-        cached = self._cache.get(method)
-        if cached is not None:
-            return cached
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        wrapped = self._wrap(method, handler)
-        self._cache[method] = wrapped
-        return wrapped
+    Applied once when a service is registered (GrpcServer.add), so a call pays for one extra coroutine
+    frame and nothing else: no interceptor lookup per call.
+    """
+    _, _, tail = method.partition("/")
+    service, _, name = tail.partition("/")
+    latency = GRPC_LATENCY.labels(service, name)
+    handled_ok = GRPC_HANDLED.labels(service, name, "OK")
+    tracer = tracing.tracer()
 
-    def _wrap(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
-        _, _, tail = method.partition("/")
-        service, _, name = tail.partition("/")
-        latency = GRPC_LATENCY.labels(service, name)
-        handled_ok = GRPC_HANDLED.labels(service, name, "OK")
-        tracer = self._tracer
+    def finish(code: str, start: float) -> None:
+        latency.observe(time.perf_counter() - start)
+        (handled_ok if code == "OK" else GRPC_HANDLED.labels(service, name, code)).inc()
 
-        def finish(code: str, start: float) -> None:
-            latency.observe(time.perf_counter() - start)
-            (handled_ok if code == "OK" else GRPC_HANDLED.labels(service, name, code)).inc()
+    def span(metadata: Any) -> Any:
+        if not tracing.recording():
+            return contextlib.nullcontext()
+        return tracer.start_as_current_span(method, context=tracing.extract(metadata), kind=trace.SpanKind.SERVER)
 
-        def span(metadata: Any) -> Any:
-            if not tracing.recording():
-                return contextlib.nullcontext()
-            return tracer.start_as_current_span(method, context=tracing.extract(metadata), kind=trace.SpanKind.SERVER)
+    def unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            md = context.invocation_metadata()
+            token = request_id_var.set(_request_id(md))
+            carried = tracing.carry(md)
+            start = time.perf_counter()
+            code = "OK"
+            try:
+                with span(md):
+                    return await behavior(request, context)
+            except grpc.aio.AbortError:
+                code = _code_name(context)
+                raise
+            except Exception as exc:
+                code = await _fail(context, exc, method)
+            finally:
+                finish(code, start)
+                tracing.release(carried)
+                request_id_var.reset(token)
 
-        def unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-            async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                md = context.invocation_metadata()
-                token = request_id_var.set(_request_id(md))
-                carried = tracing.carry(md)
-                start = time.perf_counter()
-                code = "OK"
-                try:
-                    with span(md):
-                        return await behavior(request, context)
-                except grpc.aio.AbortError:
-                    code = _code_name(context)
-                    raise
-                except Exception as exc:
-                    code = await _fail(context, exc, method)
-                finally:
-                    finish(code, start)
-                    tracing.release(carried)
-                    request_id_var.reset(token)
+        return call
 
-            return call
+    def streaming(behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            md = context.invocation_metadata()
+            token = request_id_var.set(_request_id(md))
+            carried = tracing.carry(md)
+            start = time.perf_counter()
+            code = "OK"
+            try:
+                with span(md):
+                    if inspect.isasyncgenfunction(behavior):
+                        async for item in behavior(request, context):
+                            yield item
+                    else:
+                        await behavior(request, context)
+            except grpc.aio.AbortError:
+                code = _code_name(context)
+                raise
+            except Exception as exc:
+                code = await _fail(context, exc, method)
+            finally:
+                finish(code, start)
+                tracing.release(carried)
+                request_id_var.reset(token)
 
-        def streaming(behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
-            async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                md = context.invocation_metadata()
-                token = request_id_var.set(_request_id(md))
-                carried = tracing.carry(md)
-                start = time.perf_counter()
-                code = "OK"
-                try:
-                    with span(md):
-                        if inspect.isasyncgenfunction(behavior):
-                            async for item in behavior(request, context):
-                                yield item
-                        else:
-                            await behavior(request, context)
-                except grpc.aio.AbortError:
-                    code = _code_name(context)
-                    raise
-                except Exception as exc:
-                    code = await _fail(context, exc, method)
-                finally:
-                    finish(code, start)
-                    tracing.release(carried)
-                    request_id_var.reset(token)
+        return call
 
-            return call
-
-        kwargs = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kwargs)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **kwargs)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), **kwargs)
-        assert handler.stream_stream is not None
-        return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **kwargs)
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kwargs)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **kwargs)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), **kwargs)
+    assert handler.stream_stream is not None
+    return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **kwargs)
 
 
 def _code_name(context: grpc.aio.ServicerContext) -> str:
