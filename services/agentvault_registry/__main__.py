@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable, Iterable
 from importlib.resources import files
@@ -18,6 +19,7 @@ from agentvault.common.settings import SettingsError
 from agentvault.federation.v1 import federation_service_pb2 as fed_pb
 from agentvault.federation.v1 import federation_service_pb2_grpc as fed_grpc
 from agentvault.registry.v1 import registry_service_pb2, registry_service_pb2_grpc
+from agentvault_registry import declared_peers
 from agentvault_registry.auth import Authenticator
 from agentvault_registry.cache import AgentCache
 from agentvault_registry.federation import FederationGate, FederationServicer, PeerServicer
@@ -64,6 +66,8 @@ def main() -> None:
         cache_task = asyncio.create_task(cache.run())
         registry = RegistryServicer(store, auth, redis.ping, cache, federation)
         peers = PeerServicer(fed_store, auth, box)
+        if fed.peers_file:
+            await declared_peers.apply(fed.peers_file, os.environ, fed_store, peers)
         server.add(SERVICE_NAME, lambda s: registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(registry, s))
         server.add(PEER_SERVICE, lambda s: fed_grpc.add_PeerServiceServicer_to_server(peers, s))
         server.add(FEDERATION_SERVICE, lambda s: fed_grpc.add_FederationServiceServicer_to_server(federation, s))

@@ -205,7 +205,8 @@ class PeerServicer(fpb_grpc.PeerServiceServicer):
             raise Unavailable("FEDERATION_ENCRYPTION_KEYS is not configured on this mesh", "ENCRYPTION_KEY_MISSING")
         return self.box
 
-    def _values(self, peer: fpb.Peer, paths: list[str], *, creating: bool) -> dict[str, Any]:
+    def values(self, peer: fpb.Peer, paths: list[str], *, creating: bool) -> dict[str, Any]:
+        """The columns to write for `paths` of `peer`, validated; the api_key comes back encrypted."""
         v = domain.Violations()
         values: dict[str, Any] = {}
         for path in paths:
@@ -254,7 +255,7 @@ class PeerServicer(fpb_grpc.PeerServiceServicer):
         await self.auth.require_admin(context.invocation_metadata())
         from agentvault_registry.federation_store import PEER_WRITABLE
 
-        values = self._values(request.peer, list(PEER_WRITABLE), creating=True)
+        values = self.values(request.peer, list(PEER_WRITABLE), creating=True)
         try:
             peer = await self.store.create_peer(values)
         except asyncpg.UniqueViolationError:
@@ -292,7 +293,7 @@ class PeerServicer(fpb_grpc.PeerServiceServicer):
         if not paths:
             # PUT: every writable field the request carries; `{"is_active": false}` alone disables the peer.
             paths = [f.name for f, _ in request.peer.ListFields() if f.name not in ("id",)]
-        values = self._values(request.peer, paths, creating=False)
+        values = self.values(request.peer, paths, creating=False)
         try:
             peer = await self.store.update_peer(request.peer.id, values)
         except asyncpg.UniqueViolationError:

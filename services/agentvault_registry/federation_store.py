@@ -91,6 +91,19 @@ class FederationStore:
         )
         return _peer(row)
 
+    async def upsert_declared_peer(self, values: dict[str, Any]) -> PeerRecord:
+        """Inserts a peer from the declared-peers file, or updates the one with its URL (keeping is_active)."""
+        columns = [c for c in PEER_WRITABLE if c in values and c != "is_active"]
+        placeholders = ", ".join(f"${i + 1}" for i in range(len(columns)))
+        updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns if c != "registry_url")
+        row = await self.pool.fetchrow(
+            f"""INSERT INTO federation_peers ({", ".join(columns)}) VALUES ({placeholders})
+                ON CONFLICT (registry_url) DO UPDATE SET {updates}, updated_at = now()
+                RETURNING {_PEER_COLUMNS}""",
+            *(values[c] for c in columns),
+        )
+        return _peer(row)
+
     async def get_peer(self, peer_id: str) -> PeerRecord | None:
         row = await self.pool.fetchrow(f"SELECT {_PEER_COLUMNS} FROM federation_peers WHERE id = $1", _peer_id(peer_id))
         return _peer(row) if row else None

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -16,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from agentvault.common.interceptors import instrument
 from agentvault.common.logs import configure_logging
 from agentvault.common.metrics import serve_metrics
-from agentvault.common.settings import CommonSettings
+from agentvault.common.settings import CommonSettings, SettingsError
 from agentvault.common.tracing import configure_tracing
 
 log = logging.getLogger("agentvault.server")
@@ -145,8 +146,12 @@ def run(
                 await cleanup()
 
     try:
-        import uvloop
-
-        uvloop.run(main())
-    except ImportError:  # pragma: no cover - uvloop is absent only on Windows
-        asyncio.run(main())
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is absent only on Windows
+            asyncio.run(main())
+        else:
+            uvloop.run(main())
+    except SettingsError as exc:
+        # Configuration found bad while starting (a file, a key): one clear line, not a traceback.
+        sys.exit(f"{settings.service}: {exc}")
