@@ -38,7 +38,9 @@ def main() -> None:
         await db.migrate(pool, "health-monitor", files("agentvault_healthmonitor") / "migrations")
         store = Store(pool)
         tls = client_credentials(settings.tls) if settings.tls else None
-        prober = Prober(settings.check_timeout, settings.discovery_ttl, tls, settings.concurrency)
+        prober = Prober(
+            settings.check_timeout, settings.discovery_ttl, tls, settings.concurrency, settings.block_private_agent_urls
+        )
         registry = RegistryClient(settings.registry_addr, settings.admin_token, settings.box)
         hub = EventHub(settings.redis_url, settings.events_channel)
         monitor = Monitor(settings, store, prober, registry, hub)

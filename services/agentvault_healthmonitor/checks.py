@@ -17,7 +17,7 @@ import aiohttp
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agentvault.common import peers
+from agentvault.common import egress, peers
 from agentvault.federation.v1 import federation_service_pb2 as fed_pb
 from agentvault.federation.v1 import federation_service_pb2_grpc as fed_grpc
 from agentvault_healthmonitor.domain import (
@@ -64,6 +64,7 @@ class Prober:
         discovery_ttl: float,
         tls: grpc.ChannelCredentials | None,
         max_connections: int,
+        block_private_agent_urls: bool = False,
     ) -> None:
         self.timeout = timeout
         self.discovery_ttl = discovery_ttl
@@ -71,10 +72,19 @@ class Prober:
         # force_close: each check opens its own connection, so "accepts connections" is what is tested.
         connector = aiohttp.TCPConnector(limit=max_connections, force_close=True, ttl_dns_cache=10)
         self.session = aiohttp.ClientSession(connector=connector, headers={"User-Agent": "agentvault-health/1"})
+        # Agents' URLs are set by any member: their checks go through a session that refuses metadata and
+        # other sensitive addresses, however the name resolves.
+        self.block_private_agent_urls = block_private_agent_urls
+        self.agent_session = egress.guarded_session(
+            block_private_agent_urls,
+            connector_args={"limit": max_connections, "force_close": True, "ttl_dns_cache": 10},
+            headers={"User-Agent": "agentvault-health/1"},
+        )
         self._routes: dict[tuple[str, str], _Route] = {}
 
     async def close(self) -> None:
         await self.session.close()
+        await self.agent_session.close()
 
     def forget(self, peer_ids: set[str]) -> None:
         """Drops cached routes of peers that are gone."""
@@ -182,14 +192,17 @@ class Prober:
             if not agent.url.startswith(("http://", "https://")):
                 status, error = ERROR, "health_check_url must be http or https"
             else:
+                egress.check_url(agent.url, self.block_private_agent_urls)
                 # No redirects: an agent's URL is user input, and following it elsewhere widens what we fetch.
-                async with self.session.get(
+                async with self.agent_session.get(
                     agent.url, timeout=aiohttp.ClientTimeout(total=self.timeout), allow_redirects=False
                 ) as response:
                     ok = 200 <= response.status < 300
                     status, error = (HEALTHY, "") if ok else (UNHEALTHY, f"HTTP {response.status}")
         except TimeoutError:
             status, error = TIMEOUT, f"no answer within {self.timeout:g}s"
+        except egress.EgressRefused as exc:
+            status, error = ERROR, f"refused: {exc}"
         except aiohttp.ClientConnectorDNSError as exc:
             status, error = UNREACHABLE, f"DNS: {exc.os_error}"
         except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:

@@ -53,6 +53,9 @@ class HealthMonitorSettings:
     # How long a peer's learned protocol (discovery document) is reused.
     discovery_ttl: float
     check_agents: bool
+    # Agents' health-check URLs come from any member; link-local, multicast and reserved addresses are always
+    # refused, and private/loopback ones too when this is set (for meshes whose agents are all public).
+    block_private_agent_urls: bool
     replica_id: str
     db_pool_size: int
     events_channel: str
@@ -78,6 +81,7 @@ class HealthMonitorSettings:
             summary_window_seconds=env.int("HEALTH_SUMMARY_WINDOW", 86400, minimum=60, maximum=30 * 86400),
             discovery_ttl=env.float("HEALTH_DISCOVERY_TTL", 300.0, minimum=0),
             check_agents=env.bool("HEALTH_CHECK_AGENTS", True),
+            block_private_agent_urls=env.bool("HEALTH_CHECK_BLOCK_PRIVATE_AGENT_URLS", False),
             replica_id=env.str("HEALTH_MONITOR_REPLICA_ID", default_replica)[:128],
             db_pool_size=env.int("HEALTH_MONITOR_DB_POOL_SIZE", 10, minimum=2, maximum=200),
             events_channel=env.str("HEALTH_EVENTS_CHANNEL", "health:events"),

@@ -1,0 +1,50 @@
+"""Outbound calls to user-supplied URLs never reach metadata or other refused addresses, however they resolve."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from agentvault.common import egress
+
+
+@pytest.fixture
+async def local_server() -> AsyncIterator[int]:
+    app = web.Application()
+    app.router.add_get("/health", lambda request: web.json_response({"status": "healthy"}))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::ffff:169.254.169.254]/",
+        "http://0.0.0.0:80/",
+        "http://224.0.0.1/",
+    ],
+)
+def test_literal_refused_addresses(url: str) -> None:
+    with pytest.raises(egress.EgressRefused):
+        egress.check_url(url, block_private=False)
+
+
+async def test_names_resolving_to_refused_addresses_are_not_connected(local_server: int) -> None:
+    # localhost resolves to loopback: allowed by default, refused when private addresses are blocked.
+    async with egress.guarded_session(False) as session, session.get(f"http://localhost:{local_server}/health") as r:
+        assert r.status == 200
+    egress.check_url(f"http://127.0.0.1:{local_server}/health", block_private=False)
+    with pytest.raises(egress.EgressRefused):
+        egress.check_url(f"http://127.0.0.1:{local_server}/health", block_private=True)
+    async with egress.guarded_session(True) as session:
+        with pytest.raises(aiohttp.ClientConnectorError) as err:
+            await session.get(f"http://localhost:{local_server}/health")
+    assert "not allowed" in str(err.value.os_error)
