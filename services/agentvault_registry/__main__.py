@@ -61,6 +61,11 @@ def main() -> None:
         if box is None:
             log.warning("FEDERATION_ENCRYPTION_KEYS is not set: peers and federation credentials are unavailable")
         fed_store = FederationStore(pool)
+        if box is not None and box.key_count > 1:
+            # More than one key means a rotation is under way: move every secret to the first key, after
+            # which the old keys can be removed from FEDERATION_ENCRYPTION_KEYS.
+            rotated = await fed_store.rotate_secrets(box.rotate_if_needed)
+            log.info("federation secrets re-encrypted under the primary key", extra={"rotated": rotated})
         federation = FederationServicer(store, fed_store, FederationGate(fed_store, box, redis, fed), fed)
         cache = AgentCache(redis, settings.agent_cache_ttl, settings.agent_cache_size)
         cache_task = asyncio.create_task(cache.run())

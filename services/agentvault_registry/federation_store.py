@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -243,6 +244,24 @@ class FederationStore:
                 response_time_ms,
             )
             await conn.execute("UPDATE federation_credentials SET last_used_at = now() WHERE id = $1", cred.id)
+
+    async def rotate_secrets(self, rotate: Callable[[str], str]) -> int:
+        """Re-encrypts every stored peer key and issued token under the primary key; returns how many changed.
+
+        Rows are locked while rewritten, so replicas starting together do not fight over them.
+        """
+        changed = 0
+        async with self.pool.acquire() as conn, conn.transaction():
+            for table, column in (("federation_peers", "api_key"), ("federation_credentials", "token_encrypted")):
+                rows = await conn.fetch(
+                    f"SELECT id, {column} AS secret FROM {table} WHERE {column} IS NOT NULL FOR UPDATE"
+                )
+                for row in rows:
+                    rotated = rotate(row["secret"])
+                    if rotated != row["secret"]:
+                        await conn.execute(f"UPDATE {table} SET {column} = $2 WHERE id = $1", row["id"], rotated)
+                        changed += 1
+        return changed
 
     async def count_shared_agents(self) -> int:
         return int(await self.pool.fetchval("SELECT count(*) FROM agents WHERE sharing = 'federated'"))

@@ -19,10 +19,13 @@ class DecryptionError(ValueError):
 
 class SecretBox:
     def __init__(self, keys: list[str]) -> None:
+        self.key_count = len(keys)
         if not keys:
             raise SettingsError(f"{ENV_VAR} must hold at least one Fernet key")
         try:
-            self._fernet = MultiFernet([Fernet(k.encode()) for k in keys])
+            fernets = [Fernet(k.encode()) for k in keys]
+            self._primary = fernets[0]
+            self._fernet = MultiFernet(fernets)
         except ValueError:
             raise SettingsError(f"{ENV_VAR}: every key must be 32 url-safe base64-encoded bytes") from None
 
@@ -44,8 +47,16 @@ class SecretBox:
         except (InvalidToken, ValueError):
             raise DecryptionError("secret cannot be decrypted with the configured keys") from None
 
+    def rotate_if_needed(self, ciphertext: str) -> str:
+        """The ciphertext unchanged when the primary key already decrypts it, else re-encrypted under it."""
+        try:
+            self._primary.decrypt(ciphertext.encode())
+            return ciphertext
+        except (InvalidToken, ValueError):
+            return self.rotate(ciphertext)
+
     def rotate(self, ciphertext: str) -> str:
-        """Re-encrypts under the primary key."""
+        """Re-encrypts under the primary key (a new token each time, even when it already used that key)."""
         try:
             return self._fernet.rotate(ciphertext.encode()).decode()
         except (InvalidToken, ValueError):
