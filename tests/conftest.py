@@ -53,7 +53,7 @@ def infra() -> Iterator[Infra]:
     postgres = redis = None
     dsn = os.environ.get("TEST_DATABASE_URL")
     if not dsn:
-        postgres = EmbeddedPostgres(root / "pg", delete_on_stop=True)
+        postgres = EmbeddedPostgres(root / "pg", delete_on_stop=True, max_connections=1000)
         dsn = postgres.start()
     redis_url = os.environ.get("TEST_REDIS_URL")
     if not redis_url:

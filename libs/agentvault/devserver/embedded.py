@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("agentvault.dev")
 
@@ -35,25 +36,36 @@ def wait_for_port(host: str, port: int, timeout: float, process: subprocess.Pope
 class EmbeddedPostgres:
     """PostgreSQL 16 from the pgserver wheel, listening on a Unix socket only (so it never takes a port)."""
 
-    def __init__(self, data_dir: Path, *, delete_on_stop: bool = False) -> None:
+    def __init__(self, data_dir: Path, *, delete_on_stop: bool = False, max_connections: int = 200) -> None:
         self.data_dir = data_dir
         self.delete_on_stop = delete_on_stop
-        self._server: object | None = None
+        self.max_connections = max_connections
+        self._server: Any = None  # a pgserver.PostgresServer; the wheel ships no type information
 
     def start(self) -> str:
         import pgserver
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._server = pgserver.get_server(self.data_dir, cleanup_mode="delete" if self.delete_on_stop else "stop")
+        self._server = server = pgserver.get_server(
+            self.data_dir, cleanup_mode="delete" if self.delete_on_stop else "stop"
+        )
+        # Every service keeps a pool, and a test session runs many meshes: 100 connections is too few.
+        current = server.psql("SHOW max_connections;")
+        if str(self.max_connections) not in current:
+            from pgserver import _commands
+
+            server.psql(f"ALTER SYSTEM SET max_connections = {int(self.max_connections)};")
+            # pg_ctl is generated at import time, so the type checker cannot see it.
+            _commands.pg_ctl(["-w", "restart"], pgdata=server.pgdata, user=server.system_user, timeout=60)  # type: ignore[attr-defined]
         return self.uri()
 
     def uri(self, database: str = "postgres") -> str:
         assert self._server is not None, "start() first"
-        return str(self._server.get_uri(database))  # type: ignore[attr-defined]
+        return str(self._server.get_uri(database))
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.cleanup()  # type: ignore[attr-defined]
+            self._server.cleanup()
             self._server = None
 
 
