@@ -15,12 +15,11 @@ from agentvault.common.errors import (
     AgentVaultError,
     FieldViolation,
     InvalidArgument,
-    PermissionDenied,
-    Unauthenticated,
     Unavailable,
     invalid,
 )
 from agentvault.common.interceptors import outgoing_metadata
+from agentvault.common.remote_auth import AdminGate
 from agentvault.discovery.v1 import discovery_service_pb2 as dpb
 from agentvault.discovery.v1 import discovery_service_pb2_grpc as dpb_grpc
 from agentvault.registry.v1 import registry_service_pb2 as pb
@@ -152,6 +151,8 @@ class DiscoveryServicer(dpb_grpc.DiscoveryServiceServicer):
         self.registry = registry
         self.federator = federator
         self.store = store
+        # Clearing a peer's cache is rare: no caching of the answer, so a revoked admin key stops at once.
+        self.admin_gate = AdminGate(registry, settings.admin_token, cache_seconds=0)
 
     async def SearchAgents(
         self, request: dpb.SearchAgentsRequest, context: grpc.aio.ServicerContext
@@ -230,19 +231,7 @@ class DiscoveryServicer(dpb_grpc.DiscoveryServiceServicer):
         return dpb.ClearPeerCacheResponse(cleared_entries=cleared)
 
     async def _require_admin(self, context: grpc.aio.ServicerContext) -> None:
-        metadata = _caller_metadata(context)
-        if not any(k == AUTHORIZATION_KEY for k, _ in metadata):
-            raise Unauthenticated("this call needs a credential: Authorization: Bearer <token>", "CREDENTIAL_MISSING")
-        try:
-            caller = await self.registry.GetCaller(
-                pb.GetCallerRequest(), metadata=metadata, timeout=REGISTRY_TIMEOUT_SECONDS
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise _registry_error(exc, "GetCaller") from None
-        if not caller.name:
-            raise Unauthenticated("this call needs a credential: Authorization: Bearer <token>", "CREDENTIAL_MISSING")
-        if caller.role != pb.ROLE_ADMIN or caller.is_peer:
-            raise PermissionDenied("this call needs an admin credential", "ADMIN_REQUIRED")
+        await self.admin_gate.require_admin(context.invocation_metadata())
 
 
 def _discovered(c: ranking.Candidate) -> dpb.DiscoveredAgent:

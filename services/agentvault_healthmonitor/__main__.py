@@ -11,10 +11,10 @@ from importlib.resources import files
 
 from agentvault.common import db
 from agentvault.common.peers import client_credentials
+from agentvault.common.remote_auth import AdminGate
 from agentvault.common.server import GrpcServer, run
 from agentvault.common.settings import SettingsError
 from agentvault.healthmonitor.v1 import health_monitor_service_pb2, health_monitor_service_pb2_grpc
-from agentvault_healthmonitor.auth import AdminGate
 from agentvault_healthmonitor.checks import Prober
 from agentvault_healthmonitor.events import EventHub
 from agentvault_healthmonitor.monitor import Monitor
@@ -44,7 +44,7 @@ def main() -> None:
         registry = RegistryClient(settings.registry_addr, settings.admin_token, settings.box)
         hub = EventHub(settings.redis_url, settings.events_channel)
         monitor = Monitor(settings, store, prober, registry, hub)
-        gate = AdminGate(registry, settings.admin_token)
+        gate = AdminGate(registry.registry_stub, settings.admin_token)
         servicer = HealthMonitorServicer(store, monitor, hub, gate, settings.summary_window_seconds, settings.interval)
         server.add(
             SERVICE_NAME,

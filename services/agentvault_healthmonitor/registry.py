@@ -115,8 +115,3 @@ class RegistryClient:
             metadata=self._metadata,
             timeout=CALL_TIMEOUT,
         )
-
-    async def caller(self, token: str) -> reg_pb.Caller:
-        return await self.registry_stub.GetCaller(
-            reg_pb.GetCallerRequest(), metadata=(("authorization", f"Bearer {token}"),), timeout=CALL_TIMEOUT
-        )

@@ -11,10 +11,10 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from agentvault.common.errors import NotFound, Unavailable, invalid
+from agentvault.common.remote_auth import AdminGate
 from agentvault.federation.v1 import federation_service_pb2 as fed_pb
 from agentvault.healthmonitor.v1 import health_monitor_service_pb2 as pb
 from agentvault.healthmonitor.v1 import health_monitor_service_pb2_grpc as pb_grpc
-from agentvault_healthmonitor.auth import AdminGate
 from agentvault_healthmonitor.domain import PEER, State, Summary, overall_status
 from agentvault_healthmonitor.events import ChangeEvent, EventHub, WatchEnded
 from agentvault_healthmonitor.monitor import Monitor

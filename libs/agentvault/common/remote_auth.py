@@ -1,4 +1,5 @@
-"""Who may read health: admins of this mesh, resolved by the registry (which owns credentials) and cached briefly."""
+"""Admin checks in services that do not own credentials: the registry resolves the caller (GetCaller), the
+bootstrap token is recognised locally, and answers are cached briefly."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import grpc
 from agentvault.common.auth import bearer_token
 from agentvault.common.errors import PermissionDenied, Unauthenticated, Unavailable
 from agentvault.registry.v1 import registry_service_pb2 as reg_pb
-from agentvault_healthmonitor.registry import RegistryClient
 
-# A revoked key keeps reading health for at most this long; the cache spares the registry a call per request.
-CACHE_SECONDS = 30.0
+# A revoked key keeps working here for at most this long; the cache spares the registry a call per request.
+CACHE_SECONDS = 5.0
 MAX_CACHED = 10_000
+CALL_TIMEOUT = 5.0
 
 
 def _digest(token: str) -> bytes:
@@ -24,9 +25,11 @@ def _digest(token: str) -> bytes:
 
 
 class AdminGate:
-    def __init__(self, registry: RegistryClient, bootstrap_token: str) -> None:
+    def __init__(self, registry: Any, bootstrap_token: str | None, cache_seconds: float = CACHE_SECONDS) -> None:
+        """`registry` is a RegistryService stub on an aio channel."""
         self.registry = registry
-        self._bootstrap = _digest(bootstrap_token)
+        self.cache_seconds = cache_seconds
+        self._bootstrap = _digest(bootstrap_token) if bootstrap_token else None
         self._cache: dict[bytes, tuple[bool, float]] = {}
 
     async def require_admin(self, metadata: Any) -> None:
@@ -37,21 +40,23 @@ class AdminGate:
         if token is None:
             raise Unauthenticated("this call needs a credential: Authorization: Bearer <token>", "CREDENTIAL_MISSING")
         digest = _digest(token)
-        if hmac.compare_digest(digest, self._bootstrap):
+        if self._bootstrap is not None and hmac.compare_digest(digest, self._bootstrap):
             return
         now = time.monotonic()
         cached = self._cache.get(digest)
         if cached is None or cached[1] < now:
-            cached = (await self._resolve(token), now + CACHE_SECONDS)
+            cached = (await self._resolve(token), now + self.cache_seconds)
             if len(self._cache) >= MAX_CACHED:
                 self._cache.clear()
             self._cache[digest] = cached
         if not cached[0]:
-            raise PermissionDenied("health needs an admin credential", "ADMIN_REQUIRED")
+            raise PermissionDenied("this call needs an admin credential", "ADMIN_REQUIRED")
 
     async def _resolve(self, token: str) -> bool:
         try:
-            caller = await self.registry.caller(token)
+            caller = await self.registry.GetCaller(
+                reg_pb.GetCallerRequest(), metadata=(("authorization", f"Bearer {token}"),), timeout=CALL_TIMEOUT
+            )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                 raise Unauthenticated("invalid or revoked credential", "INVALID_CREDENTIAL") from None
