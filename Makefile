@@ -61,6 +61,8 @@ run: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench
+	$(PY) -m bench.healthmonitor_bench
+	$(PY) -m bench.federation_bench
 
 clean:
 	rm -rf .build .pytest_cache .mypy_cache .ruff_cache
