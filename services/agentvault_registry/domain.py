@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import unicodedata
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -130,13 +129,14 @@ class Violations:
             raise InvalidArgument(self.items)
 
 
+# Exactly the Unicode categories Cc (C0 and C1 controls) and Cs (surrogates); a character class is ~100x
+# faster than asking unicodedata.category of every character, and every write and peer answer passes here.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_CONTROL_BUT_WHITESPACE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
 def _has_control(text: str, allow_newlines: bool = False) -> bool:
-    for ch in text:
-        if allow_newlines and ch in "\n\t\r":
-            continue
-        if unicodedata.category(ch) in ("Cc", "Cs"):
-            return True
-    return False
+    return (_CONTROL_BUT_WHITESPACE if allow_newlines else _CONTROL).search(text) is not None
 
 
 def check_text(
