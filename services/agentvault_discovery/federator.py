@@ -15,7 +15,6 @@ from urllib.parse import urlencode, urlsplit
 import aiohttp
 import grpc
 import redis.asyncio as aioredis
-from google.protobuf import json_format
 from prometheus_client import Counter, Histogram
 from yarl import URL
 
@@ -222,13 +221,7 @@ class Federator:
         agents, invalid = self._validate(peer, raw)
         if self.settings.cache_ttl_seconds:
             self._spawn(self._cache_put(key, agents), f"cache answer of peer {peer.name}")
-            self.writer.submit(
-                CacheUpsert(
-                    peer.id,
-                    [(a.did, json_format.MessageToDict(a, preserving_proto_field_name=True)) for a in agents],
-                    expiry(self.settings.cache_ttl_seconds),
-                )
-            )
+            self.writer.submit(CacheUpsert(peer.id, agents, expiry(self.settings.cache_ttl_seconds)))
         return PeerOutcome(peer, OK, agents=agents, invalid=invalid)
 
     def _validate(self, peer: PeerTarget, raw: list[pb.Agent]) -> tuple[list[pb.Agent], int]:

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import asyncpg
+from google.protobuf import json_format
 from prometheus_client import Counter
+
+from agentvault.registry.v1 import registry_service_pb2 as pb
 
 log = logging.getLogger("agentvault.discovery.store")
 
@@ -44,9 +45,13 @@ class QueryLogRow:
 @dataclass(frozen=True)
 class CacheUpsert:
     peer_id: str
-    # (did, agent as JSON-ready dict), already validated.
-    agents: list[tuple[str, dict[str, Any]]]
+    # Already validated; turned into JSON by the background writer, not on the request path.
+    agents: list[pb.Agent]
     expires_at: datetime
+
+
+def _json(agent: pb.Agent) -> str:
+    return json_format.MessageToJson(agent, preserving_proto_field_name=True, indent=None)
 
 
 class Store:
@@ -95,7 +100,15 @@ class Store:
                    ON CONFLICT (agent_did, peer_id)
                    DO UPDATE SET agent_data = EXCLUDED.agent_data, cached_at = now(),
                        expires_at = EXCLUDED.expires_at""",
-                [(peer, json.dumps(data), did, upsert.expires_at) for did, data in upsert.agents],
+                [
+                    (
+                        peer,
+                        json_format.MessageToJson(a, preserving_proto_field_name=True, indent=None),
+                        a.did,
+                        upsert.expires_at,
+                    )
+                    for a in upsert.agents
+                ],
             )
 
     async def delete_peer_cache(self, peer_id: str) -> int:

@@ -69,7 +69,9 @@ class RegistrySettings:
             redis_url=common.require_redis(),
             admin_token=env.optional("AGENTVAULT_ADMIN_TOKEN"),
             db_pool_size=env.int("REGISTRY_DB_POOL_SIZE", 10, minimum=1, maximum=200),
-            agent_cache_ttl=env.float("REGISTRY_AGENT_CACHE_TTL", 5.0, minimum=0),
+            # Writes invalidate over pub/sub and a replica that loses its subscription stops serving from the
+            # cache; the TTL only bounds a publish lost while every subscriber stayed connected.
+            agent_cache_ttl=env.float("REGISTRY_AGENT_CACHE_TTL", 30.0, minimum=0),
             agent_cache_size=env.int("REGISTRY_AGENT_CACHE_SIZE", 10_000, minimum=1),
             federation=FederationSettings.load(env, common.port),
         )

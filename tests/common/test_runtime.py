@@ -135,3 +135,29 @@ def test_generated_code_has_no_drift_marker(tmp_path: Path) -> None:
         out = root / "libs" / proto.parent.relative_to(root / "protos")
         for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi"):
             assert (out / f"{stem}{suffix}").exists(), f"{stem}{suffix} missing: run make proto"
+
+
+async def test_recorded_spans_continue_the_callers_trace(probe: tuple) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from agentvault.common import tracing
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(provider)
+    try:
+        trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+        reply = await probe[0].GetCaller(
+            pb.GetCallerRequest(), metadata=[("traceparent", f"00-{trace_id}-{parent_id}-01")]
+        )
+    finally:
+        tracing._recording = False  # the other tests exercise the propagate-only path
+    [span] = [s for s in exporter.get_finished_spans() if s.name.endswith("/GetCaller")]
+    assert f"{span.context.trace_id:032x}" == trace_id
+    assert span.parent is not None and f"{span.parent.span_id:016x}" == parent_id
+    # Calls made while handling carry the same trace, with the server span as their parent.
+    onward = json.loads(reply.name)["traceparent"]
+    assert onward.split("-")[1] == trace_id and onward.split("-")[2] == f"{span.context.span_id:016x}"
