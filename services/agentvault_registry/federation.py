@@ -27,6 +27,7 @@ from agentvault.common.errors import (
     Unavailable,
     invalid,
 )
+from agentvault.common.interceptors import metadata_value
 from agentvault.common.secretbox import DecryptionError, SecretBox
 from agentvault.federation.v1 import federation_service_pb2 as fpb
 from agentvault.federation.v1 import federation_service_pb2_grpc as fpb_grpc
@@ -34,7 +35,7 @@ from agentvault.registry.v1 import registry_service_pb2 as pb
 from agentvault_registry import domain
 from agentvault_registry.auth import Authenticator
 from agentvault_registry.federation_store import CredentialRecord, FederationStore, PeerRecord
-from agentvault_registry.servicer import KIND, SHARING, EnumWords, agent_to_proto, to_timestamp
+from agentvault_registry.servicer import SHARING, EnumWords, agent_to_proto, search_filters, to_timestamp
 from agentvault_registry.settings import FederationSettings
 from agentvault_registry.store import Store
 
@@ -85,13 +86,6 @@ def credential_to_proto(cred: CredentialRecord) -> fpb.FederationCredential:
     )
 
 
-def _metadata_value(metadata: Any, key: str) -> str:
-    for k, v in metadata or ():
-        if k == key and isinstance(v, str):
-            return v
-    return ""
-
-
 class FederationGate:
     """Admits a peer's call: its token, its HMAC signature, freshness, no replay, and its rate."""
 
@@ -114,13 +108,13 @@ class FederationGate:
         if token is None:
             raise Unauthenticated("a federation token is required", "CREDENTIAL_MISSING")
         cred = await self._credential(token)
-        signature = _metadata_value(metadata, signing.SIGNATURE_HEADER)
+        signature = metadata_value(metadata, signing.SIGNATURE_HEADER)
         if signature or self.settings.require_signature:
             if not signature:
                 raise Unauthenticated("this mesh requires signed federation requests", "SIGNATURE_MISSING")
             await self._check_signature(metadata, signature, token, grpc_method, request)
         await self._rate_limit(cred)
-        return cred, _metadata_value(metadata, signing.REGISTRY_HEADER)[:255]
+        return cred, metadata_value(metadata, signing.REGISTRY_HEADER)[:255]
 
     async def _credential(self, token: str) -> CredentialRecord:
         prefix, _, rest = token.partition("_")
@@ -139,11 +133,11 @@ class FederationGate:
         return cred
 
     async def _check_signature(self, metadata: Any, signature: str, token: str, grpc_method: str, request: Any) -> None:
-        nonce = _metadata_value(metadata, signing.NONCE_HEADER)
-        http_method = _metadata_value(metadata, "x-http-method")
+        nonce = metadata_value(metadata, signing.NONCE_HEADER)
+        http_method = metadata_value(metadata, "x-http-method")
         if http_method:
             # Came through the edge in the seed's HTTP form: the peer signed the HTTP request line.
-            path = _metadata_value(metadata, "x-http-path")
+            path = metadata_value(metadata, "x-http-path")
             _require_query_matches(path, request)
             method, body = http_method, _body_text(metadata)
         else:
@@ -419,15 +413,7 @@ class FederationServicer(fpb_grpc.FederationServiceServicer):
         self, request: fpb.SearchAgentsRequest, context: grpc.aio.ServicerContext
     ) -> fpb.SearchAgentsResponse:
         cred, registry = await self.gate.admit(context.invocation_metadata(), SEARCH_METHOD, request)
-        raw = {
-            "search": request.search,
-            "agent_type": request.agent_type,
-            "tag": request.tag,
-            "capability_kind": KIND.word(request.capability_kind, "capability_kind"),
-            "capability_name": request.capability_name,
-            "capability_version": request.capability_version,
-        }
-        agents = await self.search_shared(raw, request.page_size, cred, registry, "SearchAgents")
+        agents = await self.search_shared(search_filters(request), request.page_size, cred, registry, "SearchAgents")
         return fpb.SearchAgentsResponse(agents=agents, registry_name=self.settings.registry_name)
 
     async def GetFederationInfo(

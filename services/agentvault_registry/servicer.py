@@ -133,6 +133,18 @@ def key_to_proto(key: domain.ApiKey) -> pb.ApiKey:
 LIST_METHOD = "/agentvault.registry.v1.RegistryService/ListAgents"
 
 
+def search_filters(request: Any) -> dict[str, Any]:
+    """The filters ListAgents and the federation search share, from either request message."""
+    return {
+        "search": request.search,
+        "agent_type": request.agent_type,
+        "tag": request.tag,
+        "capability_kind": KIND.word(request.capability_kind, "capability_kind"),
+        "capability_name": request.capability_name,
+        "capability_version": request.capability_version,
+    }
+
+
 def _carries_federation_token(metadata: Any) -> bool:
     for key, value in metadata or ():
         if key == "authorization" and isinstance(value, str):
@@ -141,9 +153,12 @@ def _carries_federation_token(metadata: Any) -> bool:
 
 
 def _can_see(agent: domain.Agent, viewer: Principal | None) -> bool:
-    if agent.spec.sharing != "private":
-        return True
-    return viewer is not None and (viewer.is_admin or viewer.name == agent.owner)
+    return may_see(agent.spec.sharing, agent.owner, viewer)
+
+
+def may_see(sharing: str, owner: str, viewer: Principal | None) -> bool:
+    """Private agents are visible to their owner and admins only; the rest to every caller."""
+    return sharing != "private" or (viewer is not None and (viewer.is_admin or viewer.name == owner))
 
 
 class RegistryServicer(pb_grpc.RegistryServiceServicer):
@@ -204,7 +219,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         # A credential is only looked up when the answer depends on it: a private agent.
         if sharing == "private":
             viewer = await self.auth.principal(context.invocation_metadata())
-            if viewer is None or not (viewer.is_admin or viewer.name == owner):
+            if not may_see(sharing, owner, viewer):
                 raise NotFound(f"agent {request.id} not found", "AGENT_NOT_FOUND", id=request.id)
         return proto
 
@@ -217,12 +232,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         viewer = await self.auth.principal(metadata)
         query = domain.build_query(
             {
-                "search": request.search,
-                "agent_type": request.agent_type,
-                "tag": request.tag,
-                "capability_kind": KIND.word(request.capability_kind, "capability_kind"),
-                "capability_name": request.capability_name,
-                "capability_version": request.capability_version,
+                **search_filters(request),
                 "owner": request.owner,
                 "sharing": SHARING.word(request.sharing, "sharing"),
                 "has_health_check_url": request.has_health_check_url,
@@ -238,16 +248,8 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
 
     async def _list_for_peer(self, request: pb.ListAgentsRequest, metadata: Any) -> pb.ListAgentsResponse:
         cred, registry = await self.federation.gate.admit(metadata, LIST_METHOD, request)
-        raw = {
-            "search": request.search,
-            "agent_type": request.agent_type,
-            "tag": request.tag,
-            "capability_kind": KIND.word(request.capability_kind, "capability_kind"),
-            "capability_name": request.capability_name,
-            "capability_version": request.capability_version,
-        }
         agents = await self.federation.search_shared(
-            raw, request.page_size or request.limit, cred, registry, "ListAgents"
+            search_filters(request), request.page_size or request.limit, cred, registry, "ListAgents"
         )
         return pb.ListAgentsResponse(agents=agents)
 

@@ -28,11 +28,12 @@ REQUEST_ID_KEY = "x-request-id"
 _MAX_REQUEST_ID = 128
 
 
-def _metadata_value(metadata: Any, key: str) -> str | None:
+def metadata_value(metadata: Any, key: str) -> str:
+    """The first text value of `key` in gRPC metadata, or ""."""
     for k, v in metadata or ():
         if k == key and isinstance(v, str):
             return v
-    return None
+    return ""
 
 
 # Generated ids are a random per-process prefix and a counter: unique, and no system call per request.
@@ -41,7 +42,7 @@ _ids = itertools.count(1)
 
 
 def _request_id(metadata: Any) -> str:
-    rid = _metadata_value(metadata, REQUEST_ID_KEY)
+    rid = metadata_value(metadata, REQUEST_ID_KEY)
     if rid and len(rid) <= _MAX_REQUEST_ID and rid.isprintable():
         return rid
     return f"{_ID_PREFIX}{next(_ids):010x}"
