@@ -192,6 +192,9 @@ class Filters:
     capability_version: versions.Constraint | None = None
     healthy_only: bool = False
 
+    def passes_all(self) -> bool:
+        return self == Filters()
+
     def matches(self, agent: pb.Agent) -> bool:
         if self.agent_type and agent.agent_type != self.agent_type:
             return False

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -33,6 +35,8 @@ SEARCH_METHOD = "/agentvault.federation.v1.FederationService/SearchAgents"
 REST_AGENTS_PATH = "/api/v1/agents"
 MAX_ERROR_TEXT = 300
 MAX_CONCURRENT_PEERS = 64
+# Decoded cached answers kept in memory, keyed by their Redis key and checked against its bytes.
+DECODED_ENTRIES = 1024
 # How long a protocol learned from a peer's discovery document is trusted before it is read again.
 DISCOVERY_TTL_SECONDS = 600.0
 
@@ -63,6 +67,8 @@ class PeerOutcome:
     agents: list[pb.Agent] = field(default_factory=list)
     error: str = ""
     invalid: int = 0
+    # Identifies the exact cached answer (a digest of its bytes), so work derived from it can be reused.
+    version: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -132,14 +138,17 @@ class Federator:
         self._routes: dict[tuple[str, str], _Route] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._client_credentials: grpc.ChannelCredentials | None = None
+        self._decoded: OrderedDict[str, tuple[bytes, list[pb.Agent], bytes]] = OrderedDict()
 
     # --------------------------------------------------------------------------------------- fan-out
 
     async def search(self, query: domain.PeerQuery, filters: domain.Filters, force_refresh: bool) -> list[PeerOutcome]:
         targets = await self.directory.get()
         query_hash = query.cache_hash()
+        cached = {} if force_refresh else await self._cache_read(targets, query_hash)
         outcomes = await peers.gather_bounded(
-            MAX_CONCURRENT_PEERS, *(self._one(p, query, query_hash, filters, force_refresh) for p in targets)
+            MAX_CONCURRENT_PEERS,
+            *(self._one(p, query, query_hash, filters, force_refresh, cached.get(p.id)) for p in targets),
         )
         results: list[PeerOutcome] = []
         for peer, outcome in zip(targets, outcomes, strict=True):
@@ -157,6 +166,7 @@ class Federator:
         query_hash: str,
         filters: domain.Filters,
         force_refresh: bool,
+        cached: bytes | None,
     ) -> PeerOutcome:
         if peer.is_down:
             outcome = PeerOutcome(peer, SKIPPED, error="peer is down according to the health monitor")
@@ -166,7 +176,7 @@ class Federator:
         try:
             # The deadline covers everything for this peer: cache read, protocol discovery, the call, parsing.
             async with asyncio.timeout(self.settings.query_timeout_seconds):
-                outcome = await self._fetch(peer, query, query_hash, force_refresh)
+                outcome = await self._fetch(peer, query, query_hash, force_refresh, cached)
         except TimeoutError:
             outcome = PeerOutcome(
                 peer, TIMEOUT, error=f"no answer within {self.settings.query_timeout_seconds * 1000:.0f} ms"
@@ -174,7 +184,7 @@ class Federator:
         except PeerError as exc:
             outcome = PeerOutcome(peer, FAILED, error=_short(str(exc)))
         outcome.latency_ms = (time.perf_counter() - start) * 1000
-        if outcome.status == OK:
+        if outcome.status == OK and not filters.passes_all():
             outcome.agents = [a for a in outcome.agents if filters.matches(a)]
         metric_status = "cached" if outcome.from_cache else outcome.status
         FEDERATION_QUERY_DURATION.labels(peer.name, metric_status).observe(outcome.latency_ms / 1000)
@@ -205,14 +215,15 @@ class Federator:
         )
 
     async def _fetch(
-        self, peer: PeerTarget, query: domain.PeerQuery, query_hash: str, force_refresh: bool
+        self, peer: PeerTarget, query: domain.PeerQuery, query_hash: str, force_refresh: bool, cached: bytes | None
     ) -> PeerOutcome:
         key = cache_key(peer.id, query_hash)
-        if not force_refresh and self.settings.cache_ttl_seconds:
-            cached = await self._cache_get(key)
-            if cached is not None:
+        if cached is not None:
+            decoded = self._decode_cached(key, cached)
+            if decoded is not None:
                 FEDERATION_CACHE_HITS.labels(peer.name).inc()
-                return PeerOutcome(peer, OK, from_cache=True, agents=list(cached.agents))
+                version, agents = decoded
+                return PeerOutcome(peer, OK, from_cache=True, agents=agents, version=version)
         route = await self._route(peer)
         if route.protocol == fed_pb.PEER_PROTOCOL_GRPC:
             raw = await self._grpc_search(peer, route, query)
@@ -249,19 +260,43 @@ class Federator:
 
     # --------------------------------------------------------------------------------------- cache
 
-    async def _cache_get(self, key: str) -> fed_pb.SearchAgentsResponse | None:
+    async def _cache_read(self, targets: list[PeerTarget], query_hash: str) -> dict[str, bytes]:
+        """Every asked peer's cached answer in one round trip, by peer id; a Redis failure costs the cache, not
+        the search, and never more than the query deadline."""
+        if not self.settings.cache_ttl_seconds:
+            return {}
+        asked = [p for p in targets if not p.is_down]
+        if not asked:
+            return {}
         try:
-            raw = await self.redis.get(key)
-        except Exception as exc:  # a Redis failure costs the cache, not the search
+            async with asyncio.timeout(self.settings.query_timeout_seconds):
+                values = await self.redis.mget([cache_key(p.id, query_hash) for p in asked])
+        except Exception as exc:
             log.warning("federation cache read failed: %s", exc)
-            return None
-        if raw is None:
-            return None
+            return {}
+        return {
+            p.id: (v if isinstance(v, bytes) else v.encode())
+            for p, v in zip(asked, values, strict=True)
+            if v is not None
+        }
+
+    def _decode_cached(self, key: str, raw: bytes) -> tuple[bytes, list[pb.Agent]] | None:
+        """The cached answer's version and agents. The same bytes are decoded once: a cached search then costs
+        a comparison per peer, not a parse of every agent."""
+        known = self._decoded.get(key)
+        if known is not None and known[0] == raw:
+            self._decoded.move_to_end(key)
+            return known[2], known[1]
         try:
-            return fed_pb.SearchAgentsResponse.FromString(raw if isinstance(raw, bytes) else raw.encode())
+            agents = list(fed_pb.SearchAgentsResponse.FromString(raw).agents)
         except Exception:
             log.warning("unreadable federation cache entry %s; ignored", key)
             return None
+        digest = hashlib.blake2b(raw, digest_size=16).digest()
+        self._decoded[key] = (raw, agents, digest)
+        while len(self._decoded) > DECODED_ENTRIES:
+            self._decoded.popitem(last=False)
+        return digest, agents
 
     async def _cache_put(self, key: str, agents: list[pb.Agent]) -> None:
         value = fed_pb.SearchAgentsResponse(agents=agents).SerializeToString()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -73,8 +74,12 @@ class Candidate:
     score: float
 
     def sort_key(self) -> tuple[float, int, int, str, str]:
+        return self._key
+
+    @functools.cached_property
+    def _key(self) -> tuple[float, int, int, str, str]:
         # Best score first; then most recently changed; local before federated; then a total order, so the
-        # keyset page token always finds its place again.
+        # keyset page token always finds its place again. Cached: candidates of cached answers are reused.
         updated = self.agent.update_time.seconds * 1_000_000 + self.agent.update_time.nanos // 1000
         return (-self.score, -updated, int(self.is_federated), self.agent.did, self.registry_url)
 

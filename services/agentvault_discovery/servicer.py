@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections import OrderedDict
 from typing import Any
 
 import grpc
@@ -35,6 +36,8 @@ log = logging.getLogger("agentvault.discovery")
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
 REGISTRY_TIMEOUT_SECONDS = 10.0
+# Scored candidate lists of cached peer answers kept in memory (one per peer, answer and query).
+SCORED_ENTRIES = 1024
 _STATUS = {
     OK: dpb.PEER_QUERY_STATUS_OK,
     FAILED: dpb.PEER_QUERY_STATUS_FAILED,
@@ -151,6 +154,7 @@ class DiscoveryServicer(dpb_grpc.DiscoveryServiceServicer):
         self.registry = registry
         self.federator = federator
         self.store = store
+        self._scored: OrderedDict[tuple[Any, ...], list[ranking.Candidate]] = OrderedDict()
         # Clearing a peer's cache is rare: no caching of the answer, so a revoked admin key stops at once.
         self.admin_gate = AdminGate(registry, settings.admin_token, cache_seconds=0)
 
@@ -171,14 +175,7 @@ class DiscoveryServicer(dpb_grpc.DiscoveryServiceServicer):
             raise
         outcomes = await federated_task if federated_task is not None else []
 
-        federated = [
-            [
-                ranking.Candidate(a, True, o.peer.registry_url, o.peer.name, ranking.score(a, search.terms))
-                for a in o.agents
-            ]
-            for o in outcomes
-            if o.status == OK
-        ]
+        federated = [self._candidates(o, search) for o in outcomes if o.status == OK]
         merged = ranking.merge(local, federated)
         items, position = ranking.page(merged, search.after, search.size)
         response = dpb.SearchAgentsResponse(
@@ -188,6 +185,25 @@ class DiscoveryServicer(dpb_grpc.DiscoveryServiceServicer):
         if request.include_federated:
             response.federation_stats.CopyFrom(_stats(outcomes))
         return response
+
+    def _candidates(self, outcome: PeerOutcome, search: Search) -> list[ranking.Candidate]:
+        """A peer's agents scored for this search; for a cached answer, computed once per (answer, query)."""
+        key = (outcome.peer.id, outcome.version, search.terms, search.filters) if outcome.version is not None else None
+        if key is not None:
+            known = self._scored.get(key)
+            if known is not None:
+                self._scored.move_to_end(key)
+                return known
+        peer = outcome.peer
+        scored = [
+            ranking.Candidate(a, True, peer.registry_url, peer.name, ranking.score(a, search.terms))
+            for a in outcome.agents
+        ]
+        if key is not None:
+            self._scored[key] = scored
+            while len(self._scored) > SCORED_ENTRIES:
+                self._scored.popitem(last=False)
+        return scored
 
     async def _local(self, search: Search, context: grpc.aio.ServicerContext) -> list[ranking.Candidate]:
         r = search.request
