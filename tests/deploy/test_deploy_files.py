@@ -7,7 +7,6 @@ import base64
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tomllib
@@ -18,6 +17,8 @@ import grpc
 import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from agentvault.devserver.embedded import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -566,10 +567,7 @@ async def test_healthcheck_cli_follows_serving_status() -> None:
 
 
 async def test_healthcheck_cli_fails_when_nothing_listens() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    code, output = await _healthcheck(f"127.0.0.1:{port}", "--timeout", "2")
+    code, output = await _healthcheck(f"127.0.0.1:{free_port()}", "--timeout", "2")
     assert (code, output.count("\n")) == (1, 1), output
     assert "UNAVAILABLE" in output
 

@@ -346,11 +346,9 @@ def test_status_mapping_follows_grpc_gateway(code: str, status: int) -> None:
 
 
 async def test_backend_down_is_503() -> None:
-    import socket
+    from agentvault.devserver.embedded import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    dead = f"127.0.0.1:{free_port()}"
     runner, url = await start_edge(edge_settings(dead))
     try:
         async with aiohttp.ClientSession(base_url=url) as http:

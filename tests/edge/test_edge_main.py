@@ -5,21 +5,16 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 
 import aiohttp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from agentvault.devserver.embedded import free_port
 
 
 async def test_process_serves_and_stops_on_sigterm() -> None:
-    port = _free_port()
-    dead = _free_port()
+    port = free_port()
+    dead = free_port()
     env = {
         **os.environ,
         "EDGE_PORT": str(port),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import signal
 import subprocess
@@ -49,7 +50,8 @@ def http_ok(url: str, timeout: float = 1.0) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - loopback URL we built
             return bool(response.status == 200)
-    except OSError:
+    except (OSError, http.client.HTTPException):
+        # HTTPException: something that is not HTTP/1 answered (another service on the port).
         return False
 
 
