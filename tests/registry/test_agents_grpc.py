@@ -176,7 +176,7 @@ async def test_api_keys_are_stored_hashed(
     mesh: MeshHandle, registry: RegistryServiceAsyncStub, admin_token: str
 ) -> None:
     reply = await registry.CreateApiKey(pb.CreateApiKeyRequest(name="hashcheck"), metadata=bearer(admin_token))
-    secret = reply.token.rsplit("_", 1)[1]
+    secret = reply.token.split("_", 2)[2]  # avk_<id>_<secret>; the secret may itself contain "_"
     conn = await asyncpg.connect(mesh.database_url)
     try:
         row = await conn.fetchrow("SELECT * FROM api_keys WHERE id = $1", reply.api_key.id)
