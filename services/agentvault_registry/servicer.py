@@ -152,10 +152,6 @@ def _carries_federation_token(metadata: Any) -> bool:
     return False
 
 
-def _can_see(agent: domain.Agent, viewer: Principal | None) -> bool:
-    return may_see(agent.spec.sharing, agent.owner, viewer)
-
-
 def may_see(sharing: str, owner: str, viewer: Principal | None) -> bool:
     """Private agents are visible to their owner and admins only; the rest to every caller."""
     return sharing != "private" or (viewer is not None and (viewer.is_admin or viewer.name == owner))
@@ -179,7 +175,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
 
     def _authorize_owner(self, principal: Principal) -> Callable[[domain.Agent], None]:
         def check(agent: domain.Agent) -> None:
-            if not _can_see(agent, principal):
+            if not may_see(agent.spec.sharing, agent.owner, principal):
                 raise NotFound(f"agent {agent.id} not found", "AGENT_NOT_FOUND", id=agent.id)
             if not principal.is_admin and principal.name != agent.owner:
                 raise PermissionDenied(
