@@ -8,7 +8,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -17,6 +17,7 @@ from urllib.parse import urlencode, urlsplit
 import aiohttp
 import grpc
 import redis.asyncio as aioredis
+from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Histogram
 from yarl import URL
 
@@ -37,6 +38,8 @@ MAX_ERROR_TEXT = 300
 MAX_CONCURRENT_PEERS = 64
 # Decoded cached answers kept in memory, keyed by their Redis key and checked against its bytes.
 DECODED_ENTRIES = 1024
+# Validated peer answers kept in memory, keyed by peer and a digest of the bytes the peer sent.
+ANSWER_ENTRIES = 256
 # How long a protocol learned from a peer's discovery document is trusted before it is read again.
 DISCOVERY_TTL_SECONDS = 600.0
 
@@ -67,8 +70,19 @@ class PeerOutcome:
     agents: list[pb.Agent] = field(default_factory=list)
     error: str = ""
     invalid: int = 0
-    # Identifies the exact cached answer (a digest of its bytes), so work derived from it can be reused.
+    # Identifies the exact validated answer (a digest of its serialized form), so work derived from it (scores)
+    # can be reused; None when the peer did not answer.
     version: bytes | None = None
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """A peer's answer after validation: what is used, what was dropped, and its serialized form for the cache."""
+
+    agents: list[pb.Agent]
+    invalid: int
+    clean: bytes
+    version: bytes
 
 
 @dataclass(frozen=True)
@@ -139,6 +153,12 @@ class Federator:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._client_credentials: grpc.ChannelCredentials | None = None
         self._decoded: OrderedDict[str, tuple[bytes, list[pb.Agent], bytes]] = OrderedDict()
+        # Peers mostly send the same bytes for the same query: those are parsed and validated once.
+        self._answers: OrderedDict[tuple[str, bytes], _Answer] = OrderedDict()
+        # When each (peer, answer version) was last queued for federated_agents_cache, to skip rewriting rows
+        # that are still fresh.
+        self._upserted: dict[tuple[str, bytes], float] = {}
+        self._search_calls: dict[tuple[str, bool], grpc.aio.UnaryUnaryMultiCallable] = {}
 
     # --------------------------------------------------------------------------------------- fan-out
 
@@ -146,10 +166,13 @@ class Federator:
         targets = await self.directory.get()
         query_hash = query.cache_hash()
         cached = {} if force_refresh else await self._cache_read(targets, query_hash)
+        fresh: dict[str, bytes] = {}
         outcomes = await peers.gather_bounded(
             MAX_CONCURRENT_PEERS,
-            *(self._one(p, query, query_hash, filters, force_refresh, cached.get(p.id)) for p in targets),
+            *(self._one(p, query, query_hash, filters, cached.get(p.id), fresh) for p in targets),
         )
+        if fresh and self.settings.cache_ttl_seconds:
+            self._spawn(self._cache_put(fresh), f"cache the answers of {len(fresh)} peer(s)")
         results: list[PeerOutcome] = []
         for peer, outcome in zip(targets, outcomes, strict=True):
             if isinstance(outcome, BaseException):
@@ -165,8 +188,8 @@ class Federator:
         query: domain.PeerQuery,
         query_hash: str,
         filters: domain.Filters,
-        force_refresh: bool,
         cached: bytes | None,
+        fresh: dict[str, bytes],
     ) -> PeerOutcome:
         if peer.is_down:
             outcome = PeerOutcome(peer, SKIPPED, error="peer is down according to the health monitor")
@@ -176,7 +199,7 @@ class Federator:
         try:
             # The deadline covers everything for this peer: cache read, protocol discovery, the call, parsing.
             async with asyncio.timeout(self.settings.query_timeout_seconds):
-                outcome = await self._fetch(peer, query, query_hash, force_refresh, cached)
+                outcome = await self._fetch(peer, query, query_hash, cached, fresh)
         except TimeoutError:
             outcome = PeerOutcome(
                 peer, TIMEOUT, error=f"no answer within {self.settings.query_timeout_seconds * 1000:.0f} ms"
@@ -215,7 +238,7 @@ class Federator:
         )
 
     async def _fetch(
-        self, peer: PeerTarget, query: domain.PeerQuery, query_hash: str, force_refresh: bool, cached: bytes | None
+        self, peer: PeerTarget, query: domain.PeerQuery, query_hash: str, cached: bytes | None, fresh: dict[str, bytes]
     ) -> PeerOutcome:
         key = cache_key(peer.id, query_hash)
         if cached is not None:
@@ -226,14 +249,44 @@ class Federator:
                 return PeerOutcome(peer, OK, from_cache=True, agents=agents, version=version)
         route = await self._route(peer)
         if route.protocol == fed_pb.PEER_PROTOCOL_GRPC:
-            raw = await self._grpc_search(peer, route, query)
+            answer = self._answer(peer, await self._grpc_search(peer, route, query), _parse_grpc)
         else:
-            raw = await self._rest_search(peer, query)
-        agents, invalid = self._validate(peer, raw)
+            answer = self._answer(peer, await self._rest_search(peer, query), self._parse_rest)
         if self.settings.cache_ttl_seconds:
-            self._spawn(self._cache_put(key, agents), f"cache answer of peer {peer.name}")
-            self.writer.submit(CacheUpsert(peer.id, agents, expiry(self.settings.cache_ttl_seconds)))
-        return PeerOutcome(peer, OK, agents=agents, invalid=invalid)
+            fresh[key] = answer.clean
+            self._upsert(peer, answer)
+        return PeerOutcome(peer, OK, agents=answer.agents, invalid=answer.invalid, version=answer.version)
+
+    def _answer(self, peer: PeerTarget, raw: bytes, parse: Callable[[bytes], list[pb.Agent]]) -> _Answer:
+        """The peer's answer parsed and validated; the same bytes from the same peer are reused, not re-validated
+        (validation is a pure function of them). Raises PeerError when the bytes cannot be parsed."""
+        memo_key = (peer.id, hashlib.blake2b(raw, digest_size=16).digest())
+        answer = self._answers.get(memo_key)
+        if answer is None:
+            agents, invalid = self._validate(peer, parse(raw))
+            clean = fed_pb.SearchAgentsResponse(agents=agents).SerializeToString()
+            answer = _Answer(agents, invalid, clean, hashlib.blake2b(clean, digest_size=16).digest())
+            self._answers[memo_key] = answer
+            while len(self._answers) > ANSWER_ENTRIES:
+                self._answers.popitem(last=False)
+        else:
+            self._answers.move_to_end(memo_key)
+            if answer.invalid:
+                FEDERATION_INVALID_AGENTS.labels(peer.name).inc(answer.invalid)
+        return answer
+
+    def _upsert(self, peer: PeerTarget, answer: _Answer) -> None:
+        """Queues the answer's rows for federated_agents_cache, unless this very answer was queued for the peer
+        less than half a TTL ago: its rows are then still there and still fresh."""
+        now = time.monotonic()
+        ttl = self.settings.cache_ttl_seconds
+        marker = (peer.id, answer.version)
+        if now - self._upserted.get(marker, float("-inf")) < ttl / 2:
+            return
+        if len(self._upserted) >= 4 * ANSWER_ENTRIES:
+            self._upserted = {k: t for k, t in self._upserted.items() if now - t < ttl / 2}
+        self._upserted[marker] = now
+        self.writer.submit(CacheUpsert(peer.id, answer.agents, expiry(ttl)))
 
     def _validate(self, peer: PeerTarget, raw: list[pb.Agent]) -> tuple[list[pb.Agent], int]:
         limit = self.settings.max_results_per_peer
@@ -298,12 +351,16 @@ class Federator:
             self._decoded.popitem(last=False)
         return digest, agents
 
-    async def _cache_put(self, key: str, agents: list[pb.Agent]) -> None:
-        value = fed_pb.SearchAgentsResponse(agents=agents).SerializeToString()
-        await self.redis.set(key, value, ex=self.settings.cache_ttl_seconds)
+    async def _cache_put(self, answers: dict[str, bytes]) -> None:
+        """Every fresh answer of one search written in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key, value in answers.items():
+                pipe.set(key, value, ex=self.settings.cache_ttl_seconds)
+            await pipe.execute()
 
     async def clear_cache(self, peer_id: str) -> int:
         """Deletes every cached answer of the peer; returns how many."""
+        self._upserted = {k: t for k, t in self._upserted.items() if k[0] != peer_id}
         cleared = 0
         batch: list[bytes | str] = []
         async for key in self.redis.scan_iter(match=f"federation:{peer_id}:*", count=500):
@@ -364,7 +421,18 @@ class Federator:
 
     # --------------------------------------------------------------------------------------- gRPC peers
 
-    async def _grpc_search(self, peer: PeerTarget, route: _Route, query: domain.PeerQuery) -> list[pb.Agent]:
+    def _search_call(self, route: _Route) -> grpc.aio.UnaryUnaryMultiCallable:
+        """SearchAgents on the peer's channel, answering the raw bytes: they are digested before being parsed."""
+        key = (route.grpc_endpoint, route.mtls)
+        call = self._search_calls.get(key)
+        if call is None:
+            call = self._channel(route.grpc_endpoint, route.mtls).unary_unary(
+                SEARCH_METHOD, request_serializer=fed_pb.SearchAgentsRequest.SerializeToString
+            )
+            self._search_calls[key] = call
+        return call
+
+    async def _grpc_search(self, peer: PeerTarget, route: _Route, query: domain.PeerQuery) -> bytes:
         request = fed_pb.SearchAgentsRequest(
             search=query.search,
             agent_type=query.agent_type,
@@ -386,9 +454,8 @@ class Federator:
                     signing.sign(signing.GRPC_METHOD, SEARCH_METHOD, body, peer.api_key, nonce=nonce),
                 ),
             ]
-        stub = fed_grpc.FederationServiceStub(self._channel(route.grpc_endpoint, route.mtls))
         try:
-            reply: fed_pb.SearchAgentsResponse = await stub.SearchAgents(
+            reply = await self._search_call(route)(
                 request, metadata=metadata, timeout=self.settings.query_timeout_seconds
             )
         except grpc.aio.AioRpcError as exc:
@@ -400,11 +467,13 @@ class Federator:
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 raise PeerError(f"peer answer rejected: {code.name}: {exc.details()}") from None
             raise PeerError(f"peer call failed: {code.name}: {exc.details()}") from None
-        return list(reply.agents)
+        if not isinstance(reply, bytes):
+            raise PeerError("peer call failed: no answer")
+        return reply
 
     # --------------------------------------------------------------------------------------- REST peers
 
-    async def _rest_search(self, peer: PeerTarget, query: domain.PeerQuery) -> list[pb.Agent]:
+    async def _rest_search(self, peer: PeerTarget, query: domain.PeerQuery) -> bytes:
         params = [
             ("search", query.search),
             ("agent_type", query.agent_type),
@@ -443,6 +512,10 @@ class Federator:
                         raise PeerError(f"peer answer too large (over {limit} bytes)")
         except aiohttp.ClientError as exc:
             raise PeerError(f"peer call failed: {exc.__class__.__name__}: {exc}") from None
+        return bytes(body)
+
+    def _parse_rest(self, body: bytes) -> list[pb.Agent]:
+        """A REST peer's JSON answer as agents, each still to be validated."""
         try:
             document = json.loads(body)
         except (ValueError, RecursionError):
@@ -483,6 +556,13 @@ _KIND_WORDS: dict[int, str] = {
     pb.CAPABILITY_KIND_SKILL: "skill",
     pb.CAPABILITY_KIND_MODEL: "model",
 }
+
+
+def _parse_grpc(raw: bytes) -> list[pb.Agent]:
+    try:
+        return list(fed_pb.SearchAgentsResponse.FromString(raw).agents)
+    except DecodeError:
+        raise PeerError("peer answered with an unreadable message") from None
 
 
 def cache_key(peer_id: str, query_hash: str) -> str:

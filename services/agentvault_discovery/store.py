@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import uuid
 from dataclasses import dataclass
@@ -11,22 +9,11 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 from google.protobuf import json_format
-from prometheus_client import Counter
 
+from agentvault.common.batching import BATCH_FAILED, BatchWriter
 from agentvault.registry.v1 import registry_service_pb2 as pb
 
 log = logging.getLogger("agentvault.discovery.store")
-
-BACKGROUND_DROPPED = Counter(
-    "discovery_background_writes_dropped_total",
-    "Query-log rows or cache upserts dropped because the background queue was full.",
-    ["kind"],
-)
-BACKGROUND_FAILED = Counter(
-    "discovery_background_write_errors_total",
-    "Background writes to the database that failed (logged with their error).",
-    ["kind"],
-)
 
 
 @dataclass(frozen=True)
@@ -120,92 +107,36 @@ class Store:
         return int(result.rsplit(" ", 1)[-1])
 
 
-class BackgroundWriter:
-    """Writes query-log rows and cache upserts off the request path, in batches.
+class BackgroundWriter(BatchWriter[QueryLogRow | CacheUpsert]):
+    """Query-log rows and cache upserts, written off the request path in batches; expired cache rows are purged
+    every `purge_every` seconds."""
 
-    The queue is bounded so a slow database costs memory up to a limit, never latency; what does not fit is
-    dropped and counted, and every failed write is logged, never swallowed.
-    """
-
-    def __init__(
-        self,
-        store: Store,
-        *,
-        max_queue: int = 10_000,
-        batch: int = 500,
-        purge_every: float = 60.0,
-    ) -> None:
+    def __init__(self, store: Store, *, max_queue: int = 10_000, batch: int = 500, purge_every: float = 60.0) -> None:
+        super().__init__(
+            "discovery", self._write_items, max_queue=max_queue, batch=batch, tick=self._purge, tick_every=purge_every
+        )
         self.store = store
-        self._queue: asyncio.Queue[QueryLogRow | CacheUpsert] = asyncio.Queue(max_queue)
-        self._batch = batch
-        self._purge_every = purge_every
-        self._task: asyncio.Task[None] | None = None
-        self._idle = asyncio.Event()
-        self._idle.set()
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="discovery-background-writer")
-
-    def submit(self, item: QueryLogRow | CacheUpsert) -> None:
-        try:
-            self._queue.put_nowait(item)
-            self._idle.clear()
-        except asyncio.QueueFull:
-            kind = "query_log" if isinstance(item, QueryLogRow) else "agents_cache"
-            BACKGROUND_DROPPED.labels(kind).inc()
-            log.warning("background queue full; dropped a %s write", kind)
-
-    async def _run(self) -> None:
-        last_purge = asyncio.get_running_loop().time()
-        while True:
-            try:
-                item = await asyncio.wait_for(self._queue.get(), timeout=self._purge_every)
-            except TimeoutError:
-                item = None
-            items = [] if item is None else [item]
-            while len(items) < self._batch and not self._queue.empty():
-                items.append(self._queue.get_nowait())
-            if items:
-                await self._write(items)
-            if self._queue.empty():
-                self._idle.set()
-            now = asyncio.get_running_loop().time()
-            if now - last_purge >= self._purge_every:
-                last_purge = now
-                try:
-                    purged = await self.store.purge_expired()
-                    if purged:
-                        log.info("purged expired federated agents", extra={"rows": purged})
-                except Exception:
-                    BACKGROUND_FAILED.labels("purge").inc()
-                    log.exception("cannot purge expired rows of federated_agents_cache")
-
-    async def _write(self, items: list[QueryLogRow | CacheUpsert]) -> None:
+    async def _write_items(self, items: list[QueryLogRow | CacheUpsert]) -> None:
+        # Each kind separately, so that one failing does not cost the other.
         rows = [i for i in items if isinstance(i, QueryLogRow)]
         if rows:
             try:
                 await self.store.insert_query_logs(rows)
             except Exception:
-                BACKGROUND_FAILED.labels("query_log").inc()
+                BATCH_FAILED.labels("discovery_query_log").inc()
                 log.exception("cannot write %d row(s) to federation_query_log", len(rows))
         for upsert in (i for i in items if isinstance(i, CacheUpsert)):
             try:
                 await self.store.upsert_cached_agents(upsert)
             except Exception:
-                BACKGROUND_FAILED.labels("agents_cache").inc()
+                BATCH_FAILED.labels("discovery_agents_cache").inc()
                 log.exception("cannot upsert %d agent(s) of peer %s", len(upsert.agents), upsert.peer_id)
 
-    async def drain(self, timeout: float = 5.0) -> None:
-        """Waits until everything queued so far is written (shutdown, tests)."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), timeout)
-
-    async def stop(self) -> None:
-        await self.drain()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+    async def _purge(self) -> None:
+        purged = await self.store.purge_expired()
+        if purged:
+            log.info("purged expired federated agents", extra={"rows": purged})
 
 
 def expiry(ttl_seconds: int) -> datetime:
