@@ -13,7 +13,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -164,6 +164,20 @@ async def registry(mesh: MeshHandle) -> AsyncIterator[registry_service_pb2_grpc.
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
         yield session
+
+
+async def eventually(check: Callable[[], Awaitable[None]], seconds: float = 5.0) -> None:
+    """Awaits `check` until it stops raising AssertionError, for at most `seconds` (then its error is raised):
+    for effects that land asynchronously, like batched log rows or pub/sub invalidations."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while True:
+        try:
+            await check()
+            return
+        except AssertionError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.05)
 
 
 def unique_did(label: str = "agent") -> str:

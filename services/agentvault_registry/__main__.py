@@ -66,11 +66,13 @@ def main() -> None:
             # which the old keys can be removed from FEDERATION_ENCRYPTION_KEYS.
             rotated = await fed_store.rotate_secrets(box.rotate_if_needed)
             log.info("federation secrets re-encrypted under the primary key", extra={"rotated": rotated})
-        federation = FederationServicer(store, fed_store, FederationGate(fed_store, box, redis, fed), fed)
         cache = AgentCache(redis, settings.agent_cache_ttl, settings.agent_cache_size)
         cache_task = asyncio.create_task(cache.run())
+        gate = FederationGate(fed_store, box, redis, fed, cache)
+        federation = FederationServicer(store, fed_store, gate, fed, cache)
+        federation.inbound_log.start()
         registry = RegistryServicer(store, auth, redis.ping, cache, federation)
-        peers = PeerServicer(fed_store, auth, box)
+        peers = PeerServicer(fed_store, auth, box, cache)
         if fed.peers_file:
             await declared_peers.apply(fed.peers_file, os.environ, fed_store, peers)
         server.add(SERVICE_NAME, lambda s: registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(registry, s))
@@ -82,6 +84,8 @@ def main() -> None:
             log.info("federation TLS listener", extra={"port": tls_port, "mtls_required": fed.mtls_required})
 
         async def close() -> None:
+            # The server has stopped taking calls: write every inbound query logged so far.
+            await federation.inbound_log.stop()
             cache_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await cache_task

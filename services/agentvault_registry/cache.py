@@ -1,6 +1,9 @@
-"""Recently read agents for GetAgent, kept as ready protobuf messages.
+"""Recently read agents for GetAgent and recent answers to peers' federated searches, kept as ready protobuf
+messages, and the federation credentials peers present.
 
-Every write invalidates its entry here and, over Redis pub/sub, in every other replica. The cache serves
+Every write invalidates its agent here and, over Redis pub/sub, in every other replica; any write (a creation
+included) drops every cached search answer, since any agent may enter or leave any result. Revoking a
+credential drops it the same way. The cache serves
 only while subscribed, so no replica misses an invalidation while it still answers from memory; the TTL
 bounds what a message lost in flight could leave stale.
 """
@@ -12,6 +15,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter
@@ -21,8 +25,16 @@ from agentvault.registry.v1.registry_service_pb2 import Agent as AgentPb
 log = logging.getLogger("agentvault.registry.cache")
 
 CHANNEL = "registry:agents:invalidate"
+# Invalidation messages for credentials carry this prefix; any other message is an agent id.
+CREDENTIAL = "credential:"
 LOOKUPS = Counter("registry_agent_cache_lookups_total", "GetAgent cache lookups, by result.", ["result"])
 _HIT, _MISS = LOOKUPS.labels("hit"), LOOKUPS.labels("miss")
+SEARCH_LOOKUPS = Counter(
+    "registry_federated_search_cache_lookups_total", "Cached answers to peers' searches, by result.", ["result"]
+)
+_SEARCH_HIT, _SEARCH_MISS = SEARCH_LOOKUPS.labels("hit"), SEARCH_LOOKUPS.labels("miss")
+# Answers to peers' searches kept (each up to FEDERATION_MAX_RESULTS_PER_PEER agents).
+SEARCH_ENTRIES = 256
 
 
 @dataclass(frozen=True)
@@ -39,6 +51,8 @@ class AgentCache:
         self.ttl = ttl
         self.max_entries = max_entries
         self._entries: OrderedDict[str, Cached] = OrderedDict()
+        self._searches: OrderedDict[str, tuple[Any, float]] = OrderedDict()
+        self._credentials: OrderedDict[str, tuple[Any, float]] = OrderedDict()
         self._subscribed = False
         # Bumped by every invalidation: a read that started before one must not fill the cache afterwards.
         self.version = 0
@@ -65,17 +79,68 @@ class AgentCache:
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 
-    def _drop(self, agent_id: str | None) -> None:
+    def get_search(self, key: str) -> Any:
+        """A peer-facing search answer, or None."""
+        found = self._lookup(self._searches, key)
+        (_SEARCH_MISS if found is None else _SEARCH_HIT).inc()
+        return found
+
+    def put_search(self, key: str, answer: Any, version: int) -> None:
+        """Keeps an answer read while the cache was at `version`; dropped if anything changed since."""
+        self._keep(self._searches, key, answer, version, SEARCH_ENTRIES)
+
+    def get_credential(self, cred_id: str) -> Any:
+        return self._lookup(self._credentials, cred_id)
+
+    def put_credential(self, cred_id: str, value: Any, version: int) -> None:
+        self._keep(self._credentials, cred_id, value, version, self.max_entries)
+
+    def _lookup(self, entries: OrderedDict[str, tuple[Any, float]], key: str) -> Any:
+        if not self.enabled:
+            return None
+        entry = entries.get(key)
+        if entry is None:
+            return None
+        if entry[1] < time.monotonic():
+            entries.pop(key, None)
+            return None
+        entries.move_to_end(key)
+        return entry[0]
+
+    def _keep(
+        self, entries: OrderedDict[str, tuple[Any, float]], key: str, value: Any, version: int, limit: int
+    ) -> None:
+        if not self.enabled or version != self.version:
+            return
+        entries[key] = (value, time.monotonic() + self.ttl)
+        entries.move_to_end(key)
+        while len(entries) > limit:
+            entries.popitem(last=False)
+
+    def _drop(self, key: str | None) -> None:
         self.version += 1
-        if agent_id is None:
+        if key is None:
             self._entries.clear()
+            self._searches.clear()
+            self._credentials.clear()
+        elif key.startswith(CREDENTIAL):
+            self._credentials.pop(key.removeprefix(CREDENTIAL), None)
         else:
-            self._entries.pop(agent_id, None)
+            self._entries.pop(key, None)
+            self._searches.clear()
 
     async def invalidate(self, agent_id: str) -> None:
-        self._drop(agent_id)
+        """After any write of the agent (its creation included), here and in every replica."""
+        await self._announce(agent_id)
+
+    async def invalidate_credential(self, cred_id: str) -> None:
+        """After a credential is revoked, here and in every replica."""
+        await self._announce(CREDENTIAL + cred_id)
+
+    async def _announce(self, key: str) -> None:
+        self._drop(key)
         try:
-            await self.redis.publish(CHANNEL, agent_id)
+            await self.redis.publish(CHANNEL, key)
         except Exception as exc:  # the other replicas' TTL still bounds their staleness
             log.warning("cannot publish cache invalidation: %s", exc)
 

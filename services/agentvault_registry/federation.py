@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import re
 import secrets
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -19,6 +21,7 @@ from google.protobuf import empty_pb2
 
 from agentvault.common import pagination, signing
 from agentvault.common.auth import Principal, Role, bearer_token
+from agentvault.common.batching import BatchWriter
 from agentvault.common.errors import (
     AlreadyExists,
     NotFound,
@@ -34,6 +37,7 @@ from agentvault.federation.v1 import federation_service_pb2_grpc as fpb_grpc
 from agentvault.registry.v1 import registry_service_pb2 as pb
 from agentvault_registry import domain
 from agentvault_registry.auth import Authenticator
+from agentvault_registry.cache import AgentCache
 from agentvault_registry.federation_store import CredentialRecord, FederationStore, PeerRecord
 from agentvault_registry.servicer import SHARING, EnumWords, agent_to_proto, search_filters, to_timestamp
 from agentvault_registry.settings import FederationSettings
@@ -53,6 +57,8 @@ MAX_PEER_NAME = 255
 MAX_PEER_URL = 500
 MAX_API_KEY = 512
 MAX_METADATA = 20
+# How long inbound-log rows wait for others to share their database write.
+INBOUND_LOG_LINGER_SECONDS = 0.1
 
 
 def peer_to_proto(peer: PeerRecord) -> fpb.Peer:
@@ -90,12 +96,19 @@ class FederationGate:
     """Admits a peer's call: its token, its HMAC signature, freshness, no replay, and its rate."""
 
     def __init__(
-        self, store: FederationStore, box: SecretBox | None, redis: aioredis.Redis, settings: FederationSettings
+        self,
+        store: FederationStore,
+        box: SecretBox | None,
+        redis: aioredis.Redis,
+        settings: FederationSettings,
+        cache: AgentCache,
     ) -> None:
         self.store = store
         self.box = box
         self.redis = redis
         self.settings = settings
+        # Credentials by id with the SHA-256 of their token (never the token itself); revocation drops them.
+        self.cache = cache
 
     async def admit(self, metadata: Any, grpc_method: str, request: Any) -> tuple[CredentialRecord, str]:
         """The calling peer's credential and its registry name; raises Unauthenticated/ResourceExhausted."""
@@ -112,8 +125,8 @@ class FederationGate:
         if signature or self.settings.require_signature:
             if not signature:
                 raise Unauthenticated("this mesh requires signed federation requests", "SIGNATURE_MISSING")
-            await self._check_signature(metadata, signature, token, grpc_method, request)
-        await self._rate_limit(cred)
+            self._check_signature(metadata, signature, token, grpc_method, request)
+        await self._admit_once(cred, signature)
         return cred, metadata_value(metadata, signing.REGISTRY_HEADER)[:255]
 
     async def _credential(self, token: str) -> CredentialRecord:
@@ -121,18 +134,26 @@ class FederationGate:
         cred_id, _, secret = rest.partition("_")
         if prefix != TOKEN_PREFIX or len(cred_id) != 16 or not secret or self.box is None:
             raise Unauthenticated("invalid federation token", "INVALID_CREDENTIAL")
-        cred = await self.store.get_credential(cred_id)
-        expected = ""
-        if cred is not None:
-            try:
-                expected = self.box.decrypt(cred.token_encrypted)
-            except DecryptionError:
-                log.error("federation credential %s cannot be decrypted; check FEDERATION_ENCRYPTION_KEYS", cred_id)
-        if cred is None or not hmac.compare_digest(token.encode(), expected.encode()) or cred.revoked_at:
+        known: tuple[CredentialRecord, bytes] | None = self.cache.get_credential(cred_id)
+        if known is None:
+            version = self.cache.version
+            cred = await self.store.get_credential(cred_id)
+            expected = b""
+            if cred is not None:
+                try:
+                    expected = hashlib.sha256(self.box.decrypt(cred.token_encrypted).encode()).digest()
+                except DecryptionError:
+                    log.error("federation credential %s cannot be decrypted; check FEDERATION_ENCRYPTION_KEYS", cred_id)
+                if expected:
+                    self.cache.put_credential(cred_id, (cred, expected), version)
+        else:
+            cred, expected = known
+        presented = hashlib.sha256(token.encode()).digest()
+        if cred is None or not expected or not hmac.compare_digest(presented, expected) or cred.revoked_at:
             raise Unauthenticated("invalid or revoked federation token", "INVALID_CREDENTIAL")
         return cred
 
-    async def _check_signature(self, metadata: Any, signature: str, token: str, grpc_method: str, request: Any) -> None:
+    def _check_signature(self, metadata: Any, signature: str, token: str, grpc_method: str, request: Any) -> None:
         nonce = metadata_value(metadata, signing.NONCE_HEADER)
         http_method = metadata_value(metadata, "x-http-method")
         if http_method:
@@ -147,25 +168,28 @@ class FederationGate:
             signing.verify(signature, method, path, body, token, max_age=self.settings.signature_max_age, nonce=nonce)
         except signing.SignatureError as exc:
             raise Unauthenticated(f"federation signature rejected: {exc}", "SIGNATURE_INVALID") from None
-        # A signature is accepted once: the key lives as long as the signature could still be fresh.
-        ttl = self.settings.signature_max_age + signing.MAX_FUTURE_SKEW_SECONDS
-        try:
-            fresh = await self.redis.set(f"federation:replay:{signature}", b"1", nx=True, ex=ttl)
-        except Exception as exc:  # fail closed: without the nonce store, replays cannot be ruled out
-            raise Unavailable(f"replay protection unavailable: {type(exc).__name__}", "REPLAY_STORE_DOWN") from None
-        if not fresh:
-            raise Unauthenticated("federation request replayed", "SIGNATURE_REPLAYED")
 
-    async def _rate_limit(self, cred: CredentialRecord) -> None:
+    async def _admit_once(self, cred: CredentialRecord, signature: str) -> None:
+        """One Redis round trip: the signature (if any) is recorded so it is accepted only once, and the call is
+        counted against the credential's rate. Fails closed: without Redis neither can be enforced."""
         window = int(time.time() // 60)
-        key = f"federation:rate:{cred.id}:{window}"
+        rate_key = f"federation:rate:{cred.id}:{window}"
         try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.incr(key)
-                pipe.expire(key, 120)
-                count, _ = await pipe.execute()
+            async with self.redis.pipeline(transaction=False) as pipe:
+                if signature:
+                    # The key lives as long as the signature could still be fresh.
+                    ttl = self.settings.signature_max_age + signing.MAX_FUTURE_SKEW_SECONDS
+                    pipe.set(f"federation:replay:{signature}", b"1", nx=True, ex=ttl)
+                pipe.incr(rate_key)
+                pipe.expire(rate_key, 120)
+                results = await pipe.execute()
         except Exception as exc:
-            raise Unavailable(f"rate limiter unavailable: {type(exc).__name__}", "RATE_LIMITER_DOWN") from None
+            raise Unavailable(
+                f"replay protection and rate limiter unavailable: {type(exc).__name__}", "FEDERATION_REDIS_DOWN"
+            ) from None
+        if signature and not results[0]:
+            raise Unauthenticated("federation request replayed", "SIGNATURE_REPLAYED")
+        count = results[-2]
         if int(count) > self.settings.rate_limit_per_minute:
             raise ResourceExhausted(
                 f"federation rate limit of {self.settings.rate_limit_per_minute} requests per minute exceeded",
@@ -189,10 +213,11 @@ def _require_query_matches(path: str, request: Any) -> None:
 
 
 class PeerServicer(fpb_grpc.PeerServiceServicer):
-    def __init__(self, store: FederationStore, auth: Authenticator, box: SecretBox | None) -> None:
+    def __init__(self, store: FederationStore, auth: Authenticator, box: SecretBox | None, cache: AgentCache) -> None:
         self.store = store
         self.auth = auth
         self.box = box
+        self.cache = cache
 
     def _require_box(self) -> SecretBox:
         if self.box is None:
@@ -370,6 +395,8 @@ class PeerServicer(fpb_grpc.PeerServiceServicer):
         cred = await self.store.revoke_credential(request.id)
         if cred is None:
             raise NotFound(f"federation credential {request.id} not found", "CREDENTIAL_NOT_FOUND", id=request.id)
+        await self.cache.invalidate_credential(cred.id)
+        log.info("federation credential revoked", extra={"credential_id": cred.id, "peer_name": cred.name})
         return credential_to_proto(cred)
 
 
@@ -381,40 +408,106 @@ def shareable(agent: domain.Agent) -> pb.Agent:
     return proto
 
 
+class SharedAnswer:
+    """Federated agents matching one query, and the replies built from them, each built once."""
+
+    __slots__ = ("_list_reply", "_search_reply", "agents")
+
+    def __init__(self, agents: list[pb.Agent]) -> None:
+        self.agents = agents
+        self._search_reply: fpb.SearchAgentsResponse | None = None
+        self._list_reply: pb.ListAgentsResponse | None = None
+
+    def search_reply(self, registry_name: str) -> fpb.SearchAgentsResponse:
+        if self._search_reply is None or self._search_reply.registry_name != registry_name:
+            self._search_reply = fpb.SearchAgentsResponse(agents=self.agents, registry_name=registry_name)
+        return self._search_reply
+
+    def list_reply(self) -> pb.ListAgentsResponse:
+        if self._list_reply is None:
+            self._list_reply = pb.ListAgentsResponse(agents=self.agents)
+        return self._list_reply
+
+
+@dataclass(frozen=True)
+class InboundLogRow:
+    credential_id: str
+    peer_name: str
+    peer_registry: str
+    method: str
+    query: dict[str, Any]
+    result_count: int
+    response_time_ms: float
+    created_at: datetime
+
+
 class FederationServicer(fpb_grpc.FederationServiceServicer):
     def __init__(
-        self, store: Store, fed_store: FederationStore, gate: FederationGate, settings: FederationSettings
+        self,
+        store: Store,
+        fed_store: FederationStore,
+        gate: FederationGate,
+        settings: FederationSettings,
+        cache: AgentCache,
     ) -> None:
         self.store = store
         self.fed_store = fed_store
         self.gate = gate
         self.settings = settings
+        self.cache = cache
+        # federation_inbound_log and the credentials' last use are written in batches, off the request path.
+        self.inbound_log: BatchWriter[InboundLogRow] = BatchWriter(
+            "federation_inbound_log", self._write_log, linger=INBOUND_LOG_LINGER_SECONDS
+        )
 
     async def search_shared(
         self, raw_query: dict[str, Any], limit: int, cred: CredentialRecord, peer_registry: str, method: str
-    ) -> list[pb.Agent]:
-        """Federated agents matching the query, logged as one inbound federation query."""
+    ) -> SharedAnswer:
+        """Federated agents matching the query, logged as one inbound federation query.
+
+        Every peer gets the same answer to the same query (they all see exactly the `federated` agents), so
+        answers are kept in the agent cache, which any agent write anywhere empties."""
         start = time.perf_counter()
         query = domain.build_query({**raw_query, "sharing": "federated"})
-        size = min(limit or self.settings.max_results_per_peer, self.settings.max_results_per_peer)
         if limit < 0:
             raise invalid("page_size", "must not be negative")
-        agents, _ = await self.store.list_agents(query, None, size, None)
-        result = [shareable(a) for a in agents]
-        elapsed = (time.perf_counter() - start) * 1000
-        logged = {k: v for k, v in raw_query.items() if v}
-        try:
-            await self.fed_store.log_inbound(cred, peer_registry, method, logged, len(result), elapsed)
-        except (OSError, asyncpg.PostgresError) as exc:
-            log.error("cannot write federation_inbound_log: %s", exc)
+        size = min(limit or self.settings.max_results_per_peer, self.settings.max_results_per_peer)
+        key = f"{query.fingerprint()}\x1f{size}"
+        result: SharedAnswer | None = self.cache.get_search(key)
+        if result is None:
+            version = self.cache.version
+            agents, _ = await self.store.list_agents(query, None, size, None)
+            result = SharedAnswer([shareable(a) for a in agents])
+            self.cache.put_search(key, result, version)
+        self.inbound_log.submit(
+            InboundLogRow(
+                credential_id=cred.id,
+                peer_name=cred.name,
+                peer_registry=peer_registry[:255],
+                method=method,
+                query={k: v for k, v in raw_query.items() if v},
+                result_count=len(result.agents),
+                response_time_ms=(time.perf_counter() - start) * 1000,
+                created_at=datetime.now(UTC),
+            )
+        )
         return result
+
+    async def _write_log(self, rows: list[InboundLogRow]) -> None:
+        await self.fed_store.log_inbound(
+            [
+                (r.credential_id, r.peer_name, r.peer_registry, r.method, r.query, r.result_count,
+                 r.response_time_ms, r.created_at)
+                for r in rows
+            ]
+        )  # fmt: skip
 
     async def SearchAgents(
         self, request: fpb.SearchAgentsRequest, context: grpc.aio.ServicerContext
     ) -> fpb.SearchAgentsResponse:
         cred, registry = await self.gate.admit(context.invocation_metadata(), SEARCH_METHOD, request)
-        agents = await self.search_shared(search_filters(request), request.page_size, cred, registry, "SearchAgents")
-        return fpb.SearchAgentsResponse(agents=agents, registry_name=self.settings.registry_name)
+        answer = await self.search_shared(search_filters(request), request.page_size, cred, registry, "SearchAgents")
+        return answer.search_reply(self.settings.registry_name)
 
     async def GetFederationInfo(
         self, request: fpb.GetFederationInfoRequest, context: grpc.aio.ServicerContext

@@ -221,29 +221,25 @@ class FederationStore:
         )
         return CredentialRecord(**dict(row)) if row else None
 
-    async def log_inbound(
-        self,
-        cred: CredentialRecord,
-        peer_registry: str,
-        method: str,
-        query: dict[str, Any],
-        result_count: int,
-        response_time_ms: float,
-    ) -> None:
+    async def log_inbound(self, rows: list[tuple[str, str, str, str, dict[str, Any], int, float, datetime]]) -> None:
+        """Inbound federation queries, each (credential_id, peer_name, peer_registry, method, query,
+        result_count, response_time_ms, created_at); the credentials' last use moves to their latest query."""
+        last_used: dict[str, datetime] = {}
+        for row in rows:
+            last_used[row[0]] = max(row[7], last_used.get(row[0], row[7]))
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                """INSERT INTO federation_inbound_log
-                       (credential_id, peer_name, peer_registry, method, query, result_count, response_time_ms)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7)""",
-                cred.id,
-                cred.name,
-                peer_registry[:255],
-                method,
-                query,
-                result_count,
-                response_time_ms,
+            await conn.executemany(
+                """INSERT INTO federation_inbound_log (credential_id, peer_name, peer_registry, method, query,
+                       result_count, response_time_ms, created_at)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
+                rows,
             )
-            await conn.execute("UPDATE federation_credentials SET last_used_at = now() WHERE id = $1", cred.id)
+            await conn.execute(
+                """UPDATE federation_credentials c SET last_used_at = GREATEST(c.last_used_at, u.used)
+                   FROM unnest($1::text[], $2::timestamptz[]) AS u(id, used) WHERE c.id = u.id""",
+                list(last_used),
+                list(last_used.values()),
+            )
 
     async def rotate_secrets(self, rotate: Callable[[str], str]) -> int:
         """Re-encrypts every stored peer key and issued token under the primary key; returns how many changed.

@@ -195,6 +195,8 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             raise AlreadyExists(
                 f"an agent with did {spec.did!r} already exists", "AGENT_DID_EXISTS", did=spec.did
             ) from None
+        # Nothing cached holds the new agent, but cached search answers may now be missing it.
+        await self.cache.invalidate(agent.id)
         log.info("agent created", extra={"agent_id": agent.id, "owner": principal.name})
         return agent_to_proto(agent)
 
@@ -244,10 +246,10 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
 
     async def _list_for_peer(self, request: pb.ListAgentsRequest, metadata: Any) -> pb.ListAgentsResponse:
         cred, registry = await self.federation.gate.admit(metadata, LIST_METHOD, request)
-        agents = await self.federation.search_shared(
+        answer = await self.federation.search_shared(
             search_filters(request), request.page_size or request.limit, cred, registry, "ListAgents"
         )
-        return pb.ListAgentsResponse(agents=agents)
+        return answer.list_reply()
 
     async def UpdateAgent(self, request: pb.UpdateAgentRequest, context: grpc.aio.ServicerContext) -> AgentPb:
         principal = await self.auth.require(context.invocation_metadata())

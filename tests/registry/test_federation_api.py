@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import TYPE_CHECKING
 
@@ -16,7 +17,7 @@ from agentvault.federation.v1 import federation_service_pb2_grpc as fpb_grpc
 from agentvault.registry.v1 import registry_service_pb2 as pb
 from agentvault.registry.v1 import registry_service_pb2_grpc as pb_grpc
 
-from ..conftest import MeshFactory, MeshHandle, bearer, unique_did
+from ..conftest import MeshFactory, MeshHandle, bearer, eventually, unique_did
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -173,14 +174,20 @@ async def test_signed_search_returns_only_shared_fields(reg: Registry) -> None:
     assert [a.id for a in reply.agents] == [shared.id]
     assert reply.agents[0].owner == "" and reply.agents[0].health_check_url == ""
     assert reply.agents[0].capabilities[0].version == "1.2.0"
-    conn = await asyncpg.connect(reg.handle.database_url)
-    try:
-        logged = await conn.fetchrow(
-            "SELECT * FROM federation_inbound_log WHERE peer_name = 'mesh-share' ORDER BY id DESC LIMIT 1"
-        )
-    finally:
-        await conn.close()
-    assert logged is not None and logged["result_count"] == 1 and logged["peer_registry"] == "mesh-test"
+
+    # The inbound log is written in batches, off the request path.
+    async def logged() -> None:
+        conn = await asyncpg.connect(reg.handle.database_url)
+        try:
+            row = await conn.fetchrow(
+                "SELECT * FROM federation_inbound_log WHERE peer_name = 'mesh-share' ORDER BY id DESC LIMIT 1"
+            )
+        finally:
+            await conn.close()
+        assert row is not None and row["result_count"] == 1 and row["peer_registry"] == "mesh-test"
+        assert json.loads(row["query"]) == {"search": word} and row["method"] == "SearchAgents"
+
+    await eventually(logged)
 
 
 async def test_federation_rejects_bad_credentials_and_signatures(reg: Registry) -> None:
@@ -220,6 +227,12 @@ async def test_revoked_federation_credential_is_refused(reg: Registry) -> None:
     request = fpb.SearchAgentsRequest()
     await reg.federation.SearchAgents(request, metadata=signed(token, request))
     cred_id = token.split("_")[1]
+
+    async def used() -> None:
+        listed = await reg.peers.ListFederationCredentials(fpb.ListFederationCredentialsRequest(), metadata=reg.admin)
+        assert next(c for c in listed.credentials if c.id == cred_id).last_used_time.seconds > 0
+
+    await eventually(used)
     revoked = await reg.peers.RevokeFederationCredential(
         fpb.RevokeFederationCredentialRequest(id=cred_id), metadata=reg.admin
     )
