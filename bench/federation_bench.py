@@ -57,7 +57,7 @@ SEARCH_LABELS = {"grpc_service": "agentvault.discovery.v1.DiscoveryService", "gr
 
 # The issue's goals.
 UNCACHED_VS_SINGLE = 1.5  # uncached p50 with 10 peers at most this multiple of the single-peer p50
-CACHED_P50_MS = 3.0  # cached p50 at the service
+CACHED_P50_MS = 3.0  # cached p50 at the service (discovery's grpc_server_handling_seconds)
 
 
 @dataclass(frozen=True)
@@ -430,6 +430,7 @@ def figure(key: str, name: str, series: Series) -> Figure:
         f.server_p50_ms = promhist.quantile(series.server, 0.50) * 1000
         f.server_p99_ms = promhist.quantile(series.server, 0.99) * 1000
         f.server_count = promhist.count(series.server)
+        f.extra["server_p50_at_most_ms"] = promhist.upper_bound(series.server, 0.50) * 1000
     if series.calls:
         ours = {k: v for k, v in series.cpu_s.items() if k != "machine"}
         f.cpu_ms_per_call = {k: round(1000 * v / series.calls, 1) for k, v in ours.items()}
@@ -523,8 +524,11 @@ def judge(figures: list[Figure], plan: Plan) -> dict[str, Any]:
     ratio = a.p50_ms / d.p50_ms if d.p50_ms else math.nan
     a.goal = f"p50 <= {UNCACHED_VS_SINGLE:g}x (d) p50 = {UNCACHED_VS_SINGLE * d.p50_ms:.1f} ms; is {ratio:.2f}x"
     a.verdict = "PASS" if ratio <= UNCACHED_VS_SINGLE and not a.errors and not d.errors else "MISS"
-    b.goal = f"p50 < {CACHED_P50_MS:g} ms"
-    b.verdict = "PASS" if b.p50_ms < CACHED_P50_MS and not b.errors else "MISS"
+    # The goal is at the service: discovery's own histogram, whose bucket bounds (2.5, 3 ms) bracket it exactly.
+    b_bound = b.extra.get("server_p50_at_most_ms", math.nan)
+    b.goal = f"srv p50 < {CACHED_P50_MS:g} ms (at most {b_bound:g} ms by its bucket)"
+    under = b.server_p50_ms < CACHED_P50_MS and b_bound <= CACHED_P50_MS
+    b.verdict = "PASS" if under and not b.errors else "MISS"
     bound = plan.timeout_ms + plan.margin_ms
     added: dict[str, dict[str, float]] = {}
     for key, base in (("c", a), ("c2", b), ("cg", a)):

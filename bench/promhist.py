@@ -53,5 +53,14 @@ def quantile(buckets: Buckets, q: float) -> float:
     return lower_bound
 
 
+def upper_bound(buckets: Buckets, q: float) -> float:
+    """The smallest bucket bound the q-quantile is certainly at or under (seconds; NaN without observations)."""
+    bounds = sorted(buckets)
+    if not bounds or buckets[bounds[-1]] <= 0:
+        return math.nan
+    rank = q * buckets[bounds[-1]]
+    return next(bound for bound in bounds if buckets[bound] >= rank)
+
+
 def count(buckets: Buckets) -> int:
     return int(buckets[max(buckets)]) if buckets else 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import uuid
 from collections import OrderedDict
@@ -38,6 +39,11 @@ MAX_PAGE_SIZE = 200
 REGISTRY_TIMEOUT_SECONDS = 10.0
 # Scored candidate lists of cached peer answers kept in memory (one per peer, answer and query).
 SCORED_ENTRIES = 1024
+# Merged result lists kept in memory, with the pages built from them (one per set of answers and query).
+MERGED_ENTRIES = 256
+# Scored local answers kept in memory (one per distinct answer of the registry and query).
+LOCAL_ENTRIES = 256
+LIST_AGENTS = "/agentvault.registry.v1.RegistryService/ListAgents"
 _STATUS = {
     OK: dpb.PEER_QUERY_STATUS_OK,
     FAILED: dpb.PEER_QUERY_STATUS_FAILED,
@@ -142,6 +148,26 @@ class Search:
         self.after = _valid_position(pagination.decode(request.page_token, self.fingerprint))
 
 
+class Merged:
+    """Local and federated candidates merged and sorted for one search, and the pages served from them."""
+
+    __slots__ = ("candidates", "pages")
+
+    def __init__(self, candidates: list[ranking.Candidate]) -> None:
+        self.candidates = candidates
+        self.pages: dict[tuple[Any, ...], tuple[list[dpb.DiscoveredAgent], list[Any] | None]] = {}
+
+    def page(self, after: list[Any] | None, size: int) -> tuple[list[dpb.DiscoveredAgent], list[Any] | None]:
+        key = (tuple(after) if after is not None else None, size)
+        found = self.pages.get(key)
+        if found is None:
+            items, position = ranking.page(self.candidates, after, size)
+            found = ([_discovered(c) for c in items], position)
+            if len(self.pages) < 64:
+                self.pages[key] = found
+        return found
+
+
 class DiscoveryServicer(dpb_grpc.DiscoveryServiceServicer):
     def __init__(
         self,
@@ -149,12 +175,19 @@ class DiscoveryServicer(dpb_grpc.DiscoveryServiceServicer):
         registry: pb_grpc.RegistryServiceAsyncStub,
         federator: Federator | None,
         store: Store,
+        registry_channel: grpc.aio.Channel,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.federator = federator
         self.store = store
+        # ListAgents answering raw bytes: the same answer is parsed and scored once (keyed by its digest).
+        self._list_agents: grpc.aio.UnaryUnaryMultiCallable = registry_channel.unary_unary(
+            LIST_AGENTS, request_serializer=pb.ListAgentsRequest.SerializeToString
+        )
         self._scored: OrderedDict[tuple[Any, ...], list[ranking.Candidate]] = OrderedDict()
+        self._local_scored: OrderedDict[tuple[Any, ...], list[ranking.Candidate]] = OrderedDict()
+        self._merged: OrderedDict[tuple[Any, ...], Merged] = OrderedDict()
         # Clearing a peer's cache is rare: no caching of the answer, so a revoked admin key stops at once.
         self.admin_gate = AdminGate(registry, settings.admin_token, cache_seconds=0)
 
@@ -168,23 +201,46 @@ class DiscoveryServicer(dpb_grpc.DiscoveryServiceServicer):
                 self.federator.search(search.peer_query, search.filters, request.force_refresh)
             )
         try:
-            local = await self._local(search, context)
+            local_version, local = await self._local(search, context)
         except BaseException:
             if federated_task is not None:
                 federated_task.cancel()
             raise
         outcomes = await federated_task if federated_task is not None else []
 
-        federated = [self._candidates(o, search) for o in outcomes if o.status == OK]
-        merged = ranking.merge(local, federated)
-        items, position = ranking.page(merged, search.after, search.size)
+        answered = [o for o in outcomes if o.status == OK]
+        merged = self._merge(search, local_version, local, answered)
+        agents, position = merged.page(search.after, search.size)
         response = dpb.SearchAgentsResponse(
-            agents=[_discovered(c) for c in items],
-            next_page_token=pagination.encode(position, search.fingerprint) if position else "",
+            agents=agents, next_page_token=pagination.encode(position, search.fingerprint) if position else ""
         )
         if request.include_federated:
             response.federation_stats.CopyFrom(_stats(outcomes))
         return response
+
+    def _merge(
+        self, search: Search, local_version: bytes, local: list[ranking.Candidate], answered: list[PeerOutcome]
+    ) -> Merged:
+        """The merged, sorted candidates; the same answers to the same search are merged once."""
+        key: tuple[Any, ...] | None = (
+            local_version,
+            tuple((o.peer.id, o.peer.name, o.peer.registry_url, o.version) for o in answered),
+            search.terms,
+            search.filters,
+        )
+        if any(o.version is None for o in answered):
+            key = None
+        if key is not None:
+            known = self._merged.get(key)
+            if known is not None:
+                self._merged.move_to_end(key)
+                return known
+        merged = Merged(ranking.merge(local, [self._candidates(o, search) for o in answered]))
+        if key is not None:
+            self._merged[key] = merged
+            while len(self._merged) > MERGED_ENTRIES:
+                self._merged.popitem(last=False)
+        return merged
 
     def _candidates(self, outcome: PeerOutcome, search: Search) -> list[ranking.Candidate]:
         """A peer's agents scored for this search; for a cached answer, computed once per (answer, query)."""
@@ -205,10 +261,11 @@ class DiscoveryServicer(dpb_grpc.DiscoveryServiceServicer):
                 self._scored.popitem(last=False)
         return scored
 
-    async def _local(self, search: Search, context: grpc.aio.ServicerContext) -> list[ranking.Candidate]:
+    async def _local(self, search: Search, context: grpc.aio.ServicerContext) -> tuple[bytes, list[ranking.Candidate]]:
+        """The caller's own registry's matching agents, scored, and a digest identifying that answer."""
         r = search.request
         try:
-            reply = await self.registry.ListAgents(
+            raw = await self._list_agents(
                 pb.ListAgentsRequest(
                     page_size=self.settings.max_local_results,
                     search=search.query.search,
@@ -223,13 +280,26 @@ class DiscoveryServicer(dpb_grpc.DiscoveryServiceServicer):
             )
         except grpc.aio.AioRpcError as exc:
             raise _registry_error(exc, "ListAgents") from None
-        return [
+        if not isinstance(raw, bytes):
+            raise Unavailable("the registry gave no answer", "REGISTRY_UNAVAILABLE")
+        version = hashlib.blake2b(raw, digest_size=16).digest()
+        key = (version, search.terms, search.filters.healthy_only)
+        known = self._local_scored.get(key)
+        if known is not None:
+            self._local_scored.move_to_end(key)
+            return version, known
+        reply = pb.ListAgentsResponse.FromString(raw)
+        scored = [
             ranking.Candidate(
                 a, False, self.settings.public_url, self.settings.registry_name, ranking.score(a, search.terms)
             )
             for a in reply.agents
             if not search.filters.healthy_only or a.health_status == pb.HEALTH_STATUS_HEALTHY
         ]
+        self._local_scored[key] = scored
+        while len(self._local_scored) > LOCAL_ENTRIES:
+            self._local_scored.popitem(last=False)
+        return version, scored
 
     async def ClearPeerCache(
         self, request: dpb.ClearPeerCacheRequest, context: grpc.aio.ServicerContext

@@ -16,6 +16,10 @@ from agentvault.registry.v1 import registry_service_pb2 as pb
 log = logging.getLogger("agentvault.discovery.store")
 
 
+# How long a search's log rows wait for those of other searches to share one database write.
+LINGER_SECONDS = 0.05
+
+
 @dataclass(frozen=True)
 class QueryLogRow:
     peer_id: str
@@ -111,9 +115,23 @@ class BackgroundWriter(BatchWriter[QueryLogRow | CacheUpsert]):
     """Query-log rows and cache upserts, written off the request path in batches; expired cache rows are purged
     every `purge_every` seconds."""
 
-    def __init__(self, store: Store, *, max_queue: int = 10_000, batch: int = 500, purge_every: float = 60.0) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        max_queue: int = 10_000,
+        batch: int = 500,
+        purge_every: float = 60.0,
+        linger: float = LINGER_SECONDS,
+    ) -> None:
         super().__init__(
-            "discovery", self._write_items, max_queue=max_queue, batch=batch, tick=self._purge, tick_every=purge_every
+            "discovery",
+            self._write_items,
+            max_queue=max_queue,
+            batch=batch,
+            tick=self._purge,
+            tick_every=purge_every,
+            linger=linger,
         )
         self.store = store
 

@@ -377,6 +377,27 @@ async def test_a_changed_peer_answer_replaces_the_remembered_one(
     assert [a["name"] for a in again["agents"]] == [f"After {word}"]
 
 
+async def test_local_changes_are_seen_by_the_next_search(federation: Federation, http: aiohttp.ClientSession) -> None:
+    """Local answers are scored and merged once per distinct answer; a change makes a new answer at once."""
+    word = unique_word()
+    agent = await register(http, federation.a, f"Local {word}", "local")
+    for _ in range(2):
+        reply = await discover(http, federation.a, include_federated=True, search=word)
+        assert [(a["name"], a["is_federated"]) for a in reply["agents"]] == [(f"Local {word}", False)]
+    await call(
+        http,
+        "PATCH",
+        federation.a.url(f"/api/v1/agents/{agent['id']}"),
+        headers=admin(federation.a),
+        json={"name": f"Renamed {word}"},
+    )
+    reply = await discover(http, federation.a, include_federated=True, search=word)
+    assert [a["name"] for a in reply["agents"]] == [f"Renamed {word}"]
+    await call(http, "DELETE", federation.a.url(f"/api/v1/agents/{agent['id']}"), headers=admin(federation.a))
+    reply = await discover(http, federation.a, include_federated=True, search=word)
+    assert reply["agents"] == []
+
+
 def test_federation_disabled_answers_locally(mesh_factory: MeshFactory) -> None:
     handle = mesh_factory(env={"FEDERATION_ENABLED": "false"}, name="fed_off")
 

@@ -13,7 +13,30 @@ GRPC_LATENCY = Histogram(
     "grpc_server_handling_seconds",
     "Time to handle an RPC on the server.",
     ["grpc_service", "grpc_method"],
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    # Fine below 25 ms, where the goals of the benchmarks lie (a cached discovery search: under 3 ms).
+    buckets=(
+        0.0005,
+        0.001,
+        0.0015,
+        0.002,
+        0.0025,
+        0.003,
+        0.004,
+        0.005,
+        0.0075,
+        0.01,
+        0.015,
+        0.02,
+        0.025,
+        0.05,
+        0.1,
+        0.25,
+        0.5,
+        1,
+        2.5,
+        5,
+        10,
+    ),
 )
 
 
