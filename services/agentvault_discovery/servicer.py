@@ -39,8 +39,10 @@ MAX_PAGE_SIZE = 200
 REGISTRY_TIMEOUT_SECONDS = 10.0
 # Scored candidate lists of cached peer answers kept in memory (one per peer, answer and query).
 SCORED_ENTRIES = 1024
-# Merged result lists kept in memory, with the pages built from them (one per set of answers and query).
-MERGED_ENTRIES = 256
+# Merged result lists kept in memory (one per set of answers and query), each with up to MERGED_PAGES pages built
+# from it: at most 128 x 4 pages of 200 agents.
+MERGED_ENTRIES = 128
+MERGED_PAGES = 4
 # Scored local answers kept in memory (one per distinct answer of the registry and query).
 LOCAL_ENTRIES = 256
 LIST_AGENTS = "/agentvault.registry.v1.RegistryService/ListAgents"
@@ -163,7 +165,7 @@ class Merged:
         if found is None:
             items, position = ranking.page(self.candidates, after, size)
             found = ([_discovered(c) for c in items], position)
-            if len(self.pages) < 64:
+            if len(self.pages) < MERGED_PAGES:
                 self.pages[key] = found
         return found
 
