@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import asyncpg
+import grpc
 import pytest
 
 from ..conftest import MeshFactory
@@ -277,9 +279,28 @@ async def test_peer_key_is_not_readable_in_the_database(federation: Federation) 
         assert token.split("_", 2)[2] not in dump
 
 
+@pytest.fixture
+async def garbage_grpc_peer() -> AsyncIterator[str]:
+    """A real gRPC server on loopback whose FederationService.SearchAgents answers bytes that are no protobuf."""
+
+    async def search(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return b"\xff\xff\xff\xff not a message"
+
+    handler = grpc.method_handlers_generic_handler(
+        "agentvault.federation.v1.FederationService",
+        {"SearchAgents": grpc.unary_unary_rpc_method_handler(search)},  # raw bytes both ways
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield f"127.0.0.1:{port}"
+    await server.stop(None)
+
+
 @pytest.mark.slow
 async def test_misbehaving_peers_cost_at_most_their_deadline(
-    federation: Federation, http: aiohttp.ClientSession, bad_peers: str
+    federation: Federation, http: aiohttp.ClientSession, bad_peers: str, garbage_grpc_peer: str
 ) -> None:
     word = unique_word()
     await register(http, federation.b, f"Robust {word}", "federated")
@@ -294,6 +315,20 @@ async def test_misbehaving_peers_cost_at_most_their_deadline(
             http, a, "Wrong token", federation.b.url().replace("127.0.0.1", "localhost"), "avf_0000000000000000_nope"
         ),
     }
+    garbage_grpc = await call(
+        http,
+        "POST",
+        a.url("/api/v1/federation/peers"),
+        headers=admin(a),
+        json={
+            "name": "Garbage gRPC",
+            "registry_url": f"http://{garbage_grpc_peer}",
+            "api_key": "key-garbage-grpc",
+            "protocol": "grpc",
+            "grpc_endpoint": garbage_grpc_peer,
+        },
+    )
+    ids["Garbage gRPC"] = garbage_grpc["id"]
     try:
         await asyncio.sleep(2)  # the aggregator re-reads the peer list every 1.5 s
         start = time.perf_counter()
@@ -308,15 +343,17 @@ async def test_misbehaving_peers_cost_at_most_their_deadline(
         assert "json" in peer_stat(reply, "Garbage")["error"].lower()
         assert status["Huge"] == "failed"
         assert "too large" in peer_stat(reply, "Huge")["error"]
+        assert status["Garbage gRPC"] == "failed"
+        assert "unreadable" in peer_stat(reply, "Garbage gRPC")["error"]
         assert status["Wrong token"] == "failed"
         assert "auth" in peer_stat(reply, "Wrong token")["error"].lower()
         # The mixed peer's one valid agent is kept; the invalid ones are dropped.
         assert status["Mixed"] == "ok"
         assert peer_stat(reply, "Mixed")["result_count"] == 1
         assert status["Partner B"] == status["Partner C"] == "ok"
-        assert stats["queried_registries"] == 7
+        assert stats["queried_registries"] == 8
         assert stats["successful_queries"] == 3
-        assert stats["failed_queries"] == 4
+        assert stats["failed_queries"] == 5
         names = {x["name"] for x in reply["agents"]}
         assert f"Robust {word}" in names
         assert "Valid mixed agent" in names
