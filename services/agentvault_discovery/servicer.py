@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import logging
 import uuid
-from collections import OrderedDict
 from typing import Any
 
 import grpc
@@ -21,6 +20,7 @@ from agentvault.common.errors import (
     invalid,
 )
 from agentvault.common.interceptors import outgoing_metadata
+from agentvault.common.lru import Lru
 from agentvault.common.remote_auth import AdminGate
 from agentvault.discovery.v1 import discovery_service_pb2 as dpb
 from agentvault.discovery.v1 import discovery_service_pb2_grpc as dpb_grpc
@@ -187,9 +187,9 @@ class DiscoveryServicer(dpb_grpc.DiscoveryServiceServicer):
         self._list_agents: grpc.aio.UnaryUnaryMultiCallable = registry_channel.unary_unary(
             LIST_AGENTS, request_serializer=pb.ListAgentsRequest.SerializeToString
         )
-        self._scored: OrderedDict[tuple[Any, ...], list[ranking.Candidate]] = OrderedDict()
-        self._local_scored: OrderedDict[tuple[Any, ...], list[ranking.Candidate]] = OrderedDict()
-        self._merged: OrderedDict[tuple[Any, ...], Merged] = OrderedDict()
+        self._scored: Lru[tuple[Any, ...], list[ranking.Candidate]] = Lru(SCORED_ENTRIES)
+        self._local_scored: Lru[tuple[Any, ...], list[ranking.Candidate]] = Lru(LOCAL_ENTRIES)
+        self._merged: Lru[tuple[Any, ...], Merged] = Lru(MERGED_ENTRIES)
         # Clearing a peer's cache is rare: no caching of the answer, so a revoked admin key stops at once.
         self.admin_gate = AdminGate(registry, settings.admin_token, cache_seconds=0)
 
@@ -224,44 +224,31 @@ class DiscoveryServicer(dpb_grpc.DiscoveryServiceServicer):
         self, search: Search, local_version: bytes, local: list[ranking.Candidate], answered: list[PeerOutcome]
     ) -> Merged:
         """The merged, sorted candidates; the same answers to the same search are merged once."""
-        key: tuple[Any, ...] | None = (
+        key = (
             local_version,
             tuple((o.peer.id, o.peer.name, o.peer.registry_url, o.version) for o in answered),
             search.terms,
             search.filters,
         )
-        if any(o.version is None for o in answered):
-            key = None
-        if key is not None:
-            known = self._merged.get(key)
-            if known is not None:
-                self._merged.move_to_end(key)
-                return known
-        merged = Merged(ranking.merge(local, [self._candidates(o, search) for o in answered]))
-        if key is not None:
-            self._merged[key] = merged
-            while len(self._merged) > MERGED_ENTRIES:
-                self._merged.popitem(last=False)
-        return merged
+        known = self._merged.get(key)
+        if known is not None:
+            return known
+        return self._merged.put(key, Merged(ranking.merge(local, [self._candidates(o, search) for o in answered])))
 
     def _candidates(self, outcome: PeerOutcome, search: Search) -> list[ranking.Candidate]:
-        """A peer's agents scored for this search; for a cached answer, computed once per (answer, query)."""
-        key = (outcome.peer.id, outcome.version, search.terms, search.filters) if outcome.version is not None else None
-        if key is not None:
-            known = self._scored.get(key)
-            if known is not None:
-                self._scored.move_to_end(key)
-                return known
+        """A peer's agents scored for this search, computed once per (answer, query)."""
+        key = (outcome.peer.id, outcome.version, search.terms, search.filters)
+        known = self._scored.get(key)
+        if known is not None:
+            return known
         peer = outcome.peer
-        scored = [
-            ranking.Candidate(a, True, peer.registry_url, peer.name, ranking.score(a, search.terms))
-            for a in outcome.agents
-        ]
-        if key is not None:
-            self._scored[key] = scored
-            while len(self._scored) > SCORED_ENTRIES:
-                self._scored.popitem(last=False)
-        return scored
+        return self._scored.put(
+            key,
+            [
+                ranking.Candidate(a, True, peer.registry_url, peer.name, ranking.score(a, search.terms))
+                for a in outcome.agents
+            ],
+        )
 
     async def _local(self, search: Search, context: grpc.aio.ServicerContext) -> tuple[bytes, list[ranking.Candidate]]:
         """The caller's own registry's matching agents, scored, and a digest identifying that answer."""
@@ -288,7 +275,6 @@ class DiscoveryServicer(dpb_grpc.DiscoveryServiceServicer):
         key = (version, search.terms, search.filters.healthy_only)
         known = self._local_scored.get(key)
         if known is not None:
-            self._local_scored.move_to_end(key)
             return version, known
         reply = pb.ListAgentsResponse.FromString(raw)
         scored = [
@@ -298,10 +284,7 @@ class DiscoveryServicer(dpb_grpc.DiscoveryServiceServicer):
             for a in reply.agents
             if not search.filters.healthy_only or a.health_status == pb.HEALTH_STATUS_HEALTHY
         ]
-        self._local_scored[key] = scored
-        while len(self._local_scored) > LOCAL_ENTRIES:
-            self._local_scored.popitem(last=False)
-        return version, scored
+        return version, self._local_scored.put(key, scored)
 
     async def ClearPeerCache(
         self, request: dpb.ClearPeerCacheRequest, context: grpc.aio.ServicerContext

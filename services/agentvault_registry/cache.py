@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter
 
+from agentvault.common.lru import Lru
 from agentvault.registry.v1.registry_service_pb2 import Agent as AgentPb
 
 log = logging.getLogger("agentvault.registry.cache")
@@ -42,17 +42,16 @@ class Cached:
     agent: AgentPb
     sharing: str
     owner: str
-    expires: float
 
 
 class AgentCache:
     def __init__(self, redis: aioredis.Redis, ttl: float, max_entries: int) -> None:
         self.redis = redis
         self.ttl = ttl
-        self.max_entries = max_entries
-        self._entries: OrderedDict[str, Cached] = OrderedDict()
-        self._searches: OrderedDict[str, tuple[Any, float]] = OrderedDict()
-        self._credentials: OrderedDict[str, tuple[Any, float]] = OrderedDict()
+        # Each value is kept with the monotonic time it expires at.
+        self._entries: Lru[str, tuple[Cached, float]] = Lru(max_entries)
+        self._searches: Lru[str, tuple[Any, float]] = Lru(SEARCH_ENTRIES)
+        self._credentials: Lru[str, tuple[Any, float]] = Lru(max_entries)
         self._subscribed = False
         # Bumped by every invalidation: a read that started before one must not fill the cache afterwards.
         self.version = 0
@@ -62,60 +61,41 @@ class AgentCache:
         return self.ttl > 0 and self._subscribed
 
     def get(self, agent_id: str) -> Cached | None:
-        if not self.enabled:
-            return None
-        entry = self._entries.get(agent_id)
-        if entry is not None and entry.expires < time.monotonic():
-            self._entries.pop(agent_id, None)
-            entry = None
-        (_MISS if entry is None else _HIT).inc()
-        return entry
+        return self._lookup(self._entries, agent_id, _HIT, _MISS)
 
     def put(self, agent_id: str, agent: AgentPb, sharing: str, owner: str, version: int) -> None:
-        if not self.enabled or version != self.version:
-            return
-        self._entries[agent_id] = Cached(agent, sharing, owner, time.monotonic() + self.ttl)
-        self._entries.move_to_end(agent_id)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        self._keep(self._entries, agent_id, Cached(agent, sharing, owner), version)
 
     def get_search(self, key: str) -> Any:
         """A peer-facing search answer, or None."""
-        found = self._lookup(self._searches, key)
-        (_SEARCH_MISS if found is None else _SEARCH_HIT).inc()
-        return found
+        return self._lookup(self._searches, key, _SEARCH_HIT, _SEARCH_MISS)
 
     def put_search(self, key: str, answer: Any, version: int) -> None:
         """Keeps an answer read while the cache was at `version`; dropped if anything changed since."""
-        self._keep(self._searches, key, answer, version, SEARCH_ENTRIES)
+        self._keep(self._searches, key, answer, version)
 
     def get_credential(self, cred_id: str) -> Any:
         return self._lookup(self._credentials, cred_id)
 
     def put_credential(self, cred_id: str, value: Any, version: int) -> None:
-        self._keep(self._credentials, cred_id, value, version, self.max_entries)
+        self._keep(self._credentials, cred_id, value, version)
 
-    def _lookup(self, entries: OrderedDict[str, tuple[Any, float]], key: str) -> Any:
+    def _lookup(self, entries: Lru[str, tuple[Any, float]], key: str, hit: Any = None, miss: Any = None) -> Any:
+        """The unexpired value, or None; `hit`/`miss` (counter children) count the lookup when the cache is on."""
         if not self.enabled:
             return None
         entry = entries.get(key)
-        if entry is None:
-            return None
-        if entry[1] < time.monotonic():
-            entries.pop(key, None)
-            return None
-        entries.move_to_end(key)
-        return entry[0]
+        if entry is not None and entry[1] < time.monotonic():
+            entries.pop(key)
+            entry = None
+        counter = miss if entry is None else hit
+        if counter is not None:
+            counter.inc()
+        return None if entry is None else entry[0]
 
-    def _keep(
-        self, entries: OrderedDict[str, tuple[Any, float]], key: str, value: Any, version: int, limit: int
-    ) -> None:
-        if not self.enabled or version != self.version:
-            return
-        entries[key] = (value, time.monotonic() + self.ttl)
-        entries.move_to_end(key)
-        while len(entries) > limit:
-            entries.popitem(last=False)
+    def _keep(self, entries: Lru[str, tuple[Any, float]], key: str, value: Any, version: int) -> None:
+        if self.enabled and version == self.version:
+            entries.put(key, (value, time.monotonic() + self.ttl))
 
     def _drop(self, key: str | None) -> None:
         self.version += 1
@@ -124,9 +104,9 @@ class AgentCache:
             self._searches.clear()
             self._credentials.clear()
         elif key.startswith(CREDENTIAL):
-            self._credentials.pop(key.removeprefix(CREDENTIAL), None)
+            self._credentials.pop(key.removeprefix(CREDENTIAL))
         else:
-            self._entries.pop(key, None)
+            self._entries.pop(key)
             self._searches.clear()
 
     async def invalidate(self, agent_id: str) -> None:
