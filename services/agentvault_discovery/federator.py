@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,6 +21,7 @@ from prometheus_client import Counter, Histogram
 from yarl import URL
 
 from agentvault.common import peers, signing
+from agentvault.common.lru import Lru
 from agentvault.common.peers import PeerTarget
 from agentvault.federation.v1 import federation_service_pb2 as fed_pb
 from agentvault.federation.v1 import federation_service_pb2_grpc as fed_grpc
@@ -36,7 +36,7 @@ SEARCH_METHOD = "/agentvault.federation.v1.FederationService/SearchAgents"
 REST_AGENTS_PATH = "/api/v1/agents"
 MAX_ERROR_TEXT = 300
 MAX_CONCURRENT_PEERS = 64
-# Decoded cached answers kept in memory, keyed by their Redis key and checked against its bytes.
+# Cached answers kept in memory with the bytes they were read from, keyed by their Redis key.
 DECODED_ENTRIES = 1024
 # Validated peer answers kept in memory, keyed by peer and a digest of the bytes the peer sent.
 ANSWER_ENTRIES = 256
@@ -83,6 +83,14 @@ class _Answer:
     invalid: int
     clean: bytes
     version: bytes
+
+
+@dataclass(frozen=True)
+class _PeerChannel:
+    """A pooled channel to a peer and its SearchAgents call, which answers raw bytes (digested before parsing)."""
+
+    channel: grpc.aio.Channel
+    search: grpc.aio.UnaryUnaryMultiCallable
 
 
 @dataclass(frozen=True)
@@ -148,17 +156,16 @@ class Federator:
         self.redis = redis
         self.writer = writer
         self.session = session
-        self._channels: dict[tuple[str, bool], grpc.aio.Channel] = {}
+        self._channels: dict[tuple[str, bool], _PeerChannel] = {}
         self._routes: dict[tuple[str, str], _Route] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._client_credentials: grpc.ChannelCredentials | None = None
-        self._decoded: OrderedDict[str, tuple[bytes, list[pb.Agent], bytes]] = OrderedDict()
+        self._decoded: Lru[str, tuple[bytes, _Answer]] = Lru(DECODED_ENTRIES)
         # Peers mostly send the same bytes for the same query: those are parsed and validated once.
-        self._answers: OrderedDict[tuple[str, bytes], _Answer] = OrderedDict()
+        self._answers: Lru[tuple[str, bytes], _Answer] = Lru(ANSWER_ENTRIES)
         # When each (peer, answer version) was last queued for federated_agents_cache, to skip rewriting rows
         # that are still fresh.
         self._upserted: dict[tuple[str, bytes], float] = {}
-        self._search_calls: dict[tuple[str, bool], grpc.aio.UnaryUnaryMultiCallable] = {}
 
     # --------------------------------------------------------------------------------------- fan-out
 
@@ -242,11 +249,12 @@ class Federator:
     ) -> PeerOutcome:
         key = cache_key(peer.id, query_hash)
         if cached is not None:
-            decoded = self._decode_cached(key, cached)
-            if decoded is not None:
+            hit = self._decode_cached(peer, key, cached)
+            if hit is not None:
                 FEDERATION_CACHE_HITS.labels(peer.name).inc()
-                version, agents = decoded
-                return PeerOutcome(peer, OK, from_cache=True, agents=agents, version=version)
+                return PeerOutcome(
+                    peer, OK, from_cache=True, agents=hit.agents, invalid=hit.invalid, version=hit.version
+                )
         route = await self._route(peer)
         if route.protocol == fed_pb.PEER_PROTOCOL_GRPC:
             answer = self._answer(peer, await self._grpc_search(peer, route, query), _parse_grpc)
@@ -265,14 +273,11 @@ class Federator:
         if answer is None:
             agents, invalid = self._validate(peer, parse(raw))
             clean = fed_pb.SearchAgentsResponse(agents=agents).SerializeToString()
-            answer = _Answer(agents, invalid, clean, hashlib.blake2b(clean, digest_size=16).digest())
-            self._answers[memo_key] = answer
-            while len(self._answers) > ANSWER_ENTRIES:
-                self._answers.popitem(last=False)
-        else:
-            self._answers.move_to_end(memo_key)
-            if answer.invalid:
-                FEDERATION_INVALID_AGENTS.labels(peer.name).inc(answer.invalid)
+            answer = self._answers.put(
+                memo_key, _Answer(agents, invalid, clean, hashlib.blake2b(clean, digest_size=16).digest())
+            )
+        elif answer.invalid:
+            FEDERATION_INVALID_AGENTS.labels(peer.name).inc(answer.invalid)
         return answer
 
     def _upsert(self, peer: PeerTarget, answer: _Answer) -> None:
@@ -333,23 +338,17 @@ class Federator:
             if v is not None
         }
 
-    def _decode_cached(self, key: str, raw: bytes) -> tuple[bytes, list[pb.Agent]] | None:
-        """The cached answer's version and agents. The same bytes are decoded once: a cached search then costs
-        a comparison per peer, not a parse of every agent."""
+    def _decode_cached(self, peer: PeerTarget, key: str, raw: bytes) -> _Answer | None:
+        """The cached answer, None when unreadable. Bytes read before under the same key cost a comparison, not
+        even a digest; others go through _answer like a peer's answer."""
         known = self._decoded.get(key)
         if known is not None and known[0] == raw:
-            self._decoded.move_to_end(key)
-            return known[2], known[1]
+            return known[1]
         try:
-            agents = list(fed_pb.SearchAgentsResponse.FromString(raw).agents)
-        except Exception:
+            return self._decoded.put(key, (raw, self._answer(peer, raw, _parse_grpc)))[1]
+        except PeerError:
             log.warning("unreadable federation cache entry %s; ignored", key)
             return None
-        digest = hashlib.blake2b(raw, digest_size=16).digest()
-        self._decoded[key] = (raw, agents, digest)
-        while len(self._decoded) > DECODED_ENTRIES:
-            self._decoded.popitem(last=False)
-        return digest, agents
 
     async def _cache_put(self, answers: dict[str, bytes]) -> None:
         """Every fresh answer of one search written in one round trip."""
@@ -394,11 +393,11 @@ class Federator:
         self._routes[key] = route
         return route
 
-    def _channel(self, endpoint: str, mtls: bool) -> grpc.aio.Channel:
+    def _channel(self, endpoint: str, mtls: bool) -> _PeerChannel:
         key = (endpoint, mtls)
-        channel = self._channels.get(key)
-        if channel is not None:
-            return channel
+        known = self._channels.get(key)
+        if known is not None:
+            return known
         options = [
             # A peer answering more than this is refused by gRPC itself, before the message is built.
             ("grpc.max_receive_message_length", self.settings.max_peer_response_bytes),
@@ -416,21 +415,13 @@ class Federator:
             channel = grpc.aio.secure_channel(endpoint, self._client_credentials, options=options)
         else:
             channel = grpc.aio.insecure_channel(endpoint, options=options)
-        self._channels[key] = channel
-        return channel
+        search: grpc.aio.UnaryUnaryMultiCallable = channel.unary_unary(
+            SEARCH_METHOD, request_serializer=fed_pb.SearchAgentsRequest.SerializeToString
+        )
+        self._channels[key] = _PeerChannel(channel, search)
+        return self._channels[key]
 
     # --------------------------------------------------------------------------------------- gRPC peers
-
-    def _search_call(self, route: _Route) -> grpc.aio.UnaryUnaryMultiCallable:
-        """SearchAgents on the peer's channel, answering the raw bytes: they are digested before being parsed."""
-        key = (route.grpc_endpoint, route.mtls)
-        call = self._search_calls.get(key)
-        if call is None:
-            call = self._channel(route.grpc_endpoint, route.mtls).unary_unary(
-                SEARCH_METHOD, request_serializer=fed_pb.SearchAgentsRequest.SerializeToString
-            )
-            self._search_calls[key] = call
-        return call
 
     async def _grpc_search(self, peer: PeerTarget, route: _Route, query: domain.PeerQuery) -> bytes:
         request = fed_pb.SearchAgentsRequest(
@@ -455,7 +446,7 @@ class Federator:
                 ),
             ]
         try:
-            reply = await self._search_call(route)(
+            reply = await self._channel(route.grpc_endpoint, route.mtls).search(
                 request, metadata=metadata, timeout=self.settings.query_timeout_seconds
             )
         except grpc.aio.AioRpcError as exc:
@@ -546,8 +537,8 @@ class Federator:
     async def close(self) -> None:
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=2)
-        for channel in self._channels.values():
-            await channel.close()
+        for peer_channel in self._channels.values():
+            await peer_channel.channel.close()
         self._channels.clear()
 
 
