@@ -9,7 +9,6 @@ import logging
 import re
 import secrets
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -38,7 +37,7 @@ from agentvault.registry.v1 import registry_service_pb2 as pb
 from agentvault_registry import domain
 from agentvault_registry.auth import Authenticator
 from agentvault_registry.cache import AgentCache
-from agentvault_registry.federation_store import CredentialRecord, FederationStore, PeerRecord
+from agentvault_registry.federation_store import CredentialRecord, FederationStore, InboundLogRow, PeerRecord
 from agentvault_registry.servicer import SHARING, EnumWords, agent_to_proto, search_filters, to_timestamp
 from agentvault_registry.settings import FederationSettings
 from agentvault_registry.store import Store
@@ -411,34 +410,23 @@ def shareable(agent: domain.Agent) -> pb.Agent:
 class SharedAnswer:
     """Federated agents matching one query, and the replies built from them, each built once."""
 
-    __slots__ = ("_list_reply", "_search_reply", "agents")
+    __slots__ = ("_list_reply", "_registry_name", "_search_reply", "agents")
 
-    def __init__(self, agents: list[pb.Agent]) -> None:
+    def __init__(self, agents: list[pb.Agent], registry_name: str) -> None:
         self.agents = agents
+        self._registry_name = registry_name
         self._search_reply: fpb.SearchAgentsResponse | None = None
         self._list_reply: pb.ListAgentsResponse | None = None
 
-    def search_reply(self, registry_name: str) -> fpb.SearchAgentsResponse:
-        if self._search_reply is None or self._search_reply.registry_name != registry_name:
-            self._search_reply = fpb.SearchAgentsResponse(agents=self.agents, registry_name=registry_name)
+    def search_reply(self) -> fpb.SearchAgentsResponse:
+        if self._search_reply is None:
+            self._search_reply = fpb.SearchAgentsResponse(agents=self.agents, registry_name=self._registry_name)
         return self._search_reply
 
     def list_reply(self) -> pb.ListAgentsResponse:
         if self._list_reply is None:
             self._list_reply = pb.ListAgentsResponse(agents=self.agents)
         return self._list_reply
-
-
-@dataclass(frozen=True)
-class InboundLogRow:
-    credential_id: str
-    peer_name: str
-    peer_registry: str
-    method: str
-    query: dict[str, Any]
-    result_count: int
-    response_time_ms: float
-    created_at: datetime
 
 
 class FederationServicer(fpb_grpc.FederationServiceServicer):
@@ -457,7 +445,7 @@ class FederationServicer(fpb_grpc.FederationServiceServicer):
         self.cache = cache
         # federation_inbound_log and the credentials' last use are written in batches, off the request path.
         self.inbound_log: BatchWriter[InboundLogRow] = BatchWriter(
-            "federation_inbound_log", self._write_log, linger=INBOUND_LOG_LINGER_SECONDS
+            "federation_inbound_log", fed_store.log_inbound, linger=INBOUND_LOG_LINGER_SECONDS
         )
 
     async def search_shared(
@@ -477,7 +465,7 @@ class FederationServicer(fpb_grpc.FederationServiceServicer):
         if result is None:
             version = self.cache.version
             agents, _ = await self.store.list_agents(query, None, size, None)
-            result = SharedAnswer([shareable(a) for a in agents])
+            result = SharedAnswer([shareable(a) for a in agents], self.settings.registry_name)
             self.cache.put_search(key, result, version)
         self.inbound_log.submit(
             InboundLogRow(
@@ -493,21 +481,12 @@ class FederationServicer(fpb_grpc.FederationServiceServicer):
         )
         return result
 
-    async def _write_log(self, rows: list[InboundLogRow]) -> None:
-        await self.fed_store.log_inbound(
-            [
-                (r.credential_id, r.peer_name, r.peer_registry, r.method, r.query, r.result_count,
-                 r.response_time_ms, r.created_at)
-                for r in rows
-            ]
-        )  # fmt: skip
-
     async def SearchAgents(
         self, request: fpb.SearchAgentsRequest, context: grpc.aio.ServicerContext
     ) -> fpb.SearchAgentsResponse:
         cred, registry = await self.gate.admit(context.invocation_metadata(), SEARCH_METHOD, request)
         answer = await self.search_shared(search_filters(request), request.page_size, cred, registry, "SearchAgents")
-        return answer.search_reply(self.settings.registry_name)
+        return answer.search_reply()
 
     async def GetFederationInfo(
         self, request: fpb.GetFederationInfoRequest, context: grpc.aio.ServicerContext

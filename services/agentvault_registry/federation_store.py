@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from datetime import datetime
 from typing import Any
 
@@ -77,6 +77,20 @@ PEER_WRITABLE = (
     "require_mtls",
     "metadata",
 )
+
+
+@dataclass(frozen=True)
+class InboundLogRow:
+    """One federation query a peer made, as federation_inbound_log stores it (fields in column order)."""
+
+    credential_id: str
+    peer_name: str
+    peer_registry: str
+    method: str
+    query: dict[str, Any]
+    result_count: int
+    response_time_ms: float
+    created_at: datetime
 
 
 class FederationStore:
@@ -221,18 +235,17 @@ class FederationStore:
         )
         return CredentialRecord(**dict(row)) if row else None
 
-    async def log_inbound(self, rows: list[tuple[str, str, str, str, dict[str, Any], int, float, datetime]]) -> None:
-        """Inbound federation queries, each (credential_id, peer_name, peer_registry, method, query,
-        result_count, response_time_ms, created_at); the credentials' last use moves to their latest query."""
+    async def log_inbound(self, rows: list[InboundLogRow]) -> None:
+        """Inbound federation queries; each credential's last use moves to its latest query."""
         last_used: dict[str, datetime] = {}
         for row in rows:
-            last_used[row[0]] = max(row[7], last_used.get(row[0], row[7]))
+            last_used[row.credential_id] = max(row.created_at, last_used.get(row.credential_id, row.created_at))
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.executemany(
                 """INSERT INTO federation_inbound_log (credential_id, peer_name, peer_registry, method, query,
                        result_count, response_time_ms, created_at)
                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
-                rows,
+                [astuple(row) for row in rows],
             )
             await conn.execute(
                 """UPDATE federation_credentials c SET last_used_at = GREATEST(c.last_used_at, u.used)
