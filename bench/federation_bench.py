@@ -598,17 +598,22 @@ def run_scenarios(
     peer_names = {f"peer-{i}" for i in range(n)}
     all_ok, one_ok = Expect(n, n, 0), Expect(1, 1, 0)
 
-    # (a) and (d) in alternating blocks, so that both see the same machine; blocks rather than single calls,
-    # so that A's background writes after a search (query log, cache rows) do not land inside A1's calls.
+    def alternate() -> tuple[Series, Series]:
+        """Uncached calls on A and A1 in alternating blocks, so that both see the same machine; blocks rather
+        than single calls, so that A's background writes after a search (query log, cache rows) do not land
+        inside A1's calls."""
+        many.warm(plan.warmup, True, all_ok)
+        single.warm(plan.warmup, True, one_ok)
+        on_many, on_single = Series(), Series()
+        for number in range(blocks):
+            size = plan.calls // blocks + (1 if number < plan.calls % blocks else 0)
+            many.block(on_many, size, True, all_ok, account)
+            single.block(on_single, size, True, one_ok, account)
+        return on_many, on_single
+
     blocks = max(1, min(4, plan.calls // 25))
     print(f"(a)+(d) uncached, {plan.calls} calls each, in {blocks} alternating blocks", flush=True)
-    many.warm(plan.warmup, True, all_ok)
-    single.warm(plan.warmup, True, one_ok)
-    series_a, series_d = Series(), Series()
-    for number in range(blocks):
-        size = plan.calls // blocks + (1 if number < plan.calls % blocks else 0)
-        many.block(series_a, size, True, all_ok, account)
-        single.block(series_d, size, True, one_ok, account)
+    series_a, series_d = alternate()
 
     # (b) every peer's answer from the Redis cache (the uncached calls above filled it).
     print(f"(b) cached, {plan.calls} calls", flush=True)
@@ -636,13 +641,7 @@ def run_scenarios(
     many.wait_for_peers(names)
     single.wait_for_peers({"wan-peer-0"})
     print(f"(e)+(f) uncached behind {plan.wan_rtt_ms:g} ms round trips, {plan.calls} calls each", flush=True)
-    many.warm(plan.warmup, True, all_ok)
-    single.warm(plan.warmup, True, one_ok)
-    series_e, series_f = Series(), Series()
-    for number in range(blocks):
-        size = plan.calls // blocks + (1 if number < plan.calls % blocks else 0)
-        many.block(series_e, size, True, all_ok, account)
-        single.block(series_f, size, True, one_ok, account)
+    series_e, series_f = alternate()
 
     rtt = f"{plan.wan_rtt_ms:g} ms RTT"
     return [

@@ -91,13 +91,16 @@ async def issue_credential(http: aiohttp.ClientSession, issuer: MeshHandle, name
     return token
 
 
-async def add_peer(http: aiohttp.ClientSession, on: MeshHandle, name: str, url: str, api_key: str) -> str:
+async def add_peer(
+    http: aiohttp.ClientSession, on: MeshHandle, name: str, url: str, api_key: str, **fields: str
+) -> str:
+    """The seed's request; `fields` adds optional ones (`protocol`, `grpc_endpoint`). Returns the peer's id."""
     body = await call(
         http,
         "POST",
         on.url("/api/v1/federation/peers"),
         headers=admin(on),
-        json={"name": name, "registry_url": url, "api_key": api_key},
+        json={"name": name, "registry_url": url, "api_key": api_key, **fields},
     )
     return str(body["id"])
 
@@ -127,6 +130,11 @@ async def register(
         **extra,
     }
     return dict(await call(http, "POST", on.url("/api/v1/agents"), headers=admin(on), json=agent))
+
+
+async def rename(http: aiohttp.ClientSession, on: MeshHandle, agent_id: str, name: str) -> None:
+    """PATCH an agent's name through the mesh's edge, as its admin."""
+    await call(http, "PATCH", on.url(f"/api/v1/agents/{agent_id}"), headers=admin(on), json={"name": name})
 
 
 async def discover(http: aiohttp.ClientSession, on: MeshHandle, **params: Any) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from ..conftest import MeshFactory
-from .conftest import QUERY_TIMEOUT_MS, Federation, add_peer, admin, call, discover, register, unique_word
+from .conftest import QUERY_TIMEOUT_MS, Federation, add_peer, admin, call, discover, register, rename, unique_word
 
 # Time the rest of a search may take on top of the slowest peer's deadline (loopback, loaded CI machine).
 MARGIN_SECONDS = 1.0
@@ -315,20 +315,15 @@ async def test_misbehaving_peers_cost_at_most_their_deadline(
             http, a, "Wrong token", federation.b.url().replace("127.0.0.1", "localhost"), "avf_0000000000000000_nope"
         ),
     }
-    garbage_grpc = await call(
+    ids["Garbage gRPC"] = await add_peer(
         http,
-        "POST",
-        a.url("/api/v1/federation/peers"),
-        headers=admin(a),
-        json={
-            "name": "Garbage gRPC",
-            "registry_url": f"http://{garbage_grpc_peer}",
-            "api_key": "key-garbage-grpc",
-            "protocol": "grpc",
-            "grpc_endpoint": garbage_grpc_peer,
-        },
+        a,
+        "Garbage gRPC",
+        f"http://{garbage_grpc_peer}",
+        "key-garbage-grpc",
+        protocol="grpc",
+        grpc_endpoint=garbage_grpc_peer,
     )
-    ids["Garbage gRPC"] = garbage_grpc["id"]
     try:
         await asyncio.sleep(2)  # the aggregator re-reads the peer list every 1.5 s
         start = time.perf_counter()
@@ -398,13 +393,7 @@ async def test_a_changed_peer_answer_replaces_the_remembered_one(
         assert [a["name"] for a in reply["agents"]] == [f"Before {word}"]
         assert peer_stat(reply, "Partner B")["from_cache"] is not refresh
 
-    await call(
-        http,
-        "PATCH",
-        federation.b.url(f"/api/v1/agents/{agent['id']}"),
-        headers=admin(federation.b),
-        json={"name": f"After {word}"},
-    )
+    await rename(http, federation.b, agent["id"], f"After {word}")
     cached = await discover(http, federation.a, include_federated=True, search=word)
     assert [a["name"] for a in cached["agents"]] == [f"Before {word}"]  # still within FEDERATION_CACHE_TTL
     fresh = await discover(http, federation.a, include_federated=True, search=word, force_refresh=True)
@@ -421,13 +410,7 @@ async def test_local_changes_are_seen_by_the_next_search(federation: Federation,
     for _ in range(2):
         reply = await discover(http, federation.a, include_federated=True, search=word)
         assert [(a["name"], a["is_federated"]) for a in reply["agents"]] == [(f"Local {word}", False)]
-    await call(
-        http,
-        "PATCH",
-        federation.a.url(f"/api/v1/agents/{agent['id']}"),
-        headers=admin(federation.a),
-        json={"name": f"Renamed {word}"},
-    )
+    await rename(http, federation.a, agent["id"], f"Renamed {word}")
     reply = await discover(http, federation.a, include_federated=True, search=word)
     assert [a["name"] for a in reply["agents"]] == [f"Renamed {word}"]
     await call(http, "DELETE", federation.a.url(f"/api/v1/agents/{agent['id']}"), headers=admin(federation.a))
@@ -459,17 +442,13 @@ async def test_a_mesh_can_also_be_queried_in_the_seed_rest_form(
     created = await register(http, federation.b, f"Restful {word}", "federated")
     a = federation.a
     # B once more, under another spelling of its URL, declared as a REST peer: signed GET /api/v1/agents.
-    body = await call(
+    peer_id = await add_peer(
         http,
-        "POST",
-        a.url("/api/v1/federation/peers"),
-        headers=admin(a),
-        json={
-            "name": "B over REST",
-            "registry_url": federation.b.url().replace("127.0.0.1", "localhost"),
-            "api_key": federation.token_b_for_a,
-            "protocol": "rest",
-        },
+        a,
+        "B over REST",
+        federation.b.url().replace("127.0.0.1", "localhost"),
+        federation.token_b_for_a,
+        protocol="rest",
     )
     try:
         await asyncio.sleep(2)  # the aggregator re-reads the peer list every 1.5 s
@@ -479,5 +458,5 @@ async def test_a_mesh_can_also_be_queried_in_the_seed_rest_form(
         # Both copies carry the same DID: one result.
         assert [x["did"] for x in reply["agents"]] == [created["did"]]
     finally:
-        await call(http, "DELETE", a.url(f"/api/v1/federation/peers/{body['id']}"), headers=admin(a))
+        await call(http, "DELETE", a.url(f"/api/v1/federation/peers/{peer_id}"), headers=admin(a))
         await asyncio.sleep(2)

@@ -41,13 +41,18 @@ def replicas(mesh_factory: MeshFactory, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture(scope="module")
-async def stubs(replicas: tuple[MeshHandle, Mesh]) -> AsyncIterator[tuple[pb_grpc.RegistryServiceStub, ...]]:
+async def channels(replicas: tuple[MeshHandle, Mesh]) -> AsyncIterator[tuple[grpc.aio.Channel, grpc.aio.Channel]]:
     first, second = replicas
     async with (
         grpc.aio.insecure_channel(first.address("registry")) as one,
         grpc.aio.insecure_channel(second.address("registry")) as two,
     ):
-        yield pb_grpc.RegistryServiceStub(one), pb_grpc.RegistryServiceStub(two)
+        yield one, two
+
+
+@pytest.fixture(scope="module")
+def stubs(channels: tuple[grpc.aio.Channel, grpc.aio.Channel]) -> tuple[pb_grpc.RegistryServiceStub, ...]:
+    return tuple(pb_grpc.RegistryServiceStub(c) for c in channels)
 
 
 def cache_hits(mesh: Mesh, metric: str = "registry_agent_cache_lookups_total") -> float:
@@ -106,96 +111,93 @@ async def test_cached_private_agent_is_still_hidden(
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_answers_to_peers_follow_every_write_on_any_replica(replicas: tuple[MeshHandle, Mesh]) -> None:
+async def test_answers_to_peers_follow_every_write_on_any_replica(
+    replicas: tuple[MeshHandle, Mesh], channels: tuple[grpc.aio.Channel, grpc.aio.Channel]
+) -> None:
     """Peers' searches are answered from memory; creating, changing, re-sharing, health-reporting or deleting an
     agent on one replica is reflected at once there and, through pub/sub, on the other (the TTL is 600 s)."""
     first, second = replicas
     admin = bearer(first.admin_token)
-    async with (
-        grpc.aio.insecure_channel(first.address("registry")) as ch1,
-        grpc.aio.insecure_channel(second.address("registry")) as ch2,
-    ):
-        one, fed_one = pb_grpc.RegistryServiceStub(ch1), fpb_grpc.FederationServiceStub(ch1)
-        fed_two = fpb_grpc.FederationServiceStub(ch2)
-        issued = await fpb_grpc.PeerServiceStub(ch1).CreateFederationCredential(
-            fpb.CreateFederationCredentialRequest(name="cache-peer"), metadata=admin
-        )
-        word = "peercache" + unique_did()[-8:].replace("-", "")
-        request = fpb.SearchAgentsRequest(search=word)
+    ch1, ch2 = channels
+    one, fed_one = pb_grpc.RegistryServiceStub(ch1), fpb_grpc.FederationServiceStub(ch1)
+    fed_two = fpb_grpc.FederationServiceStub(ch2)
+    issued = await fpb_grpc.PeerServiceStub(ch1).CreateFederationCredential(
+        fpb.CreateFederationCredentialRequest(name="cache-peer"), metadata=admin
+    )
+    word = "peercache" + unique_did()[-8:].replace("-", "")
+    request = fpb.SearchAgentsRequest(search=word)
 
-        async def answer(stub: fpb_grpc.FederationServiceStub) -> dict[str, fpb.SearchAgentsResponse]:
-            reply = await stub.SearchAgents(request, metadata=signed(issued.token, request))
-            return {a.id: a for a in reply.agents}
+    async def answer(stub: fpb_grpc.FederationServiceStub) -> dict[str, fpb.SearchAgentsResponse]:
+        reply = await stub.SearchAgents(request, metadata=signed(issued.token, request))
+        return {a.id: a for a in reply.agents}
 
-        a1 = await one.CreateAgent(
-            pb.CreateAgentRequest(agent=make_agent(name=f"{word} one", sharing=pb.SHARING_FEDERATED)), metadata=admin
-        )
-        assert set(await answer(fed_two)) == {a1.id}
-        hits = cache_hits(second, SEARCH_HITS)
-        assert set(await answer(fed_two)) == {a1.id}
-        assert cache_hits(second, SEARCH_HITS) == hits + 1  # the second answer came from memory
+    a1 = await one.CreateAgent(
+        pb.CreateAgentRequest(agent=make_agent(name=f"{word} one", sharing=pb.SHARING_FEDERATED)), metadata=admin
+    )
+    assert set(await answer(fed_two)) == {a1.id}
+    hits = cache_hits(second, SEARCH_HITS)
+    assert set(await answer(fed_two)) == {a1.id}
+    assert cache_hits(second, SEARCH_HITS) == hits + 1  # the second answer came from memory
 
-        a2 = await one.CreateAgent(
-            pb.CreateAgentRequest(agent=make_agent(name=f"{word} two", sharing=pb.SHARING_FEDERATED)), metadata=admin
-        )
-        assert set(await answer(fed_one)) == {a1.id, a2.id}  # the writing replica: at once
+    a2 = await one.CreateAgent(
+        pb.CreateAgentRequest(agent=make_agent(name=f"{word} two", sharing=pb.SHARING_FEDERATED)), metadata=admin
+    )
+    assert set(await answer(fed_one)) == {a1.id, a2.id}  # the writing replica: at once
 
-        async def both() -> None:
-            assert set(await answer(fed_two)) == {a1.id, a2.id}
+    async def both() -> None:
+        assert set(await answer(fed_two)) == {a1.id, a2.id}
 
-        await eventually(both)
+    await eventually(both)
 
-        await one.UpdateAgent(
-            pb.UpdateAgentRequest(
-                agent=pb.Agent(id=a1.id, sharing=pb.SHARING_LOCAL),
-                update_mask=field_mask_pb2.FieldMask(paths=["sharing"]),
-            ),
-            metadata=admin,
-        )
+    await one.UpdateAgent(
+        pb.UpdateAgentRequest(
+            agent=pb.Agent(id=a1.id, sharing=pb.SHARING_LOCAL),
+            update_mask=field_mask_pb2.FieldMask(paths=["sharing"]),
+        ),
+        metadata=admin,
+    )
 
-        async def unshared() -> None:
-            assert set(await answer(fed_two)) == {a2.id}
+    async def unshared() -> None:
+        assert set(await answer(fed_two)) == {a2.id}
 
-        await eventually(unshared)
+    await eventually(unshared)
 
-        await one.ReportAgentHealth(
-            pb.ReportAgentHealthRequest(id=a2.id, health_status=pb.HEALTH_STATUS_UNHEALTHY), metadata=admin
-        )
+    await one.ReportAgentHealth(
+        pb.ReportAgentHealthRequest(id=a2.id, health_status=pb.HEALTH_STATUS_UNHEALTHY), metadata=admin
+    )
 
-        async def unhealthy() -> None:
-            assert (await answer(fed_two))[a2.id].health_status == pb.HEALTH_STATUS_UNHEALTHY
+    async def unhealthy() -> None:
+        assert (await answer(fed_two))[a2.id].health_status == pb.HEALTH_STATUS_UNHEALTHY
 
-        await eventually(unhealthy)
+    await eventually(unhealthy)
 
-        await one.DeleteAgent(pb.DeleteAgentRequest(id=a2.id), metadata=admin)
+    await one.DeleteAgent(pb.DeleteAgentRequest(id=a2.id), metadata=admin)
 
-        async def deleted() -> None:
-            assert await answer(fed_two) == {}
+    async def deleted() -> None:
+        assert await answer(fed_two) == {}
 
-        await eventually(deleted)
+    await eventually(deleted)
 
 
-async def test_credential_revoked_on_one_replica_is_refused_by_the_other(replicas: tuple[MeshHandle, Mesh]) -> None:
-    first, second = replicas
-    admin = bearer(first.admin_token)
-    async with (
-        grpc.aio.insecure_channel(first.address("registry")) as ch1,
-        grpc.aio.insecure_channel(second.address("registry")) as ch2,
-    ):
-        peers_one, fed_two = fpb_grpc.PeerServiceStub(ch1), fpb_grpc.FederationServiceStub(ch2)
-        issued = await peers_one.CreateFederationCredential(
-            fpb.CreateFederationCredentialRequest(name="revoked-elsewhere"), metadata=admin
-        )
-        request = fpb.SearchAgentsRequest(search="anything")
-        for _ in range(2):  # the second call finds the credential in the second replica's memory
+async def test_credential_revoked_on_one_replica_is_refused_by_the_other(
+    replicas: tuple[MeshHandle, Mesh], channels: tuple[grpc.aio.Channel, grpc.aio.Channel]
+) -> None:
+    admin = bearer(replicas[0].admin_token)
+    ch1, ch2 = channels
+    peers_one, fed_two = fpb_grpc.PeerServiceStub(ch1), fpb_grpc.FederationServiceStub(ch2)
+    issued = await peers_one.CreateFederationCredential(
+        fpb.CreateFederationCredentialRequest(name="revoked-elsewhere"), metadata=admin
+    )
+    request = fpb.SearchAgentsRequest(search="anything")
+    for _ in range(2):  # the second call finds the credential in the second replica's memory
+        await fed_two.SearchAgents(request, metadata=signed(issued.token, request))
+    await peers_one.RevokeFederationCredential(
+        fpb.RevokeFederationCredentialRequest(id=issued.credential.id), metadata=admin
+    )
+
+    async def refused() -> None:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
             await fed_two.SearchAgents(request, metadata=signed(issued.token, request))
-        await peers_one.RevokeFederationCredential(
-            fpb.RevokeFederationCredentialRequest(id=issued.credential.id), metadata=admin
-        )
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
-        async def refused() -> None:
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await fed_two.SearchAgents(request, metadata=signed(issued.token, request))
-            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-
-        await eventually(refused)
+    await eventually(refused)
