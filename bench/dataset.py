@@ -1,7 +1,7 @@
 """A realistic, reproducible agent population, and bulk seeding that writes rows exactly as the Store does.
 
 Agents are built as domain.AgentSpec and checked with domain.validate_spec; their row values come from the
-Store's own helpers (Store._agent_params, store._texts) and capability versions from versions.parse_version.
+Store's own helpers (Store._agent_params, store._texts, store.capability_rows).
 Only the tsvector expression is repeated here (it is inline SQL in store.py); `check_search_vectors` proves it
 still matches by running the Store's own INSERT for sampled agents inside a rolled-back transaction.
 """
@@ -18,7 +18,7 @@ from typing import Any, cast
 
 import asyncpg
 
-from agentvault_registry import domain, store, versions
+from agentvault_registry import domain, store
 from agentvault_registry.store import Store
 
 SEED = 20_240_601
@@ -116,26 +116,6 @@ _STAGE_COLUMNS = (
     "id, did, name, description, version, agent_type, capabilities, endpoints, tags, owner, sharing, "
     "health_check_url, created_at, keywords, prose"
 )
-_CAPABILITY_COLUMNS = [
-    "agent_id",
-    "kind",
-    "name",
-    "version",
-    "v_major",
-    "v_minor",
-    "v_patch",
-    "v_release",
-    "description",
-]
-
-
-def _capability_rows(agent: SeededAgent) -> Iterator[tuple[Any, ...]]:
-    # Exactly the rows Store._write_capabilities copies.
-    for cap in agent.spec.capabilities:
-        key: tuple[int | None, ...] = (None, None, None, None)
-        if cap.version:
-            key = versions.parse_version(cap.version).key
-        yield (agent.id, cap.kind, cap.name, cap.version, *key, cap.description)
 
 
 async def seed(conn: asyncpg.Connection, agents: Sequence[SeededAgent], now: datetime | None = None) -> None:
@@ -176,8 +156,8 @@ async def seed(conn: asyncpg.Connection, agents: Sequence[SeededAgent], now: dat
         )
         await conn.copy_records_to_table(
             "agent_capabilities",
-            records=[row for agent in agents for row in _capability_rows(agent)],
-            columns=_CAPABILITY_COLUMNS,
+            records=[row for agent in agents for row in store.capability_rows(agent.id, agent.spec)],
+            columns=store.CAPABILITY_COLUMNS,
         )
 
 

@@ -24,6 +24,23 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 MAX_SEARCH_TERMS = 16
 
 
+# agent_capabilities as rows are copied into it: the capability, then its parsed version key.
+CAPABILITY_COLUMNS = [
+    "agent_id", "kind", "name", "version", "v_major", "v_minor", "v_patch", "v_release", "description"
+]  # fmt: skip
+
+
+def capability_rows(agent_id: uuid.UUID, spec: AgentSpec) -> list[tuple[Any, ...]]:
+    """The agent's rows of agent_capabilities, in CAPABILITY_COLUMNS order."""
+    rows = []
+    for cap in spec.capabilities:
+        key: tuple[int | None, ...] = (None, None, None, None)
+        if cap.version:
+            key = versions.parse_version(cap.version).key
+        rows.append((agent_id, cap.kind, cap.name, cap.version, *key, cap.description))
+    return rows
+
+
 async def init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
@@ -122,26 +139,10 @@ class Store:
         await conn.execute("DELETE FROM agent_capabilities WHERE agent_id = $1", agent_id)
         if not spec.capabilities:
             return
-        rows = []
-        for cap in spec.capabilities:
-            key: tuple[int | None, ...] = (None, None, None, None)
-            if cap.version:
-                key = versions.parse_version(cap.version).key
-            rows.append((agent_id, cap.kind, cap.name, cap.version, *key, cap.description))
         await conn.copy_records_to_table(
             "agent_capabilities",
-            records=rows,
-            columns=[
-                "agent_id",
-                "kind",
-                "name",
-                "version",
-                "v_major",
-                "v_minor",
-                "v_patch",
-                "v_release",
-                "description",
-            ],
+            records=capability_rows(agent_id, spec),
+            columns=CAPABILITY_COLUMNS,
         )
 
     async def get_agent(self, agent_id: str) -> Agent | None:
