@@ -109,7 +109,12 @@ def generate(start: int, count: int, population: Population, seed: int = SEED) -
     for index in range(start, start + count):
         rng = random.Random(seed * 1_000_003 + index)
         spec = domain.validate_spec(agent_spec(index, population, rng))
-        yield SeededAgent(uuid.UUID(int=rng.getrandbits(128), version=4), f"owner-{index % OWNERS}", spec)
+        yield SeededAgent(uuid.UUID(int=rng.getrandbits(128), version=4), owner_id(index % OWNERS), spec)
+
+
+def owner_id(number: int) -> str:
+    """The principal id of seeded owner `number` (agents.owner references principals)."""
+    return f"prn_{number:032x}"
 
 
 _STAGE_COLUMNS = (
@@ -135,6 +140,10 @@ async def seed(conn: asyncpg.Connection, agents: Sequence[SeededAgent], now: dat
             (agent.id, *params, agent.owner, agent.spec.sharing, agent.spec.health_check_url, created, keywords, prose)
         )
     async with conn.transaction():
+        await conn.executemany(
+            "INSERT INTO principals (id, name) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+            [(owner, f"bench-{owner[-4:]}") for owner in sorted({agent.owner for agent in agents})],
+        )
         await conn.execute(
             """CREATE TEMP TABLE bench_stage (
                    id UUID, did TEXT, name TEXT, description TEXT, version TEXT, agent_type TEXT,

@@ -12,11 +12,19 @@ from agentvault.common.errors import PermissionDenied, Unauthenticated
 from agentvault_registry.store import Store
 
 TOKEN_PREFIX = "avk"  # noqa: S105 - a public prefix, not a secret
-BOOTSTRAP_PRINCIPAL = "admin"
+# The bootstrap admin token's principal (created by migration 0003); no API key can be issued for it.
+BOOTSTRAP_PRINCIPAL_ID = "prn_bootstrap_admin"
+BOOTSTRAP_PRINCIPAL_NAME = "admin"
+PRINCIPAL_ID_PREFIX = "prn_"
 
 
 def hash_secret(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
+
+
+def new_principal_id() -> str:
+    """A principal id: random, so no caller can choose or guess one by picking a name."""
+    return PRINCIPAL_ID_PREFIX + secrets.token_hex(16)
 
 
 def new_token() -> tuple[str, str, str]:
@@ -43,7 +51,7 @@ class Authenticator:
         if token is None:
             return None
         if self._bootstrap is not None and hmac.compare_digest(hash_secret(token), self._bootstrap):
-            return Principal(BOOTSTRAP_PRINCIPAL, Role.ADMIN, "bootstrap")
+            return Principal(BOOTSTRAP_PRINCIPAL_NAME, Role.ADMIN, "bootstrap", id=BOOTSTRAP_PRINCIPAL_ID)
         prefix, _, rest = token.partition("_")
         key_id, _, secret = rest.partition("_")
         if prefix != TOKEN_PREFIX or len(key_id) != 16 or not secret:
@@ -55,7 +63,7 @@ class Authenticator:
         if found is None or not hmac.compare_digest(presented, stored) or found[0].revoked_at is not None:
             raise Unauthenticated("invalid or revoked credential", "INVALID_CREDENTIAL")
         key = found[0]
-        return Principal(key.name, Role(key.role), key.id)
+        return Principal(key.name, Role(key.role), key.id, id=key.principal_id)
 
     async def require(self, metadata: Any) -> Principal:
         principal = await self.principal(metadata)

@@ -111,6 +111,7 @@ class ApiKey:
     id: str
     name: str
     role: str
+    principal_id: str
     created_at: datetime
     revoked_at: datetime | None = None
 

@@ -501,7 +501,7 @@ class FederationServicer(fpb_grpc.FederationServiceServicer):
 
 
 def peer_principal(cred: CredentialRecord) -> Principal:
-    return Principal(cred.name, Role.MEMBER, cred.id, is_peer=True)
+    return Principal(cred.name, Role.MEMBER, cred.id, is_peer=True, id=f"peer:{cred.id}")
 
 
 __all__ = ["SHARING", "FederationGate", "FederationServicer", "PeerServicer", "peer_principal"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
@@ -13,13 +14,20 @@ from google.protobuf import empty_pb2, timestamp_pb2
 from google.protobuf.descriptor import EnumDescriptor
 
 from agentvault.common import pagination
-from agentvault.common.auth import Principal
-from agentvault.common.errors import AlreadyExists, NotFound, PermissionDenied, invalid
+from agentvault.common.auth import Principal, Role
+from agentvault.common.errors import AlreadyExists, NotFound, PermissionDenied, Unavailable, invalid
 from agentvault.registry.v1 import registry_service_pb2 as pb
 from agentvault.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from agentvault.registry.v1.registry_service_pb2 import Agent as AgentPb
 from agentvault_registry import domain
-from agentvault_registry.auth import Authenticator, hash_secret, new_token
+from agentvault_registry.auth import (
+    BOOTSTRAP_PRINCIPAL_ID,
+    PRINCIPAL_ID_PREFIX,
+    Authenticator,
+    hash_secret,
+    new_principal_id,
+    new_token,
+)
 from agentvault_registry.cache import AgentCache
 from agentvault_registry.store import Store
 
@@ -127,10 +135,14 @@ def key_to_proto(key: domain.ApiKey) -> pb.ApiKey:
         role=ROLE.number(key.role),
         create_time=to_timestamp(key.created_at),
         revoke_time=to_timestamp(key.revoked_at),
+        principal_id=key.principal_id,
     )
 
 
 LIST_METHOD = "/agentvault.registry.v1.RegistryService/ListAgents"
+PRINCIPAL_ID = re.compile(rf"{PRINCIPAL_ID_PREFIX}[0-9a-f]{{32}}")
+# Who a federation token is counted as by GetHealth: a peer sees shared agents only.
+PEER_VIEWER = Principal("peer", Role.MEMBER, "", is_peer=True, id="peer:")
 
 
 def search_filters(request: Any) -> dict[str, Any]:
@@ -153,8 +165,8 @@ def _carries_federation_token(metadata: Any) -> bool:
 
 
 def may_see(sharing: str, owner: str, viewer: Principal | None) -> bool:
-    """Private agents are visible to their owner and admins only; the rest to every caller."""
-    return sharing != "private" or (viewer is not None and (viewer.is_admin or viewer.name == owner))
+    """Private agents are visible to their owner (by principal id) and admins only; the rest to every caller."""
+    return sharing != "private" or (viewer is not None and (viewer.is_admin or viewer.owns(owner)))
 
 
 class RegistryServicer(pb_grpc.RegistryServiceServicer):
@@ -177,7 +189,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         def check(agent: domain.Agent) -> None:
             if not may_see(agent.spec.sharing, agent.owner, principal):
                 raise NotFound(f"agent {agent.id} not found", "AGENT_NOT_FOUND", id=agent.id)
-            if not principal.is_admin and principal.name != agent.owner:
+            if not principal.is_admin and not principal.owns(agent.owner):
                 raise PermissionDenied(
                     "only the agent's owner or an admin may change it", "NOT_OWNER", owner=agent.owner
                 )
@@ -190,14 +202,14 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             raise invalid("agent", "is required")
         spec = domain.validate_spec(spec_from_proto(request.agent))
         try:
-            agent = await self.store.create_agent(principal.name, spec)
+            agent = await self.store.create_agent(principal.id, spec)
         except asyncpg.UniqueViolationError:
             raise AlreadyExists(
                 f"an agent with did {spec.did!r} already exists", "AGENT_DID_EXISTS", did=spec.did
             ) from None
         # Nothing cached holds the new agent, but cached search answers may now be missing it.
         await self.cache.invalidate(agent.id)
-        log.info("agent created", extra={"agent_id": agent.id, "owner": principal.name})
+        log.info("agent created", extra={"agent_id": agent.id, "owner": principal.id})
         return agent_to_proto(agent)
 
     async def GetAgent(self, request: pb.GetAgentRequest, context: grpc.aio.ServicerContext) -> AgentPb:
@@ -276,22 +288,25 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             raise invalid("id", "is required")
         await self.store.delete_agent(request.id, self._authorize_owner(principal))
         await self.cache.invalidate(request.id)
-        log.info("agent deleted", extra={"agent_id": request.id, "by": principal.name})
+        log.info("agent deleted", extra={"agent_id": request.id, "by": principal.id})
         return empty_pb2.Empty()
 
     async def GetHealth(self, request: pb.GetHealthRequest, context: grpc.aio.ServicerContext) -> pb.GetHealthResponse:
+        metadata = context.invocation_metadata()
+        # A peer presenting its federation token is counted what is shared with it. Its token is not checked:
+        # federated agents are a subset of what an anonymous caller is counted, so a forged one gains nothing.
+        viewer = PEER_VIEWER if _carries_federation_token(metadata) else await self.auth.principal(metadata)
         try:
-            count = await self.store.count_agents()
-        except (OSError, asyncpg.PostgresError) as exc:
+            count = await self.store.count_agents(viewer)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("health: database check failed: %s", exc)
-            return pb.GetHealthResponse(status=pb.HEALTH_STATUS_UNHEALTHY)
-        status = pb.HEALTH_STATUS_HEALTHY
+            raise Unavailable("the registry's database is unreachable", "DATABASE_UNAVAILABLE") from None
         try:
             await self._ping_redis()
-        except Exception as exc:  # any Redis failure degrades, it does not take reads down
+        except Exception as exc:  # any Redis failure: writes and peers' calls fail without it
             log.warning("health: redis check failed: %s", exc)
-            status = pb.HEALTH_STATUS_DEGRADED
-        return pb.GetHealthResponse(status=status, agent_count=count)
+            raise Unavailable("the registry's Redis is unreachable", "REDIS_UNAVAILABLE") from None
+        return pb.GetHealthResponse(status=pb.HEALTH_STATUS_HEALTHY, agent_count=count)
 
     async def ReportAgentHealth(
         self, request: pb.ReportAgentHealthRequest, context: grpc.aio.ServicerContext
@@ -310,7 +325,12 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         principal = await self.auth.principal(context.invocation_metadata())
         if principal is None:
             return pb.Caller()
-        return pb.Caller(name=principal.name, role=ROLE.number(principal.role.value), is_peer=principal.is_peer)
+        return pb.Caller(
+            name=principal.name,
+            role=ROLE.number(principal.role.value),
+            is_peer=principal.is_peer,
+            principal_id=principal.id,
+        )
 
     async def CreateApiKey(
         self, request: pb.CreateApiKeyRequest, context: grpc.aio.ServicerContext
@@ -325,10 +345,22 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             )
         if request.role and request.role not in ROLE.to_word:
             violations.add("role", f"unknown value {request.role}")
+        if request.principal_id and request.principal_id == BOOTSTRAP_PRINCIPAL_ID:
+            violations.add("principal_id", "is the bootstrap admin's, which no API key may act as")
+        elif request.principal_id and not PRINCIPAL_ID.fullmatch(request.principal_id):
+            violations.add("principal_id", f"must be a principal id ({PRINCIPAL_ID_PREFIX} and 32 hex digits)")
         violations.raise_if_any()
         role = ROLE.to_word.get(request.role, "member")
         key_id, secret, token = new_token()
-        key = await self.store.insert_key(key_id, request.name, role, hash_secret(secret), admin.name)
+        key = await self.store.insert_key(
+            key_id,
+            request.name,
+            role,
+            hash_secret(secret),
+            admin.id,
+            request.principal_id or new_principal_id(),
+            new=not request.principal_id,
+        )
         log.info("api key issued", extra={"key_id": key.id, "key_name": key.name, "role": role, "by": admin.name})
         return pb.CreateApiKeyResponse(api_key=key_to_proto(key), token=token)
 

@@ -20,6 +20,7 @@ _COLUMNS = (
     "a.id, a.did, a.name, a.description, a.version, a.agent_type, a.capabilities, a.endpoints, a.tags, "
     "a.owner, a.sharing, a.health_check_url, a.health_status, a.created_at, a.updated_at"
 )
+_KEY_COLUMNS = "id, name, role, principal_id, created_at, revoked_at"
 _WORD = re.compile(r"\w+", re.UNICODE)
 MAX_SEARCH_TERMS = 16
 
@@ -213,7 +214,7 @@ class Store:
         if viewer is None:
             where.append("a.sharing <> 'private'")
         elif not viewer.is_admin:
-            where.append(f"(a.sharing <> 'private' OR a.owner = {param(viewer.name)})")
+            where.append(f"(a.sharing <> 'private' OR a.owner = {param(viewer.id)})")
         if query.agent_type:
             where.append(f"a.agent_type = {param(query.agent_type)}")
         if query.tag:
@@ -277,27 +278,44 @@ class Store:
         )
         return _agent(row) if row else None
 
-    async def count_agents(self) -> int:
-        return int(await self.pool.fetchval("SELECT count(*) FROM agents"))
+    async def count_agents(self, viewer: Principal | None) -> int:
+        """How many agents `viewer` may see: a peer the shared ones, anyone else what ListAgents would show."""
+        if viewer is not None and viewer.is_peer:
+            return int(await self.pool.fetchval("SELECT count(*) FROM agents WHERE sharing = 'federated'"))
+        if viewer is None:
+            return int(await self.pool.fetchval("SELECT count(*) FROM agents WHERE sharing <> 'private'"))
+        if viewer.is_admin:
+            return int(await self.pool.fetchval("SELECT count(*) FROM agents"))
+        return int(
+            await self.pool.fetchval("SELECT count(*) FROM agents WHERE sharing <> 'private' OR owner = $1", viewer.id)
+        )
 
     # API keys ----------------------------------------------------------------------------------------
 
-    async def insert_key(self, key_id: str, name: str, role: str, secret_hash: bytes, created_by: str) -> ApiKey:
-        row = await self.pool.fetchrow(
-            """INSERT INTO api_keys (id, name, role, secret_hash, created_by) VALUES ($1, $2, $3, $4, $5)
-               RETURNING id, name, role, created_at, revoked_at""",
-            key_id,
-            name,
-            role,
-            secret_hash,
-            created_by,
-        )
+    async def insert_key(
+        self, key_id: str, name: str, role: str, secret_hash: bytes, created_by: str, principal_id: str, *, new: bool
+    ) -> ApiKey:
+        """Issues a key acting as `principal_id`: a new principal named `name` when `new`, else an existing one
+        (NotFound when it does not exist)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            if new:
+                await conn.execute("INSERT INTO principals (id, name) VALUES ($1, $2)", principal_id, name)
+            elif not await conn.fetchval("SELECT true FROM principals WHERE id = $1 FOR SHARE", principal_id):
+                raise NotFound(f"principal {principal_id} not found", "PRINCIPAL_NOT_FOUND", id=principal_id)
+            row = await conn.fetchrow(
+                f"""INSERT INTO api_keys (id, name, role, secret_hash, created_by, principal_id)
+                    VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_KEY_COLUMNS}""",
+                key_id,
+                name,
+                role,
+                secret_hash,
+                created_by,
+                principal_id,
+            )
         return ApiKey(**dict(row))
 
     async def get_key_secret(self, key_id: str) -> tuple[ApiKey, bytes] | None:
-        row = await self.pool.fetchrow(
-            "SELECT id, name, role, created_at, revoked_at, secret_hash FROM api_keys WHERE id = $1", key_id
-        )
+        row = await self.pool.fetchrow(f"SELECT {_KEY_COLUMNS}, secret_hash FROM api_keys WHERE id = $1", key_id)
         if row is None:
             return None
         data = dict(row)
@@ -315,7 +333,7 @@ class Store:
                 raise invalid("page_token", "is not a valid page token") from None
             where = "WHERE (created_at, id) < ($2, $3)"
         rows = await self.pool.fetch(
-            f"""SELECT id, name, role, created_at, revoked_at FROM api_keys {where}
+            f"""SELECT {_KEY_COLUMNS} FROM api_keys {where}
                 ORDER BY created_at DESC, id DESC LIMIT $1""",
             *params,
         )
@@ -326,8 +344,8 @@ class Store:
 
     async def revoke_key(self, key_id: str) -> ApiKey | None:
         row = await self.pool.fetchrow(
-            """UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()) WHERE id = $1
-               RETURNING id, name, role, created_at, revoked_at""",
+            f"""UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()) WHERE id = $1
+                RETURNING {_KEY_COLUMNS}""",
             key_id,
         )
         return ApiKey(**dict(row)) if row else None

@@ -64,7 +64,7 @@ def create_from_flags(cli: Cli, *extra: str, tag: str = "cli-test") -> dict[str,
 def test_create_from_flags_prints_the_rest_shape(cli: Cli) -> None:
     agent = create_from_flags(cli)
     assert agent["name"] == "CLI agent"
-    assert agent["owner"] == "admin"
+    assert agent["owner"] == "prn_bootstrap_admin"
     assert agent["sharing"] == "federated"
     assert agent["tags"] == ["cli-test", "billing"]
     assert agent["capabilities"] == [
@@ -195,7 +195,8 @@ def test_keys_create_list_revoke(cli: Cli) -> None:
     # The new key works, as a member: it can register agents but not manage keys.
     as_member = cli("agents", "create", "--did", unique_did("member"), "--name", "m", "--version", "1.0.0",
                     token=created["token"])  # fmt: skip
-    assert ok(as_member)["owner"] == name
+    assert ok(as_member)["owner"] == created["api_key"]["principal_id"]
+    assert ok(cli("whoami", token=created["token"]))["principal_id"] == created["api_key"]["principal_id"]
     denied = assert_clean_failure(cli("keys", "list", token=created["token"]), 1)
     assert "PERMISSION_DENIED" in denied
     assert "ADMIN_REQUIRED" in denied

@@ -42,7 +42,7 @@ def sample_agent(label: str = "client", **overrides: object) -> pb.Agent:
 async def test_crud_round_trip(admin: RegistryClient) -> None:
     created = await admin.create_agent(sample_agent())
     assert created.id
-    assert created.owner == "admin"
+    assert created.owner == "prn_bootstrap_admin"
     assert created.sharing == pb.SHARING_FEDERATED
     assert created.capabilities[0].kind == pb.CAPABILITY_KIND_SKILL
     assert created.endpoints[0].protocol == pb.PROTOCOL_HTTP
@@ -142,7 +142,7 @@ async def test_member_cannot_change_another_members_agent(admin: RegistryClient,
         RegistryClient(address, token=bob.token) as as_bob,
     ):
         agent = await as_alice.create_agent(sample_agent("alice"))
-        assert agent.owner == alice.api_key.name
+        assert agent.owner == alice.api_key.principal_id == (await as_alice.caller()).principal_id
         with pytest.raises(PermissionDeniedError) as caught:
             await as_bob.update_agent(pb.Agent(id=agent.id, name="stolen"), ["name"])
         assert caught.value.reason == "NOT_OWNER"
@@ -182,7 +182,7 @@ def test_defaults_come_from_the_environment(client_mesh: MeshHandle, monkeypatch
         async with client:
             return await client.create_agent(sample_agent("env"))
 
-    assert asyncio.run(use()).owner == "admin", "the token came from AGENTVAULT_TOKEN"
+    assert asyncio.run(use()).owner == "prn_bootstrap_admin", "the token came from AGENTVAULT_TOKEN"
 
     monkeypatch.delenv("REGISTRY_ADDR")
     monkeypatch.setenv("REGISTRY_PORT", "6123")

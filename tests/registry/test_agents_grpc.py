@@ -58,8 +58,9 @@ async def member_token(registry: RegistryServiceAsyncStub, admin_token: str, nam
 
 async def test_create_get_update_delete(registry: RegistryServiceAsyncStub, admin_token: str) -> None:
     token = await member_token(registry, admin_token, "crud-owner")
+    caller = await registry.GetCaller(pb.GetCallerRequest(), metadata=bearer(token))
     created = await registry.CreateAgent(pb.CreateAgentRequest(agent=make_agent()), metadata=bearer(token))
-    assert created.id and created.owner == "crud-owner"
+    assert created.id and created.owner == caller.principal_id and caller.principal_id.startswith("prn_")
     assert created.create_time.seconds > 0 and created.sharing == pb.SHARING_LOCAL
 
     fetched = await registry.GetAgent(pb.GetAgentRequest(id=created.id))
@@ -110,6 +111,7 @@ async def test_only_owner_or_admin_may_change(registry: RegistryServiceAsyncStub
     alice = await member_token(registry, admin_token, "alice")
     bob = await member_token(registry, admin_token, "bob")
     agent = await registry.CreateAgent(pb.CreateAgentRequest(agent=make_agent()), metadata=bearer(alice))
+    alice_id = (await registry.GetCaller(pb.GetCallerRequest(), metadata=bearer(alice))).principal_id
     mask = field_mask_pb2.FieldMask(paths=["name"])
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await registry.UpdateAgent(
@@ -126,7 +128,7 @@ async def test_only_owner_or_admin_may_change(registry: RegistryServiceAsyncStub
         pb.UpdateAgentRequest(agent=pb.Agent(id=agent.id, name="Fixed by admin"), update_mask=mask),
         metadata=bearer(admin_token),
     )
-    assert by_admin.name == "Fixed by admin" and by_admin.owner == "alice"
+    assert by_admin.name == "Fixed by admin" and by_admin.owner == alice_id
 
 
 async def test_private_agents_are_hidden_from_others(registry: RegistryServiceAsyncStub, admin_token: str) -> None:
@@ -136,15 +138,16 @@ async def test_private_agents_are_hidden_from_others(registry: RegistryServiceAs
         pb.CreateAgentRequest(agent=make_agent(sharing=pb.SHARING_PRIVATE, name="Carol secret")),
         metadata=bearer(carol),
     )
+    carol_id = private.owner
     for md in ([], bearer(dave)):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await registry.GetAgent(pb.GetAgentRequest(id=private.id), metadata=md)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
-        listed = await registry.ListAgents(pb.ListAgentsRequest(owner="carol", page_size=500), metadata=md)
+        listed = await registry.ListAgents(pb.ListAgentsRequest(owner=carol_id, page_size=500), metadata=md)
         assert private.id not in {a.id for a in listed.agents}
     for md in (bearer(carol), bearer(admin_token)):
         assert (await registry.GetAgent(pb.GetAgentRequest(id=private.id), metadata=md)).name == "Carol secret"
-        listed = await registry.ListAgents(pb.ListAgentsRequest(owner="carol", page_size=500), metadata=md)
+        listed = await registry.ListAgents(pb.ListAgentsRequest(owner=carol_id, page_size=500), metadata=md)
         assert private.id in {a.id for a in listed.agents}
 
 

@@ -52,7 +52,7 @@ async def test_crud_over_http(http: aiohttp.ClientSession, mesh: MeshHandle, adm
     assert created["sharing"] == "federated"
     assert created["capabilities"][0]["kind"] == "skill"
     assert created["endpoints"][0]["protocol"] == "http"
-    assert created["owner"] == "admin" and created["id"]
+    assert created["owner"] == "prn_bootstrap_admin" and created["id"]
     assert await health_count(http, mesh) == before + 1
 
     url = mesh.url(f"/api/v1/agents/{created['id']}")

@@ -29,7 +29,7 @@ SHARING_WORDS = enum_words(pb.Sharing.DESCRIPTOR)
 KIND_WORDS = enum_words(pb.CapabilityKind.DESCRIPTOR)
 ROLE_WORDS = enum_words(pb.Role.DESCRIPTOR)
 AGENT_COLUMNS = ("id", "did", "name", "version", "agent_type", "sharing", "owner", "health_status")
-KEY_COLUMNS = ("id", "name", "role", "create_time", "revoke_time")
+KEY_COLUMNS = ("id", "name", "role", "principal_id", "create_time", "revoke_time")
 # Scalar agent fields settable from a flag of the same name (with - for _).
 SCALAR_FIELDS = ("did", "name", "version", "description", "agent_type", "sharing", "health_check_url")
 LIST_FIELDS = {"tags": "tag", "capabilities": "capability", "endpoints": "endpoint"}
@@ -145,7 +145,7 @@ async def agents_delete(client: RegistryClient, args: argparse.Namespace) -> dic
 
 
 async def keys_create(client: RegistryClient, args: argparse.Namespace) -> dict[str, Any]:
-    return to_dict(await client.create_api_key(args.name, args.role))
+    return to_dict(await client.create_api_key(args.name, args.role, principal_id=args.principal_id))
 
 
 async def keys_list(client: RegistryClient, args: argparse.Namespace) -> dict[str, Any]:
@@ -155,6 +155,10 @@ async def keys_list(client: RegistryClient, args: argparse.Namespace) -> dict[st
 
 async def keys_revoke(client: RegistryClient, args: argparse.Namespace) -> dict[str, Any]:
     return to_dict(await client.revoke_api_key(args.id))
+
+
+async def whoami(client: RegistryClient, args: argparse.Namespace) -> dict[str, Any]:
+    return to_dict(await client.caller())
 
 
 async def health(client: RegistryClient, args: argparse.Namespace) -> dict[str, Any]:
@@ -264,7 +268,7 @@ def _list_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--capability-kind", choices=KIND_WORDS)
     parser.add_argument("--capability-name", metavar="NAME")
     parser.add_argument("--capability-version", metavar="CONSTRAINT", help='e.g. ">=1.2,<2" or "^1.4"')
-    parser.add_argument("--owner")
+    parser.add_argument("--owner", metavar="PRINCIPAL_ID", help="only agents owned by this principal id")
     parser.add_argument("--sharing", choices=SHARING_WORDS)
     parser.add_argument("--page-size", type=int, default=0, help="results per page (server default 50, max 500)")
     parser.add_argument("--page-token", default="", help="next_page_token of a previous page")
@@ -308,12 +312,16 @@ def build_parser() -> argparse.ArgumentParser:
     keys = commands.add_parser("keys", help="issue, list and revoke API keys (admin only)")
     key_cmds = keys.add_subparsers(dest="command", required=True, metavar="COMMAND")
     create_key = command(key_cmds, "create", keys_create, "issue a key; its token is printed this once")
-    create_key.add_argument("name", help="principal name the key acts as")
+    create_key.add_argument("name", help="display name of the key (names confer nothing; owners are principal ids)")
+    create_key.add_argument(
+        "--principal-id", default="", help="act as this existing principal (e.g. to rotate its key); default: a new one"
+    )
     create_key.add_argument("--role", choices=ROLE_WORDS, default="member")
     command(key_cmds, "list", keys_list, "list every key, without secrets")
     command(key_cmds, "revoke", keys_revoke, "revoke a key at once").add_argument("id")
 
     command(commands, "health", health, "the registry's health and agent count")
+    command(commands, "whoami", whoami, "the principal behind the credential: its id owns the agents it creates")
     return parser
 
 

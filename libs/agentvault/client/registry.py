@@ -261,13 +261,23 @@ class RegistryClient:
     async def health(self, *, timeout: float | None = None) -> pb.GetHealthResponse:
         return await self._call(self._stub.GetHealth, pb.GetHealthRequest(), timeout)
 
+    async def caller(self, *, timeout: float | None = None) -> pb.Caller:
+        """The principal behind this client's credential (empty without one)."""
+        return await self._call(self._stub.GetCaller, pb.GetCallerRequest(), timeout)
+
     # ----------------------------------------------------------------------------------------- api keys
 
     async def create_api_key(
-        self, name: str, role: str | int = "member", *, timeout: float | None = None
+        self, name: str, role: str | int = "member", *, principal_id: str = "", timeout: float | None = None
     ) -> pb.CreateApiKeyResponse:
-        """Issues a key (admin only); the response's `token` is shown this once and cannot be fetched again."""
-        request = pb.CreateApiKeyRequest(name=name, role=enum_number(pb.Role.DESCRIPTOR, role, "role"))  # type: ignore[arg-type]
+        """Issues a key (admin only); the response's `token` is shown this once and cannot be fetched again.
+
+        The key acts as a new principal, or as `principal_id` (another key for the same owner)."""
+        request = pb.CreateApiKeyRequest(
+            name=name,
+            role=enum_number(pb.Role.DESCRIPTOR, role, "role"),  # type: ignore[arg-type]
+            principal_id=principal_id,
+        )
         return await self._call(self._stub.CreateApiKey, request, timeout)
 
     async def list_api_keys(

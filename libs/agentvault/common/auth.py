@@ -17,13 +17,23 @@ class Role(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Principal:
-    """An authenticated caller. `name` is what agents record as their owner."""
+    """An authenticated caller. `id` is what agents record as their owner: stable, unique and assigned by the
+    registry, never chosen by a caller. `name` is for display only; several principals may share one."""
 
     name: str
     role: Role
     key_id: str
     # A federation peer calling with the credential this mesh issued to it; it sees only shared agents.
     is_peer: bool = False
+    id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            raise ValueError("a principal needs its stable id")
+
+    def owns(self, owner: str) -> bool:
+        """Whether this caller is the principal recorded as `owner`; a peer owns nothing here."""
+        return not self.is_peer and self.id == owner
 
     @property
     def is_admin(self) -> bool:

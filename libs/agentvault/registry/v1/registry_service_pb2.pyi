@@ -263,7 +263,9 @@ class Agent(_message.Message):
     agent_type: _builtins.str
     """Free-form type label, e.g. "assistant" or "nlp": lowercase letters, digits and -_ (at most 64)."""
     owner: _builtins.str
-    """Principal that owns the agent; set by the server from the caller's credential."""
+    """Id of the principal that owns the agent (e.g. "prn_3f9c..."; see Caller.principal_id); set by the server from
+    the caller's credential. Stable and unique: never a name a caller could choose.
+    """
     sharing: Global___Sharing.ValueType
     """Who may see the agent."""
     health_check_url: _builtins.str
@@ -398,7 +400,7 @@ class ListAgentsRequest(_message.Message):
     capability_version: _builtins.str
     """Only agents whose matching capability's version satisfies this constraint, e.g. ">=1.2,<2" or "^1.4"."""
     owner: _builtins.str
-    """Only agents owned by this principal."""
+    """Only agents owned by the principal with this id."""
     sharing: Global___Sharing.ValueType
     """Only agents with this sharing level."""
     has_health_check_url: _builtins.bool
@@ -604,22 +606,26 @@ class Caller(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
     IS_PEER_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Principal name; owner of the agents it creates. Empty when the call carried no credential."""
+    """Principal's display name. Empty when the call carried no credential."""
     role: Global___Role.ValueType
     """Role."""
     is_peer: _builtins.bool
     """Whether the caller is a federation peer rather than a user."""
+    principal_id: _builtins.str
+    """The principal's stable id: what agents it creates record as their owner."""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         role: Global___Role.ValueType = ...,
         is_peer: _builtins.bool = ...,
+        principal_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["is_peer", b"is_peer", "name", b"name", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["is_peer", b"is_peer", "name", b"name", "principal_id", b"principal_id", "role", b"role"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -636,12 +642,15 @@ class ApiKey(_message.Message):
     ROLE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     REVOKE_TIME_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Key id; also the visible prefix of the token."""
     name: _builtins.str
-    """Principal name the key acts as; owner of the agents it creates."""
+    """The key's display name (its principal's name when the key created the principal)."""
     role: Global___Role.ValueType
     """What the key may do."""
+    principal_id: _builtins.str
+    """Id of the principal the key acts as; owner of the agents it creates."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the key was issued."""
@@ -658,10 +667,11 @@ class ApiKey(_message.Message):
         role: Global___Role.ValueType = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         revoke_time: _timestamp_pb2.Timestamp | None = ...,
+        principal_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "revoke_time", b"revoke_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "id", b"id", "name", b"name", "revoke_time", b"revoke_time", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "id", b"id", "name", b"name", "principal_id", b"principal_id", "revoke_time", b"revoke_time", "role", b"role"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -675,19 +685,25 @@ class CreateApiKeyRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Principal name: 1-128 characters of letters, digits and ._-@."""
+    """Display name: 1-128 characters of letters, digits and ._-@. Names need not be unique and confer nothing."""
     role: Global___Role.ValueType
     """Role; member when unset."""
+    principal_id: _builtins.str
+    """An existing principal the key acts as (another key for the same owner, e.g. to rotate one); a new principal
+    when empty. The bootstrap admin's principal cannot be given to a key.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         role: Global___Role.ValueType = ...,
+        principal_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "principal_id", b"principal_id", "role", b"role"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

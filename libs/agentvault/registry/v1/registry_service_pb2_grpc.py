@@ -133,7 +133,8 @@ class RegistryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetHealth(self, request, context):
-        """GetHealth reports whether the registry can serve and how many agents it holds.
+        """GetHealth reports whether the registry can serve and how many agents the caller may see (anonymous callers:
+        the agents that are not private; a peer: the agents shared with it). UNAVAILABLE while a store is down.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

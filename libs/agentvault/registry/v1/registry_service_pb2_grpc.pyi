@@ -45,7 +45,9 @@ class RegistryServiceStub:
     DeleteAgent: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.DeleteAgentRequest, _empty_pb2.Empty]
     """DeleteAgent removes an agent."""
     GetHealth: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.GetHealthRequest, _registry_service_pb2.GetHealthResponse]
-    """GetHealth reports whether the registry can serve and how many agents it holds."""
+    """GetHealth reports whether the registry can serve and how many agents the caller may see (anonymous callers:
+    the agents that are not private; a peer: the agents shared with it). UNAVAILABLE while a store is down.
+    """
     ReportAgentHealth: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ReportAgentHealthRequest, _registry_service_pb2.Agent]
     """ReportAgentHealth records the latest health check of an agent; the health monitor calls it. Admin only."""
     GetCaller: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.GetCallerRequest, _registry_service_pb2.Caller]
@@ -73,7 +75,9 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     DeleteAgent: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.DeleteAgentRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """DeleteAgent removes an agent."""
     GetHealth: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.GetHealthRequest, _registry_service_pb2.GetHealthResponse]  # type: ignore[assignment]
-    """GetHealth reports whether the registry can serve and how many agents it holds."""
+    """GetHealth reports whether the registry can serve and how many agents the caller may see (anonymous callers:
+    the agents that are not private; a peer: the agents shared with it). UNAVAILABLE while a store is down.
+    """
     ReportAgentHealth: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ReportAgentHealthRequest, _registry_service_pb2.Agent]  # type: ignore[assignment]
     """ReportAgentHealth records the latest health check of an agent; the health monitor calls it. Admin only."""
     GetCaller: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.GetCallerRequest, _registry_service_pb2.Caller]  # type: ignore[assignment]
@@ -134,7 +138,9 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_service_pb2.GetHealthRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_registry_service_pb2.GetHealthResponse, _abc.Awaitable[_registry_service_pb2.GetHealthResponse]]:
-        """GetHealth reports whether the registry can serve and how many agents it holds."""
+        """GetHealth reports whether the registry can serve and how many agents the caller may see (anonymous callers:
+        the agents that are not private; a peer: the agents shared with it). UNAVAILABLE while a store is down.
+        """
 
     @_abc_1.abstractmethod
     def ReportAgentHealth(
