@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv install proto proto-check lint fmt typecheck test test-only run bench clean
+.PHONY: help venv install proto proto-check proto-breaking proto-release lint fmt typecheck test test-only run bench clean
 
 help:
 	@echo "make run         start the whole mesh on embedded PostgreSQL and Redis (Ctrl-C stops it)"
@@ -33,10 +33,24 @@ proto: $(STAMP)
 proto-check: $(STAMP)
 	$(PY) scripts/protogen.py --check
 
+# The contracts of the last release, as a buf image: a change that would break its clients fails `make lint`.
+PROTO_BASELINE := protos/released.json
+
+proto-breaking: $(STAMP)
+	@mkdir -p .build
+	$(BIN)/buf build --exclude-source-info -o .build/protos.json
+	$(BIN)/buf breaking .build/protos.json --against $(PROTO_BASELINE) --exclude-imports \
+		|| { echo "the protos break clients of the last release ($(PROTO_BASELINE)): add, never change or remove"; exit 1; }
+
+# At a release: the current contracts become the baseline every later change is checked against.
+proto-release: $(STAMP)
+	$(BIN)/buf build --exclude-source-info -o $(PROTO_BASELINE)
+
 lint: $(STAMP)
 	$(PY) scripts/protogen.py --check
 	$(BIN)/buf lint
 	$(BIN)/buf format --exit-code -d > /dev/null || { $(BIN)/buf format -d; echo "protos are not buf-formatted: run make fmt"; exit 1; }
+	$(MAKE) --no-print-directory proto-breaking
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
