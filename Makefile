@@ -18,10 +18,13 @@ help:
 
 venv: $(STAMP)
 
+# pip's and setuptools' notices go to a log that is shown only when the install fails.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@echo "installing the dependencies into $(VENV) (log: $(VENV)/install.log)"
+	@{ $(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip \
+		&& $(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'; } > $(VENV)/install.log 2>&1 \
+		|| { cat $(VENV)/install.log; echo "make: installing the dependencies failed (log above)"; exit 1; }
 	@touch $(STAMP)
 
 install: $(STAMP)
