@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import secrets
 import uuid
@@ -185,6 +186,24 @@ def test_table_output(cli: Cli) -> None:
     assert lines["endpoints"] == "http=https://agent.example/api?a=b"
 
 
+def test_table_output_keeps_next_page_token(cli: Cli) -> None:
+    tag = f"paged-{secrets.token_hex(4)}"
+    ids = {create_from_flags(cli, tag=tag)["id"] for _ in range(2)}
+    first = cli("-o", "table", "agents", "list", "--tag", tag, "--page-size", "1")
+    assert first.returncode == 0, first.stderr
+    header, row, last = first.stdout.splitlines()
+    assert header.startswith("ID ")
+    assert last.startswith("next_page_token: ")
+    token = last.removeprefix("next_page_token: ")
+    assert token == ok(cli("agents", "list", "--tag", tag, "--page-size", "1"))["next_page_token"]
+
+    second = cli("-o", "table", "agents", "list", "--tag", tag, "--page-size", "1", "--page-token", token)
+    assert second.returncode == 0, second.stderr
+    lines = second.stdout.splitlines()
+    assert len(lines) == 2, "the last page has no next_page_token line"
+    assert {row.split()[0], lines[1].split()[0]} == ids
+
+
 def test_keys_create_list_revoke(cli: Cli) -> None:
     name = f"cli-key-{secrets.token_hex(3)}"
     created = ok(cli("keys", "create", name, "--role", "member"))
@@ -218,13 +237,19 @@ def test_health(cli: Cli) -> None:
     assert isinstance(reply["agent_count"], int), "int64 printed as a JSON number, as the REST API does"
 
 
-def test_invalid_agent_exits_2_naming_the_fields(cli: Cli) -> None:
+def test_invalid_agent_exits_2_naming_each_field_once(cli: Cli) -> None:
     result = cli("agents", "create", "--did", unique_did(), "--name", "bad", "--version", "not-semver",
                  "--capability", "skill:x@one")  # fmt: skip
     stderr = assert_clean_failure(result, 2)
-    assert "INVALID_ARGUMENT" in stderr.splitlines()[0]
-    assert "  agent.version: must be a semantic version" in stderr
-    assert "  agent.capabilities[0].version:" in stderr
+    first, *rest = stderr.splitlines()
+    assert first == "agentvault: INVALID_ARGUMENT: 2 invalid fields"
+    assert rest == [
+        "  agent.version: must be a semantic version like 1.2.3 (got 'not-semver')",
+        "  agent.capabilities[0].version: must be a semantic version like 1.2.3 (got 'one')",
+    ]
+    # The status message already summarised the violations; each is printed once, not again below it.
+    assert stderr.count("agent.version:") == 1
+    assert stderr.count("agent.capabilities[0].version:") == 1
 
 
 @pytest.mark.parametrize(
@@ -257,17 +282,40 @@ def test_usage_errors_exit_2(cli: Cli) -> None:
     assert cli("agents").returncode == 2
 
 
-def test_unreachable_registry_is_one_line_exit_1(cli: Cli) -> None:
-    # A write is not retried, so it fails at once and says why.
+def test_unreachable_registry_is_one_line_exit_1_naming_what_to_set(cli: Cli) -> None:
+    # A write is not retried, so it fails at once and says why, and how to point the tool elsewhere.
     result = cli("--registry", "127.0.0.1:1", "agents", "delete", str(uuid.uuid4()))
     stderr = assert_clean_failure(result, 1)
-    assert stderr.startswith("agentvault: UNAVAILABLE: cannot reach the registry at 127.0.0.1:1")
+    assert stderr.startswith("agentvault: UNAVAILABLE: cannot reach the registry at 127.0.0.1:1: ")
+    assert stderr.endswith("; set REGISTRY_ADDR or --registry\n")
     assert len(stderr.splitlines()) == 1
+    # The address from the environment is named the same way.
+    result = cli("keys", "revoke", "k1", env={"REGISTRY_ADDR": "127.0.0.1:1"})
+    stderr = assert_clean_failure(result, 1)
+    assert "cannot reach the registry at 127.0.0.1:1: " in stderr
+    assert stderr.endswith("; set REGISTRY_ADDR or --registry\n")
     # A read retries until its deadline, then says the server was unreachable rather than only "deadline".
     result = cli("--registry", "127.0.0.1:1", "--timeout", "1", "agents", "get", str(uuid.uuid4()))
     stderr = assert_clean_failure(result, 1)
     assert stderr.startswith("agentvault: DEADLINE_EXCEEDED")
-    assert "the server at 127.0.0.1:1 is unreachable" in stderr
+    assert "the registry at 127.0.0.1:1 is unreachable; set REGISTRY_ADDR or --registry" in stderr
+    assert len(stderr.splitlines()) == 1
+
+
+def test_unreachable_discovery_names_its_own_variable(cli: Cli) -> None:
+    result = cli("discover", "--timeout", "1", "anything", env={"DISCOVERY_ADDR": "127.0.0.1:1"})
+    stderr = assert_clean_failure(result, 1)
+    assert "the discovery service at 127.0.0.1:1 is unreachable; set DISCOVERY_ADDR or --discovery" in stderr
+    assert "REGISTRY_ADDR" not in stderr
+
+
+def test_version_prints_the_package_version(cli: Cli) -> None:
+    result = cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"agentvault {importlib.metadata.version('agentvault-mesh')}\n"
+    # `--version` after `agents create` is still the agent's version, not the tool's.
+    created = ok(cli("agents", "create", "--did", unique_did("v"), "--name", "v", "--version", "3.2.1"))
+    assert created["version"] == "3.2.1"
 
 
 def test_missing_credential_exits_1(cli: Cli) -> None:

@@ -12,6 +12,8 @@ import pytest
 from agentvault.client import (
     AlreadyExistsError,
     ClientError,
+    DiscoveryClient,
+    FederationClient,
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
@@ -187,3 +189,37 @@ def test_defaults_come_from_the_environment(client_mesh: MeshHandle, monkeypatch
     monkeypatch.delenv("REGISTRY_ADDR")
     monkeypatch.setenv("REGISTRY_PORT", "6123")
     assert RegistryClient().address == "127.0.0.1:6123"
+
+
+def test_each_client_reads_its_own_address_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REGISTRY_ADDR", raising=False)
+    monkeypatch.delenv("DISCOVERY_ADDR", raising=False)
+    monkeypatch.setenv("REGISTRY_PORT", "6123")
+    monkeypatch.setenv("DISCOVERY_PORT", "6124")
+    assert FederationClient().address == "127.0.0.1:6123", "the registry serves the federation admin API"
+    assert DiscoveryClient().address == "127.0.0.1:6124"
+    monkeypatch.setenv("DISCOVERY_ADDR", "discovery:50052")
+    assert DiscoveryClient().address == "discovery:50052"
+    assert RegistryClient().address == "127.0.0.1:6123"
+
+
+async def test_federation_and_discovery_clients(admin: RegistryClient, client_mesh: MeshHandle) -> None:
+    async with (
+        FederationClient(client_mesh.address("registry"), token=client_mesh.admin_token) as federation,
+        DiscoveryClient(client_mesh.address("discovery"), token="") as discovery,
+    ):
+        issued = await federation.create_credential(f"typed-{secrets.token_hex(3)}")
+        assert issued.credential.id in [c.id async for c in federation.iter_credentials(page_size=1)]
+        assert (await federation.revoke_credential(issued.credential.id)).HasField("revoke_time")
+        with pytest.raises(NotFoundError) as caught:
+            await federation.get_peer(str(uuid.uuid4()))
+        assert caught.value.reason == "PEER_NOT_FOUND"
+
+        word = f"typed{secrets.token_hex(4)}"
+        created = await admin.create_agent(sample_agent(word, name=f"Typed {word}", sharing="local"))
+        found = await discovery.search_agents(word, capability_kind="skill", capability_name="summarize")
+        assert [a.did for a in found.agents] == [created.did]
+        assert not found.agents[0].is_federated
+        with pytest.raises(InvalidArgumentError) as invalid:
+            await discovery.search_agents(word, page_size=-1)
+        assert invalid.value.field_violations

@@ -111,7 +111,9 @@ async def test_writes_are_never_retried(flaky: tuple[Flaky, str]) -> None:
         for write in writes:
             with pytest.raises(UnavailableError) as caught:
                 await write
+            # The server said it, so it is not reported as a server that could not be reached.
             assert caught.value.message == "overloaded, try again"
+            assert not caught.value.unreachable
     assert dict(servicer.attempts) == dict.fromkeys(
         ["CreateAgent", "UpdateAgent", "DeleteAgent", "CreateApiKey", "RevokeApiKey"], 1
     )

@@ -1,5 +1,6 @@
-"""Typed asyncio client for the AgentVault registry, and the `agentvault` command-line tool built on it."""
+"""Typed asyncio clients for an AgentVault mesh (registry, federation admin, discovery), and the `agentvault` CLI."""
 
+from agentvault.client.base import GrpcClient, RetryPolicy
 from agentvault.client.convert import (
     build_agent,
     capability,
@@ -11,6 +12,7 @@ from agentvault.client.convert import (
     parse_endpoint,
     to_dict,
 )
+from agentvault.client.discovery import DiscoveryClient, DiscoveryFilters
 from agentvault.client.errors import (
     AlreadyExistsError,
     ClientError,
@@ -23,7 +25,8 @@ from agentvault.client.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from agentvault.client.registry import IDEMPOTENT_METHODS, AgentFilters, RegistryClient, RetryPolicy
+from agentvault.client.federation import FederationClient
+from agentvault.client.registry import IDEMPOTENT_METHODS, AgentFilters, RegistryClient
 
 __all__ = [
     "IDEMPOTENT_METHODS",
@@ -31,8 +34,12 @@ __all__ = [
     "AlreadyExistsError",
     "ClientError",
     "DeadlineExceededError",
+    "DiscoveryClient",
+    "DiscoveryFilters",
     "FailedPreconditionError",
+    "FederationClient",
     "FieldViolation",
+    "GrpcClient",
     "InvalidArgumentError",
     "NotFoundError",
     "PermissionDeniedError",

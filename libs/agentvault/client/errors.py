@@ -29,6 +29,8 @@ class ClientError(Exception):
     metadata: Mapping[str, str] = field(default_factory=dict)
     field_violations: list[FieldViolation] = field(default_factory=list)
     request_id: str = ""
+    # True when the call never reached the server (refused, unresolvable, or down until the deadline).
+    unreachable: bool = False
 
     def __post_init__(self) -> None:
         super().__init__(self.message)
