@@ -12,6 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from bench.procs import sigterm_as_interrupt
 from bench.suite import REPO, Config, run
 
 FULL_SIZES = (10_000, 100_000)
@@ -65,7 +66,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     # pgserver's platformdirs complains when XDG_RUNTIME_DIR is unset (containers, CI); it falls back to /tmp.
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-    sys.exit(run(parse()))
+    with sigterm_as_interrupt():
+        sys.exit(run(parse()))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from agentvault.devserver.embedded import EmbeddedPostgres, EmbeddedRedis, free_
 from agentvault.devserver.mesh import SERVICES, Mesh
 from agentvault.federation.v1 import federation_service_pb2 as fed_pb
 from agentvault.federation.v1 import federation_service_pb2_grpc as fed_grpc
-from bench.procs import cpu_seconds, machine
+from bench.procs import cpu_seconds, machine, sigterm_as_interrupt
 
 FEDERATION_SERVICE = fed_pb.DESCRIPTOR.services_by_name["FederationService"].full_name
 REPO = Path(__file__).resolve().parent.parent
@@ -368,7 +368,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     plan = Plan(fast_per_process=40, slow_per_process=5, hang_per_process=3, dead=8) if args.quick else Plan()
     rounds = 1 if args.quick else args.rounds
-    sys.exit(run(plan, rounds, args.interval, args.timeout, args.concurrency, args.output))
+    with sigterm_as_interrupt():
+        sys.exit(run(plan, rounds, args.interval, args.timeout, args.concurrency, args.output))
 
 
 if __name__ == "__main__":

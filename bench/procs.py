@@ -1,4 +1,4 @@
-"""Processes: the event loop the services use, CPU pinning, CPU time per process, and the machine's description."""
+"""Processes: the event loop the services use, SIGTERM, CPU pinning, CPU time per process, the machine."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import os
 import platform
+import signal
 import time
 from collections.abc import Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -24,6 +26,21 @@ def run_loop(main: Coroutine[Any, Any, None]) -> None:
         asyncio.run(main)
         return
     uvloop.run(main)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so the finally blocks stop every process (PostgreSQL, Redis and the services
+    run in sessions of their own: nothing but this process's own cleanup stops them) and remove temporary folders."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

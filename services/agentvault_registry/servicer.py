@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -15,7 +16,7 @@ from google.protobuf.descriptor import EnumDescriptor
 
 from agentvault.common import pagination
 from agentvault.common.auth import Principal, Role
-from agentvault.common.errors import AlreadyExists, NotFound, PermissionDenied, Unavailable, invalid
+from agentvault.common.errors import AlreadyExists, NotFound, PermissionDenied, invalid, store_unavailable
 from agentvault.registry.v1 import registry_service_pb2 as pb
 from agentvault.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from agentvault.registry.v1.registry_service_pb2 import Agent as AgentPb
@@ -140,6 +141,7 @@ def key_to_proto(key: domain.ApiKey) -> pb.ApiKey:
 
 
 LIST_METHOD = "/agentvault.registry.v1.RegistryService/ListAgents"
+HEALTH_REDIS_TIMEOUT = 2.0
 PRINCIPAL_ID = re.compile(rf"{PRINCIPAL_ID_PREFIX}[0-9a-f]{{32}}")
 # Who a federation token is counted as by GetHealth: a peer sees shared agents only.
 PEER_VIEWER = Principal("peer", Role.MEMBER, "", is_peer=True, id="peer:")
@@ -300,12 +302,14 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             count = await self.store.count_agents(viewer)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("health: database check failed: %s", exc)
-            raise Unavailable("the registry's database is unreachable", "DATABASE_UNAVAILABLE") from None
+            raise store_unavailable("postgres") from None
         try:
-            await self._ping_redis()
+            # Bounded: a hung Redis must not hang the health check behind its socket timeout and retries.
+            async with asyncio.timeout(HEALTH_REDIS_TIMEOUT):
+                await self._ping_redis()
         except Exception as exc:  # any Redis failure: writes and peers' calls fail without it
             log.warning("health: redis check failed: %s", exc)
-            raise Unavailable("the registry's Redis is unreachable", "REDIS_UNAVAILABLE") from None
+            raise store_unavailable("redis") from None
         return pb.GetHealthResponse(status=pb.HEALTH_STATUS_HEALTHY, agent_count=count)
 
     async def ReportAgentHealth(

@@ -115,9 +115,33 @@ def invalid(field_path: str, description: str) -> InvalidArgument:
     return InvalidArgument([FieldViolation(field_path, description)])
 
 
+STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
+
+
+def store_unavailable(store: str) -> Unavailable:
+    """A store (PostgreSQL or Redis) did not answer: UNAVAILABLE (HTTP 503) with a reason a client can act on."""
+    name = "database" if store == "postgres" else store.capitalize()
+    return Unavailable(f"the {name} is unavailable; retry later", STORE_UNAVAILABLE, store=store)
+
+
+def from_store_error(exc: BaseException) -> AgentVaultError | None:
+    """Maps store errors (asyncpg, redis-py) by class, never by message text; None when not a known kind."""
+    return from_database_error(exc) or from_redis_error(exc)
+
+
+def from_redis_error(exc: BaseException) -> AgentVaultError | None:
+    from redis import exceptions as redis_errors
+
+    # ConnectionError covers refused and dropped connections and a server still loading its data.
+    if isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError):
+        return store_unavailable("redis")
+    return None
+
+
 def from_database_error(exc: BaseException) -> AgentVaultError | None:
     """Maps asyncpg errors by class, never by message text; None when the error is not a known kind."""
     import asyncpg
+    from asyncpg import exceptions as pg_errors
 
     if isinstance(exc, asyncpg.UniqueViolationError):
         constraint = getattr(exc, "constraint_name", "") or ""
@@ -128,13 +152,22 @@ def from_database_error(exc: BaseException) -> AgentVaultError | None:
         return InvalidArgument([FieldViolation("", "value rejected by the database constraints")])
     if isinstance(
         exc,
-        asyncpg.CannotConnectNowError
-        | asyncpg.ConnectionDoesNotExistError
+        asyncpg.PostgresConnectionError  # class 08: the connection failed or was lost
+        | asyncpg.CannotConnectNowError  # starting up or recovering
+        | asyncpg.AdminShutdownError  # shutting down
+        | asyncpg.CrashShutdownError  # a backend crashed and the server is resetting
         | asyncpg.TooManyConnectionsError
         | ConnectionError
-        | OSError,
+        | OSError,  # TimeoutError included: the database did not answer in time
     ):
-        return Unavailable("the database is unavailable", "DATABASE_UNAVAILABLE")
+        return store_unavailable("postgres")
+    if isinstance(exc, asyncpg.InterfaceError) and not isinstance(
+        exc, ValueError | pg_errors.UnsupportedClientFeatureError | pg_errors.UnsupportedServerFeatureError
+    ):
+        # A connection left unusable by an outage: closed under the caller, or still busy with the statement
+        # an aborted call began ("another operation is in progress"). The client-side argument errors
+        # (asyncpg's DataError, a ValueError) are bugs and stay INTERNAL.
+        return store_unavailable("postgres")
     if isinstance(exc, asyncpg.SerializationError | asyncpg.DeadlockDetectedError):
         return Aborted("the transaction conflicted with another; retry", "TRANSACTION_CONFLICT")
     return None

@@ -54,7 +54,7 @@ async def _fail(context: grpc.aio.ServicerContext, exc: BaseException, method: s
     if isinstance(exc, errors.AgentVaultError):
         err = exc
     else:
-        err = errors.from_database_error(exc)
+        err = errors.from_store_error(exc)
         if err is None:
             log.exception("unhandled error in %s", method)
             err = errors.AgentVaultError(

@@ -5,11 +5,11 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 
 
-def create_redis(url: str) -> aioredis.Redis:
+def create_redis(url: str, *, timeout: float = 5) -> aioredis.Redis:
     return aioredis.Redis.from_url(
         url,
-        socket_connect_timeout=5,
-        socket_timeout=5,
+        socket_connect_timeout=timeout,
+        socket_timeout=timeout,
         health_check_interval=30,
         retry_on_timeout=True,
     )

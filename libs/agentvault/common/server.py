@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from agentvault.common import errors, reflection
+from agentvault.common.healthcheck import LIVENESS_SERVICE, StoreWatch
 from agentvault.common.interceptors import instrument
 from agentvault.common.logs import configure_logging
 from agentvault.common.metrics import serve_metrics
@@ -36,6 +38,67 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_connection_age_grace_ms", 30_000),
 ]
 
+# gRPC core queues calls the application has not picked up yet (grpc.aio asks for one call at a time, so a
+# burst waits there) and, past 1,000 queued, cancels them at random (random early drop up to a hard 3,000):
+# 2,000 streams opened at once on one channel lost ~10% to a bare CANCELLED. The queue is only a burst
+# buffer; the bound that refuses is StreamLimiter's, with a clear RESOURCE_EXHAUSTED. Queued calls cost core
+# memory until picked up, so the queue stays bounded, at a size a burst of the stream bound always fits.
+MIN_PENDING_CALLS = 10_000
+
+
+def server_options(max_concurrent_streams: int) -> list[tuple[str, int]]:
+    pending = max(MIN_PENDING_CALLS, 2 * max_concurrent_streams)
+    return [
+        *SERVER_OPTIONS,
+        ("grpc.server.max_pending_requests", pending),
+        ("grpc.server.max_pending_requests_hard_limit", pending),
+    ]
+
+
+class StreamLimiter:
+    """Bounds the streaming calls open in this process; the one past the bound is refused at once.
+
+    A stream holds a task and its buffers for as long as the client keeps it open, so an unbounded number is
+    a memory bound left to clients. grpc.aio's own `maximum_concurrent_rpcs` would make excess calls wait in
+    core's queue (and be cancelled there), not refuse them.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+
+    def wrap(self, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+        behavior: Callable[..., Any] | None = handler.unary_stream or handler.stream_stream
+        if behavior is None:
+            return handler
+        limiter = self
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if limiter.open >= limiter.limit:
+                raise errors.ResourceExhausted(
+                    f"this server already has {limiter.limit} streams open, its limit "
+                    "(GRPC_MAX_CONCURRENT_STREAMS); retry later",
+                    "TOO_MANY_STREAMS",
+                    limit=str(limiter.limit),
+                )
+            limiter.open += 1
+            try:
+                if inspect.isasyncgenfunction(behavior):
+                    async for item in behavior(request, context):
+                        yield item
+                else:
+                    await behavior(request, context)
+            finally:
+                limiter.open -= 1
+
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(call, **kwargs)
+        return grpc.stream_stream_rpc_method_handler(call, **kwargs)
+
 
 class _Registrar:
     """Stands in for the server while generated code registers a service, and wraps each handler once.
@@ -44,8 +107,9 @@ class _Registrar:
     instrumented handlers are registered both ways too; the uninstrumented generic one is dropped.
     """
 
-    def __init__(self, server: grpc.aio.Server) -> None:
+    def __init__(self, server: grpc.aio.Server, streams: StreamLimiter) -> None:
         self._server = server
+        self._streams = streams
         self.registered: set[str] = set()
 
     def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
@@ -54,7 +118,10 @@ class _Registrar:
     def add_registered_method_handlers(
         self, service_name: str, method_handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
     ) -> None:
-        wrapped = {name: instrument(f"/{service_name}/{name}", h) for name, h in method_handlers.items()}
+        # The limiter inside the instrumentation: a refused stream is counted and mapped like any error.
+        wrapped = {
+            name: instrument(f"/{service_name}/{name}", self._streams.wrap(h)) for name, h in method_handlers.items()
+        }
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name, wrapped),))
         self._server.add_registered_method_handlers(service_name, wrapped)
         self.registered.add(service_name)
@@ -65,16 +132,18 @@ class GrpcServer:
 
     def __init__(self, settings: CommonSettings) -> None:
         self.settings = settings
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        self.server = grpc.aio.server(options=server_options(settings.max_concurrent_streams))
+        self.streams = StreamLimiter(settings.max_concurrent_streams)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names: list[str] = []
         self.port = 0
         self._stopped = asyncio.Event()
+        self._store_watch: asyncio.Task[None] | None = None
 
     def add(self, service_name: str, register: Callable[[grpc.aio.Server], None]) -> None:
         """Registers a service through its generated `add_*_to_server`, every handler instrumented."""
-        registrar = _Registrar(self.server)
+        registrar = _Registrar(self.server, self.streams)
         register(registrar)  # type: ignore[arg-type]
         if service_name not in registrar.registered:
             raise RuntimeError(f"{service_name} did not register its methods; regenerate the stubs (make proto)")
@@ -88,8 +157,7 @@ class GrpcServer:
         return int(bound)
 
     async def start(self, credentials: grpc.ServerCredentials | None = None) -> int:
-        names = [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
-        reflection.enable_server_reflection(names, self.server)
+        reflection.enable([*self._service_names, health.SERVICE_NAME], self.server)
         address = f"{self.settings.bind_host}:{self.settings.port}"
         if credentials is None:
             self.port = self.server.add_insecure_port(address)
@@ -98,15 +166,33 @@ class GrpcServer:
         if self.port == 0:
             raise RuntimeError(f"cannot bind {address}")
         await self.server.start()
-        for name in ("", *self._service_names):
+        for name in ("", LIVENESS_SERVICE, *self._service_names):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("%s listening", self.settings.service, extra={"port": self.port, "services": names})
+        if self.settings.database_url or self.settings.redis_url:
+            watch = StoreWatch(
+                self.settings.database_url,
+                self.settings.redis_url,
+                self._stores_changed,
+                self.settings.store_check_interval,
+            )
+            self._store_watch = asyncio.create_task(watch.run(), name="store-watch")
+        log.info("%s listening", self.settings.service, extra={"port": self.port, "services": self._service_names})
         return self.port
+
+    async def _stores_changed(self, healthy: bool, problem: str) -> None:
+        """Readiness follows the stores: NOT_SERVING while PostgreSQL or Redis does not answer."""
+        status = health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *self._service_names):
+            await self.health.set(name, status)
 
     async def stop(self) -> None:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        if self._store_watch is not None:
+            self._store_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._store_watch
         # Readiness probes see NOT_SERVING first; in-flight calls get the grace period to finish.
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.shutdown_grace_seconds)

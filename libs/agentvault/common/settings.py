@@ -15,6 +15,9 @@ DEFAULT_PORTS: dict[str, int] = {
     "DISCOVERY_PORT": 50052,
     "HEALTH_MONITOR_PORT": 50053,
     "MESSAGING_PORT": 50054,
+    # The Redis `make run` embeds (unless REDIS_URL is set): fixed, so a second mesh on the host is told which
+    # variable to change; next to Redis's usual 6379, so a Redis already installed there is left alone.
+    "AGENTVAULT_REDIS_PORT": 6380,
 }
 
 
@@ -110,6 +113,10 @@ class CommonSettings:
     log_level: str
     log_format: str
     shutdown_grace_seconds: float
+    # Streaming calls one server process keeps open at once; the next is refused with RESOURCE_EXHAUSTED.
+    max_concurrent_streams: int = 1000
+    # How often the server pings its PostgreSQL and Redis; while one is unreachable it reports NOT_SERVING.
+    store_check_interval: float = 1.0
 
     @classmethod
     def load(cls, service: str, port_var: str, env: Env | None = None) -> CommonSettings:
@@ -129,6 +136,8 @@ class CommonSettings:
             log_level=env.str("LOG_LEVEL", "INFO").upper(),
             log_format=log_format,
             shutdown_grace_seconds=env.float("SHUTDOWN_GRACE_SECONDS", 5.0, minimum=0),
+            max_concurrent_streams=env.int("GRPC_MAX_CONCURRENT_STREAMS", 1000, minimum=1),
+            store_check_interval=env.float("STORE_CHECK_INTERVAL", 1.0, minimum=0.05),
         )
 
     def require_database(self) -> builtins.str:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -17,7 +18,7 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agentvault.devserver.embedded import free_port
+from agentvault.devserver.embedded import Interrupted, free_port, listens_on, terminate
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,18 @@ def http_ok(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
+def _never() -> bool:
+    return False
+
+
 @dataclass
 class Mesh:
-    """One mesh: a set of service processes sharing an environment (ports, DATABASE_URL, REDIS_URL, ...)."""
+    """One mesh: a set of service processes sharing an environment (ports, DATABASE_URL, REDIS_URL, ...).
+
+    Each service runs in a session of its own, so a Ctrl-C on the terminal reaches only the runner, which stops
+    them in order. A service is ready when it is alive, holds its port itself and answers its health check:
+    another program on the same port cannot pass for it.
+    """
 
     env: dict[str, str]
     log_dir: Path | None = None
@@ -65,6 +75,8 @@ class Mesh:
     host: str = "127.0.0.1"
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _logs: dict[str, IO[bytes]] = field(default_factory=dict)
+    # Polled while waiting for a service; true aborts start() with Interrupted (the dev server's Ctrl-C).
+    interrupted: Callable[[], bool] = _never
 
     def __post_init__(self) -> None:
         for spec in self.services:
@@ -112,10 +124,15 @@ class Mesh:
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise RuntimeError(f"{spec.name} exited with code {process.returncode} during start{self._tail(spec)}")
+            if self.interrupted():
+                raise Interrupted(f"stopped while {spec.name} was starting")
+            if listens_on(process.pid, self.port(spec.name)) is False:
+                time.sleep(0.05)
+                continue
             ready = grpc_serving(address) if spec.kind == "grpc" else http_ok(f"http://{address}/healthz")
             if ready:
                 return
-            time.sleep(0.1)
+            time.sleep(0.05)
         raise TimeoutError(f"{spec.name} not ready on {address} after {timeout}s{self._tail(spec)}")
 
     def _tail(self, spec: ServiceSpec) -> str:
@@ -126,24 +143,19 @@ class Mesh:
             return ""
         return "\n--- last log lines ---\n" + "\n".join(path.read_text(errors="replace").splitlines()[-30:])
 
-    def stop_service(self, name: str, timeout: float = 15, sig: int = signal.SIGTERM) -> int | None:
+    def stop_service(
+        self, name: str, timeout: float = 15, sig: int = signal.SIGTERM, hurry: Callable[[], bool] = _never
+    ) -> int | None:
         process = self.processes.pop(name, None)
         code = None
         if process is not None:
-            if process.poll() is None:
-                process.send_signal(sig)
-                try:
-                    process.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-            code = process.returncode
+            code = terminate(process, sig, timeout, hurry)
         log = self._logs.pop(name, None)
         if log is not None:
             log.close()
         return code
 
-    def stop(self) -> None:
+    def stop(self, hurry: Callable[[], bool] = _never) -> None:
         for spec in reversed(self.services):
             with contextlib.suppress(Exception):
-                self.stop_service(spec.name)
+                self.stop_service(spec.name, hurry=hurry)
