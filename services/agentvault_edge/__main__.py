@@ -15,13 +15,14 @@ from agentvault.common.settings import SettingsError
 from agentvault.common.tracing import configure_tracing
 from agentvault_edge.app import create_app
 from agentvault_edge.routes import api_of, discover_services
+from agentvault_edge.server import EdgeRunner
 from agentvault_edge.settings import EdgeSettings
 
 log = logging.getLogger("agentvault.edge")
 
 
 async def serve(settings: EdgeSettings, app: web.Application) -> None:
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.shutdown_grace_seconds)
+    runner = EdgeRunner(app, settings)
     await runner.setup()
     site = web.TCPSite(runner, settings.bind_host, settings.port)
     await site.start()
@@ -36,7 +37,7 @@ async def serve(settings: EdgeSettings, app: web.Application) -> None:
         log.info("edge shutting down")
     finally:
         # Stops accepting, lets in-flight requests finish within the grace period, then closes the channels.
-        await runner.cleanup()
+        await runner.shutdown_gracefully(settings.shutdown_grace_seconds)
 
 
 def main() -> int:

@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import grpc
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 from google.protobuf import message
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -25,6 +25,7 @@ from agentvault.common.settings import SettingsError
 from agentvault_edge import errors
 from agentvault_edge.openapi import build_openapi
 from agentvault_edge.routes import Route, RouteTable, build_routes, discover_services
+from agentvault_edge.server import DRAIN_KEY, Drain, EdgeRequestHandler
 from agentvault_edge.settings import EdgeSettings
 from agentvault_edge.transcode import FieldError, HttpRequestParts, build_request, dumps, response_to_json
 
@@ -47,6 +48,10 @@ REQUEST_ID_HEADER = "X-Request-ID"
 MAX_REQUEST_ID = 128
 MAX_QUERY_FIELDS = 256
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# What HTTP/2 (and so gRPC's metadata limit) counts for each entry on top of its name and value (RFC 7541).
+METADATA_ENTRY_OVERHEAD = 32
+# How long an EventSource client should wait before reconnecting after the edge closed its stream.
+SSE_RETRY_MS = 1000
 # Seconds a stream waits for its first message before the HTTP response starts without it.
 FIRST_MESSAGE_WAIT = 1.0
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
@@ -80,7 +85,10 @@ def json_response(payload: Any, status: int = 200, headers: Mapping[str, str] | 
 
 
 def error_response(exc: errors.EdgeError) -> web.Response:
-    return json_response(exc.body(), exc.http_status, exc.headers)
+    response = json_response(exc.body(), exc.http_status, exc.headers)
+    if exc.close_connection:
+        response.force_close()
+    return response
 
 
 def _is_metadata_text(value: str) -> bool:
@@ -186,6 +194,7 @@ class Edge:
         self.settings = settings
         self.table = table
         self.backends = Backends(settings.backends)
+        self.drain = Drain()
         self._openapi: bytes | None = None
         self._fixed: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]] = {
             "/healthz": self.healthz,
@@ -205,7 +214,14 @@ class Edge:
         route_token = _route_var.set("unmatched")
         start = time.perf_counter()
         response: web.StreamResponse
+        protocol = request.protocol
         try:
+            if isinstance(protocol, EdgeRequestHandler):
+                protocol.request_started()
+                if protocol.over_limit:
+                    raise errors.too_many_connections(self.settings.max_connections)
+            if self.drain.started:
+                raise errors.shutting_down()
             response = await handler(request)
         except errors.EdgeError as exc:
             response = error_response(exc)
@@ -223,6 +239,9 @@ class Edge:
             request_id_var.reset(token)
         if not response.prepared:
             response.headers[REQUEST_ID_HEADER] = rid
+            if self.drain.started:
+                # Finished during the grace period: the client must not send another request here.
+                response.force_close()
         elapsed = time.perf_counter() - start
         HTTP_REQUESTS.labels(request.method, route, str(response.status)).inc()
         HTTP_LATENCY.labels(request.method, route).observe(elapsed)
@@ -313,14 +332,19 @@ class Edge:
         chunks: list[bytes] = []
         size = 0
         # Read in pieces rather than request.read(): a chunked body has no Content-Length to check first.
-        while True:
-            chunk = await request.content.readany()
-            if not chunk:
-                break
-            size += len(chunk)
-            if size > limit:
-                raise errors.body_too_large(limit)
-            chunks.append(chunk)
+        # The whole body within one deadline: a client trickling bytes cannot hold a connection and a task.
+        try:
+            async with asyncio.timeout(self.settings.body_timeout):
+                while True:
+                    chunk = await request.content.readany()
+                    if not chunk:
+                        break
+                    size += len(chunk)
+                    if size > limit:
+                        raise errors.body_too_large(limit)
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise errors.body_timeout(self.settings.body_timeout) from None
         return b"".join(chunks)
 
     def _parse_body(self, request: web.Request, route: Route, raw: bytes) -> Any:
@@ -360,6 +384,12 @@ class Edge:
             metadata.append(("x-http-method", request.method))
             metadata.append(("x-http-path", request.raw_path))
             metadata.append(("x-http-body-bin", raw_body))
+        size = sum(len(key) + len(value) + METADATA_ENTRY_OVERHEAD for key, value in metadata)
+        limit = self.settings.max_forwarded_header_bytes
+        if size > limit:
+            # Past gRPC's own limit the backend would refuse the call with its internals in the text.
+            signed = " (a signed request's body counts too)" if SIGNATURE_HEADER in request.headers else ""
+            raise errors.headers_too_large(f"the forwarded headers take {size} bytes, more than {limit}{signed}")
         return metadata
 
     # ------------------------------------------------------------------------------- streaming
@@ -400,12 +430,24 @@ class Edge:
             }
         )
         await response.prepare(request)
+        closing = asyncio.ensure_future(self.drain.wait())
         try:
             while True:
-                while not (await asyncio.wait({pending}, timeout=self.settings.stream_heartbeat))[0]:
+                done, _ = await asyncio.wait(
+                    {pending, closing}, timeout=self.settings.stream_heartbeat, return_when=asyncio.FIRST_COMPLETED
+                )
+                if closing in done:
+                    # The edge is shutting down: a last event saying so, and when to reconnect (elsewhere).
+                    failure = errors.shutting_down()
+                    await response.write(
+                        f"retry: {SSE_RETRY_MS}\nevent: close\ndata: ".encode() + dumps(failure.body()) + b"\n\n"
+                    )
+                    break
+                if not done:
                     # A comment line keeps proxies from timing out a quiet stream, and writing it is how a
                     # client that went away is noticed (aiohttp does not cancel the handler).
                     await response.write(b": keepalive\n\n")
+                    continue
                 item = pending.result()
                 if item is grpc.aio.EOF:
                     break
@@ -419,6 +461,7 @@ class Edge:
             return response  # the client went away; the caller cancels the call
         finally:
             pending.cancel()
+            closing.cancel()
         with contextlib.suppress(ConnectionError):
             await response.write_eof()
         return response
@@ -453,7 +496,11 @@ class Edge:
                 if frame.type in (WSMsgType.CLOSE, WSMsgType.ERROR):
                     break
 
-        tasks = {asyncio.create_task(pump()), asyncio.create_task(drain())}
+        async def going_away() -> None:
+            await self.drain.wait()
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"the edge is shutting down")
+
+        tasks = {asyncio.create_task(pump()), asyncio.create_task(drain()), asyncio.create_task(going_away())}
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -479,6 +526,7 @@ def create_app(settings: EdgeSettings, services: Sequence[ServiceDescriptor] | N
     edge = Edge(settings, table)
     app = web.Application(middlewares=[edge.middleware])
     app[EDGE_KEY] = edge
+    app[DRAIN_KEY] = edge.drain
     app.router.add_route("*", "/{tail:.*}", edge.handle)
     app.on_cleanup.append(_close_backends)
     for route in table.routes:

@@ -47,6 +47,8 @@ class EdgeError(Exception):
         message_text: str,
         details: list[message.Message] | None = None,
         headers: dict[str, str] | None = None,
+        *,
+        close_connection: bool = False,
     ) -> None:
         super().__init__(message_text)
         self.http_status = http_status
@@ -54,6 +56,8 @@ class EdgeError(Exception):
         self.message = message_text
         self.details: list[message.Message] = list(details or ())
         self.headers = dict(headers or {})
+        # Answered with `Connection: close`: the rest of the request (or the connection) cannot be trusted.
+        self.close_connection = close_connection
 
     def body(self) -> dict[str, Any]:
         details = []
@@ -113,6 +117,58 @@ def body_too_large(limit: int) -> EdgeError:
     )
 
 
+def headers_too_large(description: str) -> EdgeError:
+    return EdgeError(
+        431,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"request headers too large: {description}",
+        [_error_info("HEADERS_TOO_LARGE")],
+        close_connection=True,
+    )
+
+
+def header_timeout(seconds: float) -> EdgeError:
+    return EdgeError(
+        408,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        f"the request head was not received within {seconds:g} s",
+        [_error_info("HEADER_TIMEOUT", seconds=f"{seconds:g}")],
+        close_connection=True,
+    )
+
+
+def body_timeout(seconds: float) -> EdgeError:
+    return EdgeError(
+        408,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        f"the request body was not received within {seconds:g} s",
+        [_error_info("BODY_TIMEOUT", seconds=f"{seconds:g}")],
+        close_connection=True,
+    )
+
+
+def too_many_connections(limit: int) -> EdgeError:
+    return EdgeError(
+        503,
+        grpc.StatusCode.UNAVAILABLE,
+        f"the edge has more than {limit} connections open; retry shortly",
+        [_error_info("TOO_MANY_CONNECTIONS", limit=str(limit))],
+        headers={"Retry-After": "1"},
+        close_connection=True,
+    )
+
+
+def shutting_down() -> EdgeError:
+    return EdgeError(
+        503,
+        grpc.StatusCode.UNAVAILABLE,
+        "the edge is shutting down; retry on a new connection",
+        [_error_info("SHUTTING_DOWN")],
+        headers={"Retry-After": "1"},
+        close_connection=True,
+    )
+
+
 def unsupported_media_type(content_type: str) -> EdgeError:
     return EdgeError(
         415,
@@ -141,6 +197,12 @@ def from_rpc_error(exc: grpc.aio.AioRpcError, service: str) -> EdgeError:
         else:
             text = f"{service} did not answer in time"
         details = [_error_info("BACKEND_UNAVAILABLE" if code is grpc.StatusCode.UNAVAILABLE else "TIMEOUT")]
+    elif status is None and code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL):
+        # A gRPC transport limit (metadata or message size), not a service's answer: its text is gRPC's
+        # internals, so it goes to the log and the client gets the request id to quote.
+        log.warning("%s call failed in transport: %s %s", service, code.name, exc.details())
+        text = f"the call to {service} failed in transport ({code.name.lower()}); see the edge log"
+        details = [_error_info("TRANSPORT_LIMIT" if code is grpc.StatusCode.RESOURCE_EXHAUSTED else "INTERNAL")]
     return EdgeError(HTTP_STATUS.get(code, 500), code, text, details)
 
 

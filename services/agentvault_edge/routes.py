@@ -14,7 +14,7 @@ from urllib.parse import unquote
 
 from google.api import annotations_pb2, http_pb2
 from google.protobuf import message, message_factory
-from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.descriptor import Descriptor, MethodDescriptor, ServiceDescriptor
 
 from agentvault_edge.transcode import FieldError, resolve_field_path
 
@@ -26,6 +26,9 @@ _FIELD_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _LITERAL = re.compile(r"[^/{}*:=]+")
 _ENCODED_SLASH = re.compile(r"(%2[fF])")
 HTTP_METHODS = ("get", "put", "post", "delete", "patch")
+# Fields that hold a secret, even encrypted, and so must never be in an HTTP answer: an annotated RPC whose
+# response could carry one is refused at start. Such RPCs are for the mesh's own services, over gRPC only.
+_SECRET_FIELD = re.compile(r"encrypted_.*|.*_secret")
 
 
 class TemplateError(ValueError):
@@ -283,8 +286,29 @@ def _bindings(rule: http_pb2.HttpRule) -> Iterable[tuple[str, str, http_pb2.Http
             yield kind.upper(), getattr(r, kind), r
 
 
+def secret_fields(desc: Descriptor, seen: set[str] | None = None) -> list[str]:
+    """Dotted paths of the secret-holding fields a message of this type can contain, at any depth."""
+    seen = set() if seen is None else seen
+    if desc.full_name in seen:
+        return []
+    seen.add(desc.full_name)
+    found: list[str] = []
+    for fd in desc.fields:
+        if _SECRET_FIELD.fullmatch(fd.name):
+            found.append(f"{desc.full_name}.{fd.name}")
+        if fd.message_type is not None:
+            found.extend(secret_fields(fd.message_type, seen))
+    return found
+
+
 def _check_route(route: Route) -> None:
     desc = route.method.input_type
+    leaks = secret_fields(route.method.output_type)
+    if leaks:
+        raise TemplateError(
+            f"{route.operation_id}: its response can carry {', '.join(leaks)}; an RPC that returns secrets "
+            "must not have an HTTP route"
+        )
     if route.body not in ("", "*") and route.body not in desc.fields_by_name:
         raise TemplateError(f"{route.operation_id}: body field {route.body!r} is not in {desc.full_name}")
     if route.response_body and route.response_body not in route.method.output_type.fields_by_name:

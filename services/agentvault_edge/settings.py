@@ -33,6 +33,16 @@ class EdgeSettings:
     log_level: str = "INFO"
     log_format: str = "json"
     shutdown_grace_seconds: float = 5.0
+    # Seconds a client has to send a whole request head (from connecting, or from the first byte of the next
+    # request on a kept-alive connection), to send a whole body, and to stay idle between requests.
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    keepalive_timeout: float = 75.0
+    # Open connections; past it, each request is answered 503 with `Connection: close`.
+    max_connections: int = 1000
+    # Bytes of gRPC metadata forwarded from request headers (name + value + 32 per entry, as HTTP/2 counts
+    # them); below gRPC's default 8 KiB limit at the backends, so an oversized set is a 431 here.
+    max_forwarded_header_bytes: int = 6 * 1024
     # Backend address ("host:port") by API name, e.g. {"registry": "127.0.0.1:50051"}.
     backends: Mapping[str, str] = field(default_factory=dict)
 
@@ -60,5 +70,10 @@ class EdgeSettings:
             log_level=env.str("LOG_LEVEL", "INFO").upper(),
             log_format=log_format,
             shutdown_grace_seconds=env.float("SHUTDOWN_GRACE_SECONDS", 5.0, minimum=0),
+            header_timeout=env.float("EDGE_HEADER_TIMEOUT", 10.0, minimum=0.01),
+            body_timeout=env.float("EDGE_BODY_TIMEOUT", 30.0, minimum=0.01),
+            keepalive_timeout=env.float("EDGE_KEEPALIVE_TIMEOUT", 75.0, minimum=0.01),
+            max_connections=env.int("EDGE_MAX_CONNECTIONS", 1000, minimum=1),
+            max_forwarded_header_bytes=env.int("EDGE_MAX_FORWARDED_HEADER_BYTES", 6 * 1024, minimum=256),
             backends=MappingProxyType(backends),
         )

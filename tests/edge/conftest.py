@@ -20,6 +20,7 @@ from agentvault.common import errors
 from agentvault.registry.v1 import registry_service_pb2 as pb
 from agentvault.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from agentvault_edge.app import create_app
+from agentvault_edge.server import EdgeRunner
 from agentvault_edge.settings import EdgeSettings
 
 from .testproto import SERVICE as TEST_SERVICE
@@ -253,9 +254,9 @@ def edge_services() -> list[Any]:
     return [pb.DESCRIPTOR.services_by_name["RegistryService"], test_service()]
 
 
-async def start_edge(settings: EdgeSettings) -> tuple[web.AppRunner, str]:
-    app = create_app(settings, edge_services())
-    runner = web.AppRunner(app, shutdown_timeout=2)
+async def start_edge(settings: EdgeSettings, services: list[Any] | None = None) -> tuple[EdgeRunner, str]:
+    app = create_app(settings, edge_services() if services is None else services)
+    runner = EdgeRunner(app, settings)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

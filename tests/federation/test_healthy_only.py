@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import aiohttp
+import grpc
+
+from agentvault.registry.v1 import registry_service_pb2 as reg_pb
+from agentvault.registry.v1 import registry_service_pb2_grpc as reg_grpc
 
 from ..conftest import MeshHandle, unique_did
 from .conftest import admin, call
@@ -16,14 +20,15 @@ async def test_healthy_only_keeps_agents_whose_last_check_passed(http: aiohttp.C
         created = await call(http, "POST", mesh.url("/api/v1/agents"), headers=admin(mesh), json=body)
         ids[status] = created["id"]
         if status != "unknown":
-            reported = await call(
-                http,
-                "POST",
-                mesh.url(f"/api/v1/agents/{created['id']}:reportHealth"),
-                headers=admin(mesh),
-                json={"health_status": status},
-            )
-            assert reported["health_status"] == status
+            # ReportAgentHealth is internal (gRPC only, no HTTP route): called as the health monitor calls it.
+            async with grpc.aio.insecure_channel(mesh.address("registry")) as channel:
+                reported = await reg_grpc.RegistryServiceStub(channel).ReportAgentHealth(
+                    reg_pb.ReportAgentHealthRequest(
+                        id=created["id"], health_status=reg_pb.HealthStatus.Value(f"HEALTH_STATUS_{status.upper()}")
+                    ),
+                    metadata=[("authorization", f"Bearer {mesh.admin_token}")],
+                )
+            assert reported.health_status == reg_pb.HealthStatus.Value(f"HEALTH_STATUS_{status.upper()}")
     everything = await call(http, "GET", mesh.url("/api/v1/discovery/agents"), params={"search": word})
     assert {a["id"] for a in everything["agents"]} == set(ids.values())
     healthy = await call(

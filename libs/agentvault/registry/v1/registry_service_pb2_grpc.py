@@ -142,6 +142,7 @@ class RegistryServiceServicer:
 
     def ReportAgentHealth(self, request, context):
         """ReportAgentHealth records the latest health check of an agent; the health monitor calls it. Admin only.
+        Internal: no HTTP route.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -49,7 +49,9 @@ class RegistryServiceStub:
     the agents that are not private; a peer: the agents shared with it). UNAVAILABLE while a store is down.
     """
     ReportAgentHealth: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ReportAgentHealthRequest, _registry_service_pb2.Agent]
-    """ReportAgentHealth records the latest health check of an agent; the health monitor calls it. Admin only."""
+    """ReportAgentHealth records the latest health check of an agent; the health monitor calls it. Admin only.
+    Internal: no HTTP route.
+    """
     GetCaller: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.GetCallerRequest, _registry_service_pb2.Caller]
     """GetCaller returns who the presented credential belongs to; other services use it to authorize."""
     CreateApiKey: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.CreateApiKeyRequest, _registry_service_pb2.CreateApiKeyResponse]
@@ -79,7 +81,9 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     the agents that are not private; a peer: the agents shared with it). UNAVAILABLE while a store is down.
     """
     ReportAgentHealth: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ReportAgentHealthRequest, _registry_service_pb2.Agent]  # type: ignore[assignment]
-    """ReportAgentHealth records the latest health check of an agent; the health monitor calls it. Admin only."""
+    """ReportAgentHealth records the latest health check of an agent; the health monitor calls it. Admin only.
+    Internal: no HTTP route.
+    """
     GetCaller: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.GetCallerRequest, _registry_service_pb2.Caller]  # type: ignore[assignment]
     """GetCaller returns who the presented credential belongs to; other services use it to authorize."""
     CreateApiKey: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.CreateApiKeyRequest, _registry_service_pb2.CreateApiKeyResponse]  # type: ignore[assignment]
@@ -148,7 +152,9 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_service_pb2.ReportAgentHealthRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_registry_service_pb2.Agent, _abc.Awaitable[_registry_service_pb2.Agent]]:
-        """ReportAgentHealth records the latest health check of an agent; the health monitor calls it. Admin only."""
+        """ReportAgentHealth records the latest health check of an agent; the health monitor calls it. Admin only.
+        Internal: no HTTP route.
+        """
 
     @_abc_1.abstractmethod
     def GetCaller(
