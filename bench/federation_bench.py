@@ -24,15 +24,12 @@ import json
 import math
 import os
 import secrets
-import signal
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import asyncpg
@@ -49,7 +46,14 @@ from agentvault.federation.v1 import federation_service_pb2_grpc as fed_grpc
 from agentvault.registry.v1 import registry_service_pb2 as pb
 from agentvault.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from bench import promhist
-from bench.procs import children, cpu_seconds, machine, machine_busy_seconds, postmaster_pid
+from bench.procs import (
+    children,
+    cpu_seconds,
+    machine,
+    machine_busy_seconds,
+    postmaster_pid,
+    sigterm_as_interrupt,
+)
 from bench.report import clean_nan
 
 REPO = Path(__file__).resolve().parent.parent
@@ -762,20 +766,6 @@ def table(figures: list[Figure]) -> str:
 
 
 # ------------------------------------------------------------------------------------ the run
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so the finally blocks stop every process and remove the temporary folder."""
-
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def close_all(clients: list[Client], nodes: list[Node]) -> None:

@@ -54,7 +54,7 @@ def main() -> None:
         elif settings.federation_enabled:
             missing = "FEDERATION_ENCRYPTION_KEYS" if settings.box is None else "AGENTVAULT_ADMIN_TOKEN"
             log.warning("federated search is off: %s is not set, so peers' credentials cannot be used", missing)
-        servicer = DiscoveryServicer(settings, registry, federator, store, registry_channel)
+        servicer = DiscoveryServicer(settings, registry, federator, store, registry_channel, redis)
         server.add(
             SERVICE_NAME, lambda s: discovery_service_pb2_grpc.add_DiscoveryServiceServicer_to_server(servicer, s)
         )

@@ -9,6 +9,8 @@ import uuid
 from typing import Any
 
 import grpc
+import redis.asyncio as aioredis
+from prometheus_client import Gauge
 
 from agentvault.common import pagination
 from agentvault.common.auth import AUTHORIZATION_KEY
@@ -27,7 +29,8 @@ from agentvault.discovery.v1 import discovery_service_pb2_grpc as dpb_grpc
 from agentvault.registry.v1 import registry_service_pb2 as pb
 from agentvault.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from agentvault_discovery import domain, ranking
-from agentvault_discovery.federator import FAILED, OK, SKIPPED, TIMEOUT, Federator, PeerOutcome
+from agentvault_discovery.access import Callers, ForceRefreshGate
+from agentvault_discovery.federator import FAILED, MEMORY_PER_WIRE_BYTE, OK, SKIPPED, TIMEOUT, Federator, PeerOutcome
 from agentvault_discovery.settings import DiscoverySettings
 from agentvault_discovery.store import Store
 from agentvault_registry import domain as registry_domain
@@ -45,6 +48,9 @@ MERGED_ENTRIES = 128
 MERGED_PAGES = 4
 # Scored local answers kept in memory (one per distinct answer of the registry and query).
 LOCAL_ENTRIES = 256
+# What a scored candidate costs beyond its agent (the Candidate and its fields).
+CANDIDATE_BYTES = 256
+MEMO_BYTES = Gauge("discovery_memo_bytes", "Bytes charged to discovery's in-process memos (DISCOVERY_MEMO_BYTES).")
 LIST_AGENTS = "/agentvault.registry.v1.RegistryService/ListAgents"
 _STATUS = {
     OK: dpb.PEER_QUERY_STATUS_OK,
@@ -178,6 +184,7 @@ class DiscoveryServicer(dpb_grpc.DiscoveryServiceServicer):
         federator: Federator | None,
         store: Store,
         registry_channel: grpc.aio.Channel,
+        redis: aioredis.Redis,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -187,23 +194,39 @@ class DiscoveryServicer(dpb_grpc.DiscoveryServiceServicer):
         self._list_agents: grpc.aio.UnaryUnaryMultiCallable = registry_channel.unary_unary(
             LIST_AGENTS, request_serializer=pb.ListAgentsRequest.SerializeToString
         )
-        self._scored: Lru[tuple[Any, ...], list[ranking.Candidate]] = Lru(SCORED_ENTRIES)
-        self._local_scored: Lru[tuple[Any, ...], list[ranking.Candidate]] = Lru(LOCAL_ENTRIES)
-        self._merged: Lru[tuple[Any, ...], Merged] = Lru(MERGED_ENTRIES)
+        # Each memo is charged the agents it keeps alive (shared ones counted in each: an upper bound); together
+        # with the federator's (3/8 of it, and 1/8 for queued cache upserts) they stay within DISCOVERY_MEMO_BYTES.
+        budget = settings.memo_budget_bytes
+        self._scored: Lru[tuple[Any, ...], list[ranking.Candidate]] = Lru(SCORED_ENTRIES, budget=budget // 8)
+        self._local_scored: Lru[tuple[Any, ...], tuple[list[ranking.Candidate], int]] = Lru(
+            LOCAL_ENTRIES, budget=budget // 8
+        )
+        self._merged: Lru[tuple[Any, ...], Merged] = Lru(MERGED_ENTRIES, budget=budget // 4)
         # Clearing a peer's cache is rare: no caching of the answer, so a revoked admin key stops at once.
         self.admin_gate = AdminGate(registry, settings.admin_token, cache_seconds=0)
+        self.callers = Callers(registry)
+        self.force_refresh = ForceRefreshGate(self.callers, redis, settings.force_refresh_per_minute)
+
+    @property
+    def memo_bytes(self) -> int:
+        """What every memo of the process is charged, the federator's included."""
+        own = self._scored.bytes + self._local_scored.bytes + self._merged.bytes
+        return own + (self.federator.memo_bytes if self.federator is not None else 0)
 
     async def SearchAgents(
         self, request: dpb.SearchAgentsRequest, context: grpc.aio.ServicerContext
     ) -> dpb.SearchAgentsResponse:
         search = Search(request, self.settings.max_results_per_peer)
+        metadata = context.invocation_metadata()
+        if request.force_refresh and request.include_federated and self.federator is not None:
+            await self.force_refresh.admit(metadata)
         federated_task: asyncio.Task[list[PeerOutcome]] | None = None
         if request.include_federated and self.federator is not None:
             federated_task = asyncio.create_task(
                 self.federator.search(search.peer_query, search.filters, request.force_refresh)
             )
         try:
-            local_version, local = await self._local(search, context)
+            local_version, local, local_weight = await self._local(search, context)
         except BaseException:
             if federated_task is not None:
                 federated_task.cancel()
@@ -211,17 +234,32 @@ class DiscoveryServicer(dpb_grpc.DiscoveryServiceServicer):
         outcomes = await federated_task if federated_task is not None else []
 
         answered = [o for o in outcomes if o.status == OK]
-        merged = self._merge(search, local_version, local, answered)
+        merged = self._merge(search, local_version, local, local_weight, answered)
+        MEMO_BYTES.set(self.memo_bytes)
         agents, position = merged.page(search.after, search.size)
         response = dpb.SearchAgentsResponse(
             agents=agents, next_page_token=pagination.encode(position, search.fingerprint) if position else ""
         )
         if request.include_federated:
-            response.federation_stats.CopyFrom(_stats(outcomes))
+            detailed = any(o.error for o in outcomes) and await self._is_admin(metadata)
+            response.federation_stats.CopyFrom(_stats(outcomes, detailed))
         return response
 
+    async def _is_admin(self, metadata: Any) -> bool:
+        """Whether the caller may see why peers failed in full (their addresses, their own error text)."""
+        try:
+            caller = await self.callers.resolve(metadata)
+        except AgentVaultError:
+            return False
+        return caller is not None and caller.is_admin
+
     def _merge(
-        self, search: Search, local_version: bytes, local: list[ranking.Candidate], answered: list[PeerOutcome]
+        self,
+        search: Search,
+        local_version: bytes,
+        local: list[ranking.Candidate],
+        local_weight: int,
+        answered: list[PeerOutcome],
     ) -> Merged:
         """The merged, sorted candidates; the same answers to the same search are merged once."""
         key = (
@@ -233,25 +271,33 @@ class DiscoveryServicer(dpb_grpc.DiscoveryServiceServicer):
         known = self._merged.get(key)
         if known is not None:
             return known
-        return self._merged.put(key, Merged(ranking.merge(local, [self._candidates(o, search) for o in answered])))
+        candidates = ranking.merge(local, [self._candidates(o, search) for o in answered])
+        # The inputs' agents, and as much again for the pages built from them (copies).
+        inputs = sum(o.weight for o in answered) + local_weight
+        return self._merged.put(key, Merged(candidates), 2 * inputs + CANDIDATE_BYTES * len(candidates))
 
     def _candidates(self, outcome: PeerOutcome, search: Search) -> list[ranking.Candidate]:
-        """A peer's agents scored for this search, computed once per (answer, query)."""
-        key = (outcome.peer.id, outcome.version, search.terms, search.filters)
+        """A peer's agents scored for this search, computed once per (peer as named now, answer, query): a peer
+        renamed or re-pointed shows its new name and URL at once."""
+        peer = outcome.peer
+        key = (peer.id, peer.name, peer.registry_url, outcome.version, search.terms, search.filters)
         known = self._scored.get(key)
         if known is not None:
             return known
-        peer = outcome.peer
         return self._scored.put(
             key,
             [
                 ranking.Candidate(a, True, peer.registry_url, peer.name, ranking.score(a, search.terms))
                 for a in outcome.agents
             ],
+            outcome.weight + CANDIDATE_BYTES * len(outcome.agents),
         )
 
-    async def _local(self, search: Search, context: grpc.aio.ServicerContext) -> tuple[bytes, list[ranking.Candidate]]:
-        """The caller's own registry's matching agents, scored, and a digest identifying that answer."""
+    async def _local(
+        self, search: Search, context: grpc.aio.ServicerContext
+    ) -> tuple[bytes, list[ranking.Candidate], int]:
+        """The caller's own registry's matching agents, scored, a digest identifying that answer, and what the
+        scored list costs in memory."""
         r = search.request
         try:
             raw = await self._list_agents(
@@ -275,7 +321,7 @@ class DiscoveryServicer(dpb_grpc.DiscoveryServiceServicer):
         key = (version, search.terms, search.filters.healthy_only)
         known = self._local_scored.get(key)
         if known is not None:
-            return version, known
+            return version, *known
         reply = pb.ListAgentsResponse.FromString(raw)
         scored = [
             ranking.Candidate(
@@ -284,7 +330,9 @@ class DiscoveryServicer(dpb_grpc.DiscoveryServiceServicer):
             for a in reply.agents
             if not search.filters.healthy_only or a.health_status == pb.HEALTH_STATUS_HEALTHY
         ]
-        return version, self._local_scored.put(key, scored)
+        weight = MEMORY_PER_WIRE_BYTE * len(raw) + CANDIDATE_BYTES * len(scored)
+        self._local_scored.put(key, (scored, weight), weight)
+        return version, scored, weight
 
     async def ClearPeerCache(
         self, request: dpb.ClearPeerCacheRequest, context: grpc.aio.ServicerContext
@@ -328,7 +376,9 @@ def _discovered(c: ranking.Candidate) -> dpb.DiscoveredAgent:
     return out
 
 
-def _stats(outcomes: list[PeerOutcome]) -> dpb.FederationStats:
+def _stats(outcomes: list[PeerOutcome], detailed: bool) -> dpb.FederationStats:
+    """The per-peer report; why a peer failed is a short generic reason, in full (addresses, the peer's own
+    words) only for admins (`detailed`). Logs always get it in full."""
     stats = dpb.FederationStats()
     for o in outcomes:
         stats.peers.add(
@@ -339,7 +389,7 @@ def _stats(outcomes: list[PeerOutcome]) -> dpb.FederationStats:
             latency_ms=round(o.latency_ms, 3),
             from_cache=o.from_cache,
             result_count=len(o.agents),
-            error=o.error,
+            error=(f"{o.reason}: {o.error}" if detailed else o.reason) if o.error else "",
         )
         if o.status == SKIPPED:
             stats.skipped_registries += 1

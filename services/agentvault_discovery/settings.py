@@ -31,6 +31,13 @@ class DiscoverySettings:
     max_local_results: int
     peer_list_ttl_seconds: float
     db_pool_size: int
+    # Memory every in-process memo together may use (peers' answers, scored and merged results).
+    memo_budget_bytes: int
+    # How long a peer's sharing generation is trusted before a cached answer of it is revalidated: the longest an
+    # agent the peer stopped sharing can still be shown here (plus one call).
+    revalidate_seconds: float
+    # force_refresh searches one (non-admin) principal may make per minute.
+    force_refresh_per_minute: int
 
     @property
     def federation_active(self) -> bool:
@@ -61,4 +68,7 @@ class DiscoverySettings:
             max_local_results=env.int("DISCOVERY_MAX_LOCAL_RESULTS", 500, minimum=1, maximum=500),
             peer_list_ttl_seconds=env.float("DISCOVERY_PEER_LIST_TTL", 1.5, minimum=0),
             db_pool_size=env.int("DISCOVERY_DB_POOL_SIZE", 5, minimum=1, maximum=100),
+            memo_budget_bytes=env.int("DISCOVERY_MEMO_BYTES", 64 * 1024 * 1024, minimum=1024 * 1024),
+            revalidate_seconds=env.int("FEDERATION_REVALIDATE_INTERVAL", 2000, minimum=0, maximum=60_000) / 1000,
+            force_refresh_per_minute=env.int("DISCOVERY_FORCE_REFRESH_PER_MINUTE", 10, minimum=0, maximum=100_000),
         )

@@ -39,6 +39,8 @@ class CacheUpsert:
     # Already validated; turned into JSON by the background writer, not on the request path.
     agents: list[pb.Agent]
     expires_at: datetime
+    # What the agents cost in memory while they wait (they may outlive the memos that held them).
+    weight: int = 0
 
 
 def _json(agent: pb.Agent) -> str:
@@ -124,6 +126,8 @@ class BackgroundWriter(BatchWriter[QueryLogRow | CacheUpsert]):
         purge_every: float = 60.0,
         linger: float = LINGER_SECONDS,
     ) -> None:
+        # Bytes held by queued cache upserts: the queue is bounded in entries, and peers choose how big they are.
+        self.pending_upsert_bytes = 0
         super().__init__(
             "discovery",
             self._write_items,
@@ -134,6 +138,14 @@ class BackgroundWriter(BatchWriter[QueryLogRow | CacheUpsert]):
             linger=linger,
         )
         self.store = store
+
+    def submit_upsert(self, upsert: CacheUpsert, budget: int) -> bool:
+        """Queues the upsert unless the ones already waiting hold `budget` bytes (federated_agents_cache is a
+        record for troubleshooting: under pressure it may miss an answer, memory may not grow)."""
+        if self.pending_upsert_bytes + upsert.weight > budget or not self.submit(upsert):
+            return False
+        self.pending_upsert_bytes += upsert.weight
+        return True
 
     async def _write_items(self, items: list[QueryLogRow | CacheUpsert]) -> None:
         # Each kind separately, so that one failing does not cost the other.
@@ -150,6 +162,8 @@ class BackgroundWriter(BatchWriter[QueryLogRow | CacheUpsert]):
             except Exception:
                 BATCH_FAILED.labels("discovery_agents_cache").inc()
                 log.exception("cannot upsert %d agent(s) of peer %s", len(upsert.agents), upsert.peer_id)
+            finally:
+                self.pending_upsert_bytes -= upsert.weight
 
     async def _purge(self) -> None:
         purged = await self.store.purge_expired()

@@ -66,7 +66,7 @@ def main() -> None:
             # which the old keys can be removed from FEDERATION_ENCRYPTION_KEYS.
             rotated = await fed_store.rotate_secrets(box.rotate_if_needed)
             log.info("federation secrets re-encrypted under the primary key", extra={"rotated": rotated})
-        cache = AgentCache(redis, settings.agent_cache_ttl, settings.agent_cache_size)
+        cache = AgentCache(redis, settings.agent_cache_ttl, settings.agent_cache_size, settings.agent_cache_bytes)
         cache_task = asyncio.create_task(cache.run())
         gate = FederationGate(fed_store, box, redis, fed, cache)
         federation = FederationServicer(store, fed_store, gate, fed, cache)

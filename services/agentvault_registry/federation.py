@@ -36,7 +36,7 @@ from agentvault.federation.v1 import federation_service_pb2_grpc as fpb_grpc
 from agentvault.registry.v1 import registry_service_pb2 as pb
 from agentvault_registry import domain
 from agentvault_registry.auth import Authenticator
-from agentvault_registry.cache import AgentCache
+from agentvault_registry.cache import MEMORY_PER_WIRE_BYTE, AgentCache
 from agentvault_registry.federation_store import CredentialRecord, FederationStore, InboundLogRow, PeerRecord
 from agentvault_registry.servicer import SHARING, EnumWords, agent_to_proto, search_filters, to_timestamp
 from agentvault_registry.settings import FederationSettings
@@ -46,6 +46,7 @@ log = logging.getLogger("agentvault.federation")
 
 TOKEN_PREFIX = "avf"  # noqa: S105 - a public prefix, not a secret
 SEARCH_METHOD = "/agentvault.federation.v1.FederationService/SearchAgents"
+GENERATION_METHOD = "/agentvault.federation.v1.FederationService/GetSharingGeneration"
 LIST_METHOD = "/agentvault.registry.v1.RegistryService/ListAgents"
 PEER_STATUS = EnumWords(fpb.PeerStatus.DESCRIPTOR, "PEER_STATUS_")
 PEER_PROTOCOL = {fpb.PEER_PROTOCOL_UNSPECIFIED: "auto", fpb.PEER_PROTOCOL_GRPC: "grpc", fpb.PEER_PROTOCOL_REST: "rest"}
@@ -410,17 +411,24 @@ def shareable(agent: domain.Agent) -> pb.Agent:
 class SharedAnswer:
     """Federated agents matching one query, and the replies built from them, each built once."""
 
-    __slots__ = ("_list_reply", "_registry_name", "_search_reply", "agents")
+    __slots__ = ("_list_reply", "_registry_name", "_search_reply", "agents", "generation", "weight")
 
-    def __init__(self, agents: list[pb.Agent], registry_name: str) -> None:
+    def __init__(self, agents: list[pb.Agent], registry_name: str, generation: int = 0) -> None:
         self.agents = agents
         self._registry_name = registry_name
+        # The sharing generation read before the agents were: the answer is at least as new as it.
+        self.generation = generation
         self._search_reply: fpb.SearchAgentsResponse | None = None
         self._list_reply: pb.ListAgentsResponse | None = None
+        # What the answer may cost in memory: the agents and the copies in its replies (about 1.2 times the
+        # serialized size each; both replies are rarely built, the seed's REST form being the exception).
+        self.weight = 2 * MEMORY_PER_WIRE_BYTE * sum(a.ByteSize() for a in agents)
 
     def search_reply(self) -> fpb.SearchAgentsResponse:
         if self._search_reply is None:
-            self._search_reply = fpb.SearchAgentsResponse(agents=self.agents, registry_name=self._registry_name)
+            self._search_reply = fpb.SearchAgentsResponse(
+                agents=self.agents, registry_name=self._registry_name, generation=self.generation
+            )
         return self._search_reply
 
     def list_reply(self) -> pb.ListAgentsResponse:
@@ -464,8 +472,9 @@ class FederationServicer(fpb_grpc.FederationServiceServicer):
         result: SharedAnswer | None = self.cache.get_search(key)
         if result is None:
             version = self.cache.version
+            generation = await self._generation()
             agents, _ = await self.store.list_agents(query, None, size, None)
-            result = SharedAnswer([shareable(a) for a in agents], self.settings.registry_name)
+            result = SharedAnswer([shareable(a) for a in agents], self.settings.registry_name, generation)
             self.cache.put_search(key, result, version)
         self.inbound_log.submit(
             InboundLogRow(
@@ -487,6 +496,20 @@ class FederationServicer(fpb_grpc.FederationServiceServicer):
         cred, registry = await self.gate.admit(context.invocation_metadata(), SEARCH_METHOD, request)
         answer = await self.search_shared(search_filters(request), request.page_size, cred, registry, "SearchAgents")
         return answer.search_reply()
+
+    async def GetSharingGeneration(
+        self, request: fpb.GetSharingGenerationRequest, context: grpc.aio.ServicerContext
+    ) -> fpb.SharingGeneration:
+        await self.gate.admit(context.invocation_metadata(), GENERATION_METHOD, request)
+        return fpb.SharingGeneration(generation=await self._generation())
+
+    async def _generation(self) -> int:
+        try:
+            return await self.cache.generation()
+        except Exception as exc:
+            raise Unavailable(
+                f"sharing generation unavailable: {type(exc).__name__}", "FEDERATION_REDIS_DOWN"
+            ) from None
 
     async def GetFederationInfo(
         self, request: fpb.GetFederationInfoRequest, context: grpc.aio.ServicerContext

@@ -57,6 +57,8 @@ class RegistrySettings:
     db_pool_size: int
     agent_cache_ttl: float
     agent_cache_size: int
+    # Memory the agent, peer-answer and credential caches may use together.
+    agent_cache_bytes: int
     federation: FederationSettings
 
     @classmethod
@@ -73,5 +75,6 @@ class RegistrySettings:
             # cache; the TTL only bounds a publish lost while every subscriber stayed connected.
             agent_cache_ttl=env.float("REGISTRY_AGENT_CACHE_TTL", 30.0, minimum=0),
             agent_cache_size=env.int("REGISTRY_AGENT_CACHE_SIZE", 10_000, minimum=1),
+            agent_cache_bytes=env.int("REGISTRY_AGENT_CACHE_BYTES", 64 * 1024 * 1024, minimum=1024 * 1024),
             federation=FederationSettings.load(env, common.port),
         )

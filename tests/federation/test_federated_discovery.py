@@ -12,7 +12,10 @@ import asyncpg
 import grpc
 import pytest
 
-from ..conftest import MeshFactory
+from agentvault.federation.v1 import federation_service_pb2 as fed_pb
+from agentvault.federation.v1 import federation_service_pb2_grpc as fed_grpc
+
+from ..conftest import MeshFactory, eventually
 from .conftest import QUERY_TIMEOUT_MS, Federation, add_peer, admin, call, discover, register, rename, unique_word
 
 # Time the rest of a search may take on top of the slowest peer's deadline (loopback, loaded CI machine).
@@ -361,13 +364,14 @@ async def test_misbehaving_peers_cost_at_most_their_deadline(
             if (await call(http, "GET", hanging, headers=admin(a))).get("last_health_check"):
                 break
             await asyncio.sleep(0.25)
-        await call(
-            http,
-            "POST",
-            a.url(f"/api/v1/federation/peers/{ids['Hanging']}:reportHealth"),
-            headers=admin(a),
-            json={"status": "timeout", "is_down": True, "consecutive_failures": 3},
-        )
+        # ReportPeerHealth is internal (gRPC only, no HTTP route): called as the health monitor calls it.
+        async with grpc.aio.insecure_channel(a.address("registry")) as channel:
+            await fed_grpc.PeerServiceStub(channel).ReportPeerHealth(
+                fed_pb.ReportPeerHealthRequest(
+                    peer_id=ids["Hanging"], status=fed_pb.PEER_STATUS_TIMEOUT, is_down=True, consecutive_failures=3
+                ),
+                metadata=[("authorization", f"Bearer {a.admin_token}")],
+            )
         await asyncio.sleep(2)
         start = time.perf_counter()
         reply = await discover(http, a, include_federated=True, search=word)
@@ -384,8 +388,9 @@ async def test_misbehaving_peers_cost_at_most_their_deadline(
 async def test_a_changed_peer_answer_replaces_the_remembered_one(
     federation: Federation, http: aiohttp.ClientSession
 ) -> None:
-    """Discovery validates each distinct peer answer once and remembers it; a peer answering differently must be
-    seen at once with force_refresh, and the cache then holds the new answer."""
+    """Discovery validates each distinct peer answer once and remembers it; a peer answering differently is seen
+    without force_refresh once its generation is checked again, at once with it, and the cache then holds the new
+    answer."""
     word = unique_word()
     agent = await register(http, federation.b, f"Before {word}", "federated")
     for refresh in (True, True, False):
@@ -394,8 +399,13 @@ async def test_a_changed_peer_answer_replaces_the_remembered_one(
         assert peer_stat(reply, "Partner B")["from_cache"] is not refresh
 
     await rename(http, federation.b, agent["id"], f"After {word}")
-    cached = await discover(http, federation.a, include_federated=True, search=word)
-    assert [a["name"] for a in cached["agents"]] == [f"Before {word}"]  # still within FEDERATION_CACHE_TTL
+
+    async def revalidated() -> None:
+        # The cached answer is dropped once B's sharing generation is checked again (FEDERATION_REVALIDATE_INTERVAL).
+        cached = await discover(http, federation.a, include_federated=True, search=word)
+        assert [a["name"] for a in cached["agents"]] == [f"After {word}"]
+
+    await eventually(revalidated)
     fresh = await discover(http, federation.a, include_federated=True, search=word, force_refresh=True)
     assert [a["name"] for a in fresh["agents"]] == [f"After {word}"]
     again = await discover(http, federation.a, include_federated=True, search=word)

@@ -157,6 +157,7 @@ async def test_peer_over_mutual_tls(
         http,
         "GET",
         a.url("/api/v1/discovery/agents"),
+        headers=admin(a),
         params={"include_federated": "true", "search": word, "force_refresh": "true"},
     )
     stats = found["federation_stats"]
@@ -200,7 +201,11 @@ async def test_mesh_without_certificates_reports_why(
         headers=admin(plain),
         json={"name": "B over mTLS", "registry_url": b.url(), "api_key": token},
     )
-    found = await call(http, "GET", plain.url("/api/v1/discovery/agents"), params={"include_federated": "true"})
+    url = plain.url("/api/v1/discovery/agents")
+    found = await call(http, "GET", url, headers=admin(plain), params={"include_federated": "true"})
     peer = found["federation_stats"]["peers"][0]
     assert found["federation_stats"]["failed_queries"] == 1
+    # The why is for admins; anyone else gets the generic reason.
     assert "TLS" in peer["error"] or "tls" in peer["error"].lower(), peer
+    anonymous = await call(http, "GET", url, params={"include_federated": "true"})
+    assert anonymous["federation_stats"]["peers"][0]["error"] == "unavailable"

@@ -689,8 +689,11 @@ class SearchAgentsResponse(_message.Message):
 
     AGENTS_FIELD_NUMBER: _builtins.int
     REGISTRY_NAME_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
     registry_name: _builtins.str
     """Name of the answering mesh."""
+    generation: _builtins.int
+    """The sharing generation this answer was built at (see GetSharingGeneration); 0 when not known."""
     @_builtins.property
     def agents(self) -> _containers.RepeatedCompositeFieldContainer[_registry_service_pb2.Agent]:
         """Agents whose sharing is federated; owner identity is never included."""
@@ -700,14 +703,54 @@ class SearchAgentsResponse(_message.Message):
         *,
         agents: _abc.Iterable[_registry_service_pb2.Agent] | None = ...,
         registry_name: _builtins.str = ...,
+        generation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "registry_name", b"registry_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "generation", b"generation", "registry_name", b"registry_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SearchAgentsResponse: _TypeAlias = SearchAgentsResponse  # noqa: Y015
+
+@_typing.final
+class GetSharingGenerationRequest(_message.Message):
+    """GetSharingGenerationRequest has no fields."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSharingGenerationRequest: _TypeAlias = GetSharingGenerationRequest  # noqa: Y015
+
+@_typing.final
+class SharingGeneration(_message.Message):
+    """SharingGeneration identifies the state of what this mesh shares with its peers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GENERATION_FIELD_NUMBER: _builtins.int
+    generation: _builtins.int
+    """Changes whenever an agent peers may see is created, changed, re-shared or deleted."""
+    def __init__(
+        self,
+        *,
+        generation: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SharingGeneration: _TypeAlias = SharingGeneration  # noqa: Y015
 
 @_typing.final
 class GetFederationInfoRequest(_message.Message):

@@ -130,7 +130,7 @@ class PeerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReportPeerHealth(self, request, context):
-        """ReportPeerHealth records a health observation; the health monitor calls it.
+        """ReportPeerHealth records a health observation; the health monitor calls it. Internal: no HTTP route.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -138,7 +138,8 @@ class PeerServiceServicer:
 
     def ResolvePeers(self, request, context):
         """ResolvePeers returns the active peers with their credentials still encrypted, for the mesh's own
-        services (discovery, health monitor), which hold the decryption key.
+        services (discovery, health monitor), which hold the decryption key. Internal: no HTTP route, so the
+        edge can never return a peer's (encrypted) token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -517,6 +518,11 @@ class FederationServiceStub:
                 request_serializer=agentvault_dot_federation_dot_v1_dot_federation__service__pb2.SearchAgentsRequest.SerializeToString,
                 response_deserializer=agentvault_dot_federation_dot_v1_dot_federation__service__pb2.SearchAgentsResponse.FromString,
                 _registered_method=True)
+        self.GetSharingGeneration = channel.unary_unary(
+                '/agentvault.federation.v1.FederationService/GetSharingGeneration',
+                request_serializer=agentvault_dot_federation_dot_v1_dot_federation__service__pb2.GetSharingGenerationRequest.SerializeToString,
+                response_deserializer=agentvault_dot_federation_dot_v1_dot_federation__service__pb2.SharingGeneration.FromString,
+                _registered_method=True)
         self.GetFederationInfo = channel.unary_unary(
                 '/agentvault.federation.v1.FederationService/GetFederationInfo',
                 request_serializer=agentvault_dot_federation_dot_v1_dot_federation__service__pb2.GetFederationInfoRequest.SerializeToString,
@@ -530,6 +536,14 @@ class FederationServiceServicer:
 
     def SearchAgents(self, request, context):
         """SearchAgents returns this mesh's federated agents matching a query, with only shareable fields.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSharingGeneration(self, request, context):
+        """GetSharingGeneration tells a peer whether its cached answers are still current: the generation changes
+        whenever anything peers may see changes. Signed like SearchAgents, and far cheaper.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -549,6 +563,11 @@ def add_FederationServiceServicer_to_server(servicer, server):
                     servicer.SearchAgents,
                     request_deserializer=agentvault_dot_federation_dot_v1_dot_federation__service__pb2.SearchAgentsRequest.FromString,
                     response_serializer=agentvault_dot_federation_dot_v1_dot_federation__service__pb2.SearchAgentsResponse.SerializeToString,
+            ),
+            'GetSharingGeneration': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSharingGeneration,
+                    request_deserializer=agentvault_dot_federation_dot_v1_dot_federation__service__pb2.GetSharingGenerationRequest.FromString,
+                    response_serializer=agentvault_dot_federation_dot_v1_dot_federation__service__pb2.SharingGeneration.SerializeToString,
             ),
             'GetFederationInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetFederationInfo,
@@ -584,6 +603,33 @@ class FederationService:
             '/agentvault.federation.v1.FederationService/SearchAgents',
             agentvault_dot_federation_dot_v1_dot_federation__service__pb2.SearchAgentsRequest.SerializeToString,
             agentvault_dot_federation_dot_v1_dot_federation__service__pb2.SearchAgentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSharingGeneration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentvault.federation.v1.FederationService/GetSharingGeneration',
+            agentvault_dot_federation_dot_v1_dot_federation__service__pb2.GetSharingGenerationRequest.SerializeToString,
+            agentvault_dot_federation_dot_v1_dot_federation__service__pb2.SharingGeneration.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,10 +47,11 @@ class PeerServiceStub:
     DeletePeer: _grpc.UnaryUnaryMultiCallable[_federation_service_pb2.DeletePeerRequest, _empty_pb2.Empty]
     """DeletePeer removes a peer and its cached agents."""
     ReportPeerHealth: _grpc.UnaryUnaryMultiCallable[_federation_service_pb2.ReportPeerHealthRequest, _federation_service_pb2.Peer]
-    """ReportPeerHealth records a health observation; the health monitor calls it."""
+    """ReportPeerHealth records a health observation; the health monitor calls it. Internal: no HTTP route."""
     ResolvePeers: _grpc.UnaryUnaryMultiCallable[_federation_service_pb2.ResolvePeersRequest, _federation_service_pb2.ResolvePeersResponse]
     """ResolvePeers returns the active peers with their credentials still encrypted, for the mesh's own
-    services (discovery, health monitor), which hold the decryption key.
+    services (discovery, health monitor), which hold the decryption key. Internal: no HTTP route, so the
+    edge can never return a peer's (encrypted) token.
     """
     CreateFederationCredential: _grpc.UnaryUnaryMultiCallable[_federation_service_pb2.CreateFederationCredentialRequest, _federation_service_pb2.CreateFederationCredentialResponse]
     """CreateFederationCredential issues the token a named peer mesh uses to call this one; shown once."""
@@ -77,10 +78,11 @@ class PeerServiceAsyncStub(PeerServiceStub):
     DeletePeer: _aio.UnaryUnaryMultiCallable[_federation_service_pb2.DeletePeerRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """DeletePeer removes a peer and its cached agents."""
     ReportPeerHealth: _aio.UnaryUnaryMultiCallable[_federation_service_pb2.ReportPeerHealthRequest, _federation_service_pb2.Peer]  # type: ignore[assignment]
-    """ReportPeerHealth records a health observation; the health monitor calls it."""
+    """ReportPeerHealth records a health observation; the health monitor calls it. Internal: no HTTP route."""
     ResolvePeers: _aio.UnaryUnaryMultiCallable[_federation_service_pb2.ResolvePeersRequest, _federation_service_pb2.ResolvePeersResponse]  # type: ignore[assignment]
     """ResolvePeers returns the active peers with their credentials still encrypted, for the mesh's own
-    services (discovery, health monitor), which hold the decryption key.
+    services (discovery, health monitor), which hold the decryption key. Internal: no HTTP route, so the
+    edge can never return a peer's (encrypted) token.
     """
     CreateFederationCredential: _aio.UnaryUnaryMultiCallable[_federation_service_pb2.CreateFederationCredentialRequest, _federation_service_pb2.CreateFederationCredentialResponse]  # type: ignore[assignment]
     """CreateFederationCredential issues the token a named peer mesh uses to call this one; shown once."""
@@ -140,7 +142,7 @@ class PeerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _federation_service_pb2.ReportPeerHealthRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_federation_service_pb2.Peer, _abc.Awaitable[_federation_service_pb2.Peer]]:
-        """ReportPeerHealth records a health observation; the health monitor calls it."""
+        """ReportPeerHealth records a health observation; the health monitor calls it. Internal: no HTTP route."""
 
     @_abc_1.abstractmethod
     def ResolvePeers(
@@ -149,7 +151,8 @@ class PeerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_federation_service_pb2.ResolvePeersResponse, _abc.Awaitable[_federation_service_pb2.ResolvePeersResponse]]:
         """ResolvePeers returns the active peers with their credentials still encrypted, for the mesh's own
-        services (discovery, health monitor), which hold the decryption key.
+        services (discovery, health monitor), which hold the decryption key. Internal: no HTTP route, so the
+        edge can never return a peer's (encrypted) token.
         """
 
     @_abc_1.abstractmethod
@@ -187,6 +190,10 @@ class FederationServiceStub:
     def __new__(cls, channel: _aio.Channel) -> FederationServiceAsyncStub: ...
     SearchAgents: _grpc.UnaryUnaryMultiCallable[_federation_service_pb2.SearchAgentsRequest, _federation_service_pb2.SearchAgentsResponse]
     """SearchAgents returns this mesh's federated agents matching a query, with only shareable fields."""
+    GetSharingGeneration: _grpc.UnaryUnaryMultiCallable[_federation_service_pb2.GetSharingGenerationRequest, _federation_service_pb2.SharingGeneration]
+    """GetSharingGeneration tells a peer whether its cached answers are still current: the generation changes
+    whenever anything peers may see changes. Signed like SearchAgents, and far cheaper.
+    """
     GetFederationInfo: _grpc.UnaryUnaryMultiCallable[_federation_service_pb2.GetFederationInfoRequest, _federation_service_pb2.FederationInfo]
     """GetFederationInfo is the discovery document that tells a peer how to reach this mesh. Public."""
 
@@ -197,6 +204,10 @@ class FederationServiceAsyncStub(FederationServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     SearchAgents: _aio.UnaryUnaryMultiCallable[_federation_service_pb2.SearchAgentsRequest, _federation_service_pb2.SearchAgentsResponse]  # type: ignore[assignment]
     """SearchAgents returns this mesh's federated agents matching a query, with only shareable fields."""
+    GetSharingGeneration: _aio.UnaryUnaryMultiCallable[_federation_service_pb2.GetSharingGenerationRequest, _federation_service_pb2.SharingGeneration]  # type: ignore[assignment]
+    """GetSharingGeneration tells a peer whether its cached answers are still current: the generation changes
+    whenever anything peers may see changes. Signed like SearchAgents, and far cheaper.
+    """
     GetFederationInfo: _aio.UnaryUnaryMultiCallable[_federation_service_pb2.GetFederationInfoRequest, _federation_service_pb2.FederationInfo]  # type: ignore[assignment]
     """GetFederationInfo is the discovery document that tells a peer how to reach this mesh. Public."""
 
@@ -210,6 +221,16 @@ class FederationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_federation_service_pb2.SearchAgentsResponse, _abc.Awaitable[_federation_service_pb2.SearchAgentsResponse]]:
         """SearchAgents returns this mesh's federated agents matching a query, with only shareable fields."""
+
+    @_abc_1.abstractmethod
+    def GetSharingGeneration(
+        self,
+        request: _federation_service_pb2.GetSharingGenerationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_federation_service_pb2.SharingGeneration, _abc.Awaitable[_federation_service_pb2.SharingGeneration]]:
+        """GetSharingGeneration tells a peer whether its cached answers are still current: the generation changes
+        whenever anything peers may see changes. Signed like SearchAgents, and far cheaper.
+        """
 
     @_abc_1.abstractmethod
     def GetFederationInfo(
