@@ -7,13 +7,14 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv install proto proto-check proto-breaking proto-release lint fmt typecheck test test-only run bench clean
+.PHONY: help venv install proto proto-check proto-breaking proto-release docs lint fmt typecheck test test-only run bench clean
 
 help:
 	@echo "make run         start the whole mesh on embedded PostgreSQL and Redis (Ctrl-C stops it)"
 	@echo "make test        lint, type-check, check generated code, and run every test"
 	@echo "make proto       regenerate Python code and stubs from protos/"
 	@echo "make lint|fmt    ruff, mypy, buf lint / format everything"
+	@echo "make docs        regenerate the README's table of error reasons"
 	@echo "make bench       run the benchmarks in bench/ and print their figures"
 
 venv: $(STAMP)
@@ -49,8 +50,13 @@ proto-breaking: $(STAMP)
 proto-release: $(STAMP)
 	$(BIN)/buf build --exclude-source-info -o $(PROTO_BASELINE)
 
+# The README's table of error reasons, generated from the code.
+docs: $(STAMP)
+	$(PY) scripts/error_reasons.py
+
 lint: $(STAMP)
 	$(PY) scripts/protogen.py --check
+	$(PY) scripts/error_reasons.py --check
 	$(BIN)/buf lint
 	$(BIN)/buf format --exit-code -d > /dev/null || { $(BIN)/buf format -d; echo "protos are not buf-formatted: run make fmt"; exit 1; }
 	$(MAKE) --no-print-directory proto-breaking

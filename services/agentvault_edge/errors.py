@@ -203,7 +203,18 @@ def from_rpc_error(exc: grpc.aio.AioRpcError, service: str) -> EdgeError:
         log.warning("%s call failed in transport: %s %s", service, code.name, exc.details())
         text = f"the call to {service} failed in transport ({code.name.lower()}); see the edge log"
         details = [_error_info("TRANSPORT_LIMIT" if code is grpc.StatusCode.RESOURCE_EXHAUSTED else "INTERNAL")]
-    return EdgeError(HTTP_STATUS.get(code, 500), code, text, details)
+    return EdgeError(HTTP_STATUS.get(code, 500), code, text, details, headers=_retry_after(details))
+
+
+def _retry_after(details: list[message.Message]) -> dict[str, str] | None:
+    """A service's google.rpc.RetryInfo, as the Retry-After header an HTTP client acts on (whole seconds, up)."""
+    for detail in details:
+        if isinstance(detail, any_pb2.Any) and detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            seconds = info.retry_delay.seconds + (1 if info.retry_delay.nanos > 0 else 0)
+            return {"Retry-After": str(max(1, seconds))}
+    return None
 
 
 def internal(request_id: str) -> EdgeError:

@@ -428,6 +428,10 @@ async def test_force_refresh_needs_a_credential_and_is_rate_limited(
     retry = next(d for d in body["error"]["details"] if d["@type"].endswith("google.rpc.RetryInfo"))
     delay = retry.get("retryDelay", retry.get("retry_delay", ""))
     assert 0 < float(delay.rstrip("s")) <= 61, retry
+    # The same hint as the header HTTP clients act on.
+    async with http.get(url, headers=headers, params=params) as r:
+        assert r.status == 429
+        assert 1 <= int(r.headers["Retry-After"]) <= 61
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await discovery_a.SearchAgents(
             dpb.SearchAgentsRequest(include_federated=True, search="x", force_refresh=True),
