@@ -15,7 +15,7 @@ from agentvault_edge import errors
 from agentvault_edge.settings import EdgeSettings
 from agentvault_edge.transcode import dumps
 
-log = logging.getLogger("agentvault.edge")
+log = logging.getLogger(__name__)
 
 # aiohttp's own limits on the request head, applied by its parser before any handler runs.
 MAX_LINE_BYTES = 8190
@@ -24,6 +24,8 @@ MAX_HEADERS = 100
 # What is left in flight after the grace period is cancelled; this is how long cancelling may take.
 CANCEL_WAIT = 0.5
 DRAIN_POLL = 0.05
+# How long a connection answered with a 408 mid-head is half-closed, its input discarded, before it is closed.
+LINGER_SECONDS = 2.0
 
 
 class Drain:
@@ -70,6 +72,7 @@ class EdgeRequestHandler(RequestHandler):
         self._edge_server = manager
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes = False
+        self._lingering: asyncio.TimerHandle | None = None
         self._counted = False
         # A request is between its handler starting and its response written: closing now would cut it.
         self.busy = False
@@ -84,12 +87,16 @@ class EdgeRequestHandler(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_head_timer()
+        if self._lingering is not None:
+            self._lingering.cancel()
         if self._counted:
             self._counted = False
             self._edge_server.open_connections -= 1
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering is not None:
+            return  # answered and half-closed: the rest of this head is read only to be dropped
         if not self.busy and data:
             self._head_bytes = True
             if self._head_timer is None:
@@ -131,10 +138,16 @@ class EdgeRequestHandler(RequestHandler):
         self._head_timer = None
         if self.busy or self.transport is None:
             return
-        if self._head_bytes:
-            # A partial head gets an answer; a connection that never sent a byte is simply closed.
-            self.transport.write(_raw_response(errors.header_timeout(self._header_timeout)))
         log.debug("closing a connection that did not send a request head within %ss", self._header_timeout)
+        if self._head_bytes and self.transport.can_write_eof():
+            # A partial head gets an answer. Closing at once while the client still sends would make the kernel
+            # reset the connection, and a reset can destroy the answer before the client reads it: so send it,
+            # half-close, discard what still arrives for a moment, then close (a lingering close).
+            self.transport.write(_raw_response(errors.header_timeout(self._header_timeout)))
+            self.transport.write_eof()
+            self._lingering = self._loop.call_later(LINGER_SECONDS, self.force_close)
+            return
+        # A connection that never sent a byte is simply closed.
         self.force_close()
 
     def handle_error(
