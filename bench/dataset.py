@@ -18,7 +18,8 @@ from typing import Any, cast
 
 import asyncpg
 
-from agentvault_registry import domain, store
+from agentvault.common import agents as domain
+from agentvault_registry import store
 from agentvault_registry.store import Store
 
 SEED = 20_240_601

@@ -23,7 +23,7 @@ from agentvault_discovery.settings import DiscoverySettings
 from agentvault_discovery.store import BackgroundWriter, Store
 
 SERVICE_NAME = discovery_service_pb2.DESCRIPTOR.services_by_name["DiscoveryService"].full_name
-log = logging.getLogger("agentvault.discovery")
+log = logging.getLogger(__name__)
 
 
 def main() -> None:

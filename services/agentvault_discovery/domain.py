@@ -7,10 +7,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from agentvault.common import agents, versions
 from agentvault.common.errors import InvalidArgument
 from agentvault.registry.v1 import registry_service_pb2 as pb
-from agentvault_registry import domain as registry_domain
-from agentvault_registry import versions
 
 MAX_AGENT_ID = 128
 # Timestamp.FromJsonString and protobuf accept years 1..9999; anything else a peer sends is dropped.
@@ -73,21 +72,21 @@ def agent_from_json(raw: Any) -> pb.Agent | None:
     raw_id = raw.get("id")
     if isinstance(raw_id, str | int) and not isinstance(raw_id, bool):
         agent.id = str(raw_id)
-    for cap in _dicts(raw.get("capabilities"), registry_domain.MAX_CAPABILITIES):
+    for cap in _dicts(raw.get("capabilities"), agents.MAX_CAPABILITIES):
         agent.capabilities.add(
             kind=_enum_from_json(cap.get("kind"), pb.CapabilityKind, "CAPABILITY_KIND_"),
             name=_text(cap.get("name")),
             version=_text(cap.get("version")),
             description=_text(cap.get("description")),
         )
-    for ep in _dicts(raw.get("endpoints"), registry_domain.MAX_ENDPOINTS):
+    for ep in _dicts(raw.get("endpoints"), agents.MAX_ENDPOINTS):
         agent.endpoints.add(
             protocol=_enum_from_json(ep.get("protocol"), pb.Protocol, "PROTOCOL_"),
             url=_text(ep.get("url")),
         )
     tags = raw.get("tags")
     if isinstance(tags, list):
-        agent.tags.extend(t if isinstance(t, str) else "" for t in tags[: registry_domain.MAX_TAGS + 1])
+        agent.tags.extend(t if isinstance(t, str) else "" for t in tags[: agents.MAX_TAGS + 1])
     updated = raw.get("update_time", raw.get("updated_at"))
     if isinstance(updated, str) and len(updated) <= 64:
         try:
@@ -105,18 +104,18 @@ def sanitize(agent: pb.Agent) -> pb.Agent | None:
     """
     violations = 0
     capabilities = []
-    for cap in agent.capabilities[: registry_domain.MAX_CAPABILITIES + 1]:
+    for cap in agent.capabilities[: agents.MAX_CAPABILITIES + 1]:
         kind = _KIND_WORDS.get(cap.kind, "")
         violations += not kind
-        capabilities.append(registry_domain.Capability(kind, cap.name, cap.version, cap.description))
+        capabilities.append(agents.Capability(kind, cap.name, cap.version, cap.description))
     endpoints = []
-    for ep in agent.endpoints[: registry_domain.MAX_ENDPOINTS + 1]:
+    for ep in agent.endpoints[: agents.MAX_ENDPOINTS + 1]:
         protocol = _PROTOCOL_WORDS.get(ep.protocol, "")
         violations += not protocol
-        endpoints.append(registry_domain.Endpoint(protocol, ep.url))
+        endpoints.append(agents.Endpoint(protocol, ep.url))
     if violations:
         return None
-    spec = registry_domain.AgentSpec(
+    spec = agents.AgentSpec(
         did=agent.did,
         name=agent.name,
         description=agent.description,
@@ -124,10 +123,10 @@ def sanitize(agent: pb.Agent) -> pb.Agent | None:
         agent_type=agent.agent_type,
         capabilities=tuple(capabilities),
         endpoints=tuple(endpoints),
-        tags=tuple(agent.tags[: registry_domain.MAX_TAGS + 1]),
+        tags=tuple(agent.tags[: agents.MAX_TAGS + 1]),
     )
     try:
-        spec = registry_domain.validate_spec(spec, prefix="agent")
+        spec = agents.validate_spec(spec, prefix="agent")
     except InvalidArgument:
         return None
     clean = pb.Agent(

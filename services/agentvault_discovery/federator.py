@@ -33,7 +33,7 @@ from agentvault_discovery import domain
 from agentvault_discovery.settings import DiscoverySettings
 from agentvault_discovery.store import BackgroundWriter, CacheUpsert, QueryLogRow, expiry
 
-log = logging.getLogger("agentvault.discovery.federation")
+log = logging.getLogger(__name__)
 
 SEARCH_METHOD = "/agentvault.federation.v1.FederationService/SearchAgents"
 GENERATION_METHOD = "/agentvault.federation.v1.FederationService/GetSharingGeneration"

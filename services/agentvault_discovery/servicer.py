@@ -12,7 +12,7 @@ import grpc
 import redis.asyncio as aioredis
 from prometheus_client import Gauge
 
-from agentvault.common import pagination
+from agentvault.common import agents, pagination
 from agentvault.common.auth import AUTHORIZATION_KEY
 from agentvault.common.errors import (
     AgentVaultError,
@@ -33,9 +33,8 @@ from agentvault_discovery.access import Callers, ForceRefreshGate
 from agentvault_discovery.federator import FAILED, MEMORY_PER_WIRE_BYTE, OK, SKIPPED, TIMEOUT, Federator, PeerOutcome
 from agentvault_discovery.settings import DiscoverySettings
 from agentvault_discovery.store import Store
-from agentvault_registry import domain as registry_domain
 
-log = logging.getLogger("agentvault.discovery")
+log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
@@ -103,9 +102,9 @@ class Search:
 
     def __init__(self, request: dpb.SearchAgentsRequest, max_results_per_peer: int) -> None:
         violations: list[FieldViolation] = []
-        query = registry_domain.AgentQuery()
+        query = agents.AgentQuery()
         try:
-            query = registry_domain.build_query(
+            query = agents.build_query(
                 {
                     "search": request.search,
                     "agent_type": request.agent_type,

@@ -13,7 +13,7 @@ from google.protobuf import json_format
 from agentvault.common.batching import BATCH_FAILED, BatchWriter
 from agentvault.registry.v1 import registry_service_pb2 as pb
 
-log = logging.getLogger("agentvault.discovery.store")
+log = logging.getLogger(__name__)
 
 
 # How long a search's log rows wait for those of other searches to share one database write.

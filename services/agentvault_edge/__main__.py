@@ -18,7 +18,7 @@ from agentvault_edge.routes import api_of, discover_services
 from agentvault_edge.server import EdgeRunner
 from agentvault_edge.settings import EdgeSettings
 
-log = logging.getLogger("agentvault.edge")
+log = logging.getLogger(__name__)
 
 
 async def serve(settings: EdgeSettings, app: web.Application) -> None:

@@ -29,7 +29,7 @@ from agentvault_edge.server import DRAIN_KEY, Drain, EdgeRequestHandler
 from agentvault_edge.settings import EdgeSettings
 from agentvault_edge.transcode import FieldError, HttpRequestParts, build_request, dumps, response_to_json
 
-log = logging.getLogger("agentvault.edge")
+log = logging.getLogger(__name__)
 
 # The only request headers forwarded to backends, as lowercase gRPC metadata. Anything else a client sends
 # stays at the edge, so a client cannot forge metadata the services trust (e.g. x-http-method).

@@ -13,7 +13,7 @@ from grpc_status import rpc_status
 from agentvault.common.errors import DOMAIN
 from agentvault_edge.transcode import any_to_json, message_to_json
 
-log = logging.getLogger("agentvault.edge")
+log = logging.getLogger(__name__)
 
 # grpc-gateway's runtime.HTTPStatusFromCode, so clients of either gateway see the same statuses.
 HTTP_STATUS: dict[grpc.StatusCode, int] = {

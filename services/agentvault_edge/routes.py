@@ -18,7 +18,7 @@ from google.protobuf.descriptor import Descriptor, MethodDescriptor, ServiceDesc
 
 from agentvault_edge.transcode import FieldError, resolve_field_path
 
-log = logging.getLogger("agentvault.edge")
+log = logging.getLogger(__name__)
 
 _MODULE_NAME = re.compile(r"agentvault\.([a-z][a-z0-9_]*)\.v1\.([a-z][a-z0-9_]*_pb2)")
 _SERVICE_PACKAGE = re.compile(r"agentvault\.([a-z][a-z0-9_]*)\.v1")

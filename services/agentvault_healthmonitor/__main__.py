@@ -24,7 +24,7 @@ from agentvault_healthmonitor.settings import HealthMonitorSettings
 from agentvault_healthmonitor.store import Store
 
 SERVICE_NAME = health_monitor_service_pb2.DESCRIPTOR.services_by_name["HealthMonitorService"].full_name
-log = logging.getLogger("agentvault.healthmonitor")
+log = logging.getLogger(__name__)
 
 
 def main() -> None:

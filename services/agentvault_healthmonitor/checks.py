@@ -31,7 +31,7 @@ from agentvault_healthmonitor.domain import (
     PeerSubject,
 )
 
-log = logging.getLogger("agentvault.healthmonitor.checks")
+log = logging.getLogger(__name__)
 
 REST_HEALTH_PATH = "/api/v1/health"
 # The gRPC health service name a mesh peer must report SERVING: the API this mesh calls on it.

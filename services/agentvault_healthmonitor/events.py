@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-log = logging.getLogger("agentvault.healthmonitor.events")
+log = logging.getLogger(__name__)
 
 WATCHER_QUEUE = 1000
 

@@ -19,7 +19,7 @@ from agentvault_healthmonitor.registry import RegistryClient, agent_health
 from agentvault_healthmonitor.settings import HealthMonitorSettings
 from agentvault_healthmonitor.store import Store
 
-log = logging.getLogger("agentvault.healthmonitor")
+log = logging.getLogger(__name__)
 
 PEER_HEALTH = Gauge(
     "federation_peer_health", "Health status of federation peer (1=healthy, 0=unhealthy)", ["peer_name"]

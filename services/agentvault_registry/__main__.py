@@ -31,7 +31,7 @@ from agentvault_registry.store import Store, init_connection
 SERVICE_NAME = registry_service_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name
 PEER_SERVICE = fed_pb.DESCRIPTOR.services_by_name["PeerService"].full_name
 FEDERATION_SERVICE = fed_pb.DESCRIPTOR.services_by_name["FederationService"].full_name
-log = logging.getLogger("agentvault.registry")
+log = logging.getLogger(__name__)
 
 
 def main() -> None:

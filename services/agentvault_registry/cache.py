@@ -24,7 +24,7 @@ from prometheus_client import Counter, Gauge
 from agentvault.common.lru import Lru
 from agentvault.registry.v1.registry_service_pb2 import Agent as AgentPb
 
-log = logging.getLogger("agentvault.registry.cache")
+log = logging.getLogger(__name__)
 
 CHANNEL = "registry:agents:invalidate"
 # Invalidation messages for credentials carry this prefix; any other message is an agent id.

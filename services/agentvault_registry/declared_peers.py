@@ -22,7 +22,7 @@ from agentvault.federation.v1 import federation_service_pb2 as fpb
 from agentvault_registry.federation import PeerServicer
 from agentvault_registry.federation_store import PEER_WRITABLE, FederationStore
 
-log = logging.getLogger("agentvault.registry.peers_file")
+log = logging.getLogger(__name__)
 
 KNOWN_KEYS = {
     "name",

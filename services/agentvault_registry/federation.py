@@ -18,6 +18,7 @@ import grpc
 import redis.asyncio as aioredis
 from google.protobuf import empty_pb2
 
+from agentvault.common import agents as agent_rules
 from agentvault.common import pagination, signing
 from agentvault.common.auth import Principal, Role, bearer_token
 from agentvault.common.batching import BatchWriter
@@ -34,7 +35,6 @@ from agentvault.common.secretbox import DecryptionError, SecretBox
 from agentvault.federation.v1 import federation_service_pb2 as fpb
 from agentvault.federation.v1 import federation_service_pb2_grpc as fpb_grpc
 from agentvault.registry.v1 import registry_service_pb2 as pb
-from agentvault_registry import domain
 from agentvault_registry.auth import Authenticator
 from agentvault_registry.cache import MEMORY_PER_WIRE_BYTE, AgentCache
 from agentvault_registry.federation_store import CredentialRecord, FederationStore, InboundLogRow, PeerRecord
@@ -42,7 +42,7 @@ from agentvault_registry.servicer import SHARING, EnumWords, agent_to_proto, sea
 from agentvault_registry.settings import FederationSettings
 from agentvault_registry.store import Store
 
-log = logging.getLogger("agentvault.federation")
+log = logging.getLogger(__name__)
 
 TOKEN_PREFIX = "avf"  # noqa: S105 - a public prefix, not a secret
 SEARCH_METHOD = "/agentvault.federation.v1.FederationService/SearchAgents"
@@ -226,15 +226,15 @@ class PeerServicer(fpb_grpc.PeerServiceServicer):
 
     def values(self, peer: fpb.Peer, paths: list[str], *, creating: bool) -> dict[str, Any]:
         """The columns to write for `paths` of `peer`, validated; the api_key comes back encrypted."""
-        v = domain.Violations()
+        v = agent_rules.Violations()
         values: dict[str, Any] = {}
         for path in paths:
             if path == "name":
-                domain.check_text(v, "peer.name", peer.name, max_len=MAX_PEER_NAME, required=True)
+                agent_rules.check_text(v, "peer.name", peer.name, max_len=MAX_PEER_NAME, required=True)
                 values["name"] = peer.name.strip()
             elif path == "registry_url":
                 url = peer.registry_url.rstrip("/")
-                domain.check_url(v, "peer.registry_url", url, ("http", "https"), required=True)
+                agent_rules.check_url(v, "peer.registry_url", url, ("http", "https"), required=True)
                 if len(url) > MAX_PEER_URL:
                     v.add("peer.registry_url", f"must be at most {MAX_PEER_URL} characters")
                 elif urlsplit(url).query or urlsplit(url).fragment:
@@ -243,7 +243,7 @@ class PeerServicer(fpb_grpc.PeerServiceServicer):
             elif path == "api_key":
                 if creating and not peer.api_key:
                     v.add("peer.api_key", "is required: the federation token the peer issued to this mesh")
-                domain.check_text(v, "peer.api_key", peer.api_key, max_len=MAX_API_KEY)
+                agent_rules.check_text(v, "peer.api_key", peer.api_key, max_len=MAX_API_KEY)
                 if peer.api_key:
                     values["api_key"] = self._require_box().encrypt(peer.api_key)
             elif path == "is_active":
@@ -400,7 +400,7 @@ class PeerServicer(fpb_grpc.PeerServiceServicer):
         return credential_to_proto(cred)
 
 
-def shareable(agent: domain.Agent) -> pb.Agent:
+def shareable(agent: agent_rules.Agent) -> pb.Agent:
     """What a peer may see of an agent: no owner identity, no internal health-check address."""
     proto = agent_to_proto(agent)
     proto.owner = ""
@@ -464,7 +464,7 @@ class FederationServicer(fpb_grpc.FederationServiceServicer):
         Every peer gets the same answer to the same query (they all see exactly the `federated` agents), so
         answers are kept in the agent cache, which any agent write anywhere empties."""
         start = time.perf_counter()
-        query = domain.build_query({**raw_query, "sharing": "federated"})
+        query = agent_rules.build_query({**raw_query, "sharing": "federated"})
         if limit < 0:
             raise invalid("page_size", "must not be negative")
         size = min(limit or self.settings.max_results_per_peer, self.settings.max_results_per_peer)

@@ -14,6 +14,7 @@ import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
 from google.protobuf.descriptor import EnumDescriptor
 
+from agentvault.common import agents as agent_rules
 from agentvault.common import pagination
 from agentvault.common.auth import Principal, Role
 from agentvault.common.errors import AlreadyExists, NotFound, PermissionDenied, invalid, store_unavailable
@@ -32,7 +33,7 @@ from agentvault_registry.auth import (
 from agentvault_registry.cache import AgentCache
 from agentvault_registry.store import Store
 
-log = logging.getLogger("agentvault.registry")
+log = logging.getLogger(__name__)
 
 
 class EnumWords:
@@ -72,10 +73,10 @@ def to_timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     return timestamp_pb2.Timestamp(seconds=int(value.timestamp()), nanos=value.microsecond * 1000)
 
 
-def spec_from_proto(agent: AgentPb, prefix: str = "agent") -> domain.AgentSpec:
+def spec_from_proto(agent: AgentPb, prefix: str = "agent") -> agent_rules.AgentSpec:
     """Converts shape only: enum numbers become words (unknown numbers are rejected); values are checked by
-    domain.validate_spec, so a partial update can be merged before it is validated."""
-    violations = domain.Violations()
+    agent_rules.validate_spec, so a partial update can be merged before it is validated."""
+    violations = agent_rules.Violations()
 
     def word(enum: EnumWords, number: int, path: str) -> str:
         if number and number not in enum.to_word:
@@ -83,21 +84,23 @@ def spec_from_proto(agent: AgentPb, prefix: str = "agent") -> domain.AgentSpec:
         return enum.to_word.get(number, "")
 
     # Lists are cut one past their limit so validation can still say "too many" without copying megabytes.
-    spec = domain.AgentSpec(
+    spec = agent_rules.AgentSpec(
         did=agent.did,
         name=agent.name,
         description=agent.description,
         version=agent.version,
         agent_type=agent.agent_type,
         capabilities=tuple(
-            domain.Capability(word(KIND, c.kind, f"{prefix}.capabilities[{i}].kind"), c.name, c.version, c.description)
-            for i, c in enumerate(agent.capabilities[: domain.MAX_CAPABILITIES + 1])
+            agent_rules.Capability(
+                word(KIND, c.kind, f"{prefix}.capabilities[{i}].kind"), c.name, c.version, c.description
+            )
+            for i, c in enumerate(agent.capabilities[: agent_rules.MAX_CAPABILITIES + 1])
         ),
         endpoints=tuple(
-            domain.Endpoint(word(PROTOCOL, e.protocol, f"{prefix}.endpoints[{i}].protocol"), e.url)
-            for i, e in enumerate(agent.endpoints[: domain.MAX_ENDPOINTS + 1])
+            agent_rules.Endpoint(word(PROTOCOL, e.protocol, f"{prefix}.endpoints[{i}].protocol"), e.url)
+            for i, e in enumerate(agent.endpoints[: agent_rules.MAX_ENDPOINTS + 1])
         ),
-        tags=tuple(agent.tags[: domain.MAX_TAGS + 1]),
+        tags=tuple(agent.tags[: agent_rules.MAX_TAGS + 1]),
         sharing=word(SHARING, agent.sharing, f"{prefix}.sharing"),
         health_check_url=agent.health_check_url,
     )
@@ -105,7 +108,7 @@ def spec_from_proto(agent: AgentPb, prefix: str = "agent") -> domain.AgentSpec:
     return spec
 
 
-def agent_to_proto(agent: domain.Agent) -> AgentPb:
+def agent_to_proto(agent: agent_rules.Agent) -> AgentPb:
     s = agent.spec
     return AgentPb(
         id=agent.id,
@@ -187,8 +190,8 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         # The FederationServicer, which answers the seed's HTTP form: ListAgents called with a peer's token.
         self.federation = federation
 
-    def _authorize_owner(self, principal: Principal) -> Callable[[domain.Agent], None]:
-        def check(agent: domain.Agent) -> None:
+    def _authorize_owner(self, principal: Principal) -> Callable[[agent_rules.Agent], None]:
+        def check(agent: agent_rules.Agent) -> None:
             if not may_see(agent.spec.sharing, agent.owner, principal):
                 raise NotFound(f"agent {agent.id} not found", "AGENT_NOT_FOUND", id=agent.id)
             if not principal.is_admin and not principal.owns(agent.owner):
@@ -202,7 +205,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         principal = await self.auth.require(context.invocation_metadata())
         if not request.HasField("agent"):
             raise invalid("agent", "is required")
-        spec = domain.validate_spec(spec_from_proto(request.agent))
+        spec = agent_rules.validate_spec(spec_from_proto(request.agent))
         try:
             agent = await self.store.create_agent(principal.id, spec)
         except asyncpg.UniqueViolationError:
@@ -242,7 +245,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         if self.federation is not None and _carries_federation_token(metadata):
             return await self._list_for_peer(request, metadata)
         viewer = await self.auth.principal(metadata)
-        query = domain.build_query(
+        query = agent_rules.build_query(
             {
                 **search_filters(request),
                 "owner": request.owner,
@@ -269,11 +272,11 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         principal = await self.auth.require(context.invocation_metadata())
         if not request.HasField("agent") or not request.agent.id:
             raise invalid("agent.id", "is required")
-        paths = domain.validate_update_mask(list(request.update_mask.paths))
+        paths = agent_rules.validate_update_mask(list(request.update_mask.paths))
         incoming = spec_from_proto(request.agent)
 
-        def apply(current: domain.AgentSpec) -> domain.AgentSpec:
-            return domain.validate_spec(current.merged(incoming, paths))
+        def apply(current: agent_rules.AgentSpec) -> agent_rules.AgentSpec:
+            return agent_rules.validate_spec(current.merged(incoming, paths))
 
         try:
             agent = await self.store.update_agent(request.agent.id, self._authorize_owner(principal), apply)
@@ -340,12 +343,12 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         self, request: pb.CreateApiKeyRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateApiKeyResponse:
         admin = await self.auth.require_admin(context.invocation_metadata())
-        violations = domain.Violations()
+        violations = agent_rules.Violations()
         if not request.name:
             violations.add("name", "is required")
         else:
-            domain.check_pattern(
-                violations, "name", request.name, domain.PRINCIPAL_NAME, "1-128 letters, digits and ._@-"
+            agent_rules.check_pattern(
+                violations, "name", request.name, agent_rules.PRINCIPAL_NAME, "1-128 letters, digits and ._@-"
             )
         if request.role and request.role not in ROLE.to_word:
             violations.add("role", f"unknown value {request.role}")

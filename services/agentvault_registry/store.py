@@ -11,10 +11,11 @@ from typing import Any
 
 import asyncpg
 
+from agentvault.common import versions
+from agentvault.common.agents import Agent, AgentQuery, AgentSpec, Capability, Endpoint
 from agentvault.common.auth import Principal
 from agentvault.common.errors import NotFound, invalid
-from agentvault_registry import versions
-from agentvault_registry.domain import Agent, AgentQuery, AgentSpec, ApiKey, Capability, Endpoint
+from agentvault_registry.domain import ApiKey
 
 _COLUMNS = (
     "a.id, a.did, a.name, a.description, a.version, a.agent_type, a.capabilities, a.endpoints, a.tags, "

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from agentvault.common import versions
 from agentvault.registry.v1 import registry_service_pb2 as pb
 from agentvault_discovery import domain, ranking
-from agentvault_registry import versions
 
 from .conftest import INVALID_PEER_AGENTS, VALID_PEER_AGENT
 

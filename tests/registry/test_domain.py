@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import unicodedata
 
-from agentvault_registry import domain
+from agentvault.common import agents as domain
 
 
 def test_control_character_check_is_exactly_categories_cc_and_cs() -> None:

@@ -7,7 +7,7 @@ import random
 import asyncpg
 import pytest
 
-from agentvault_registry.versions import ConstraintError, parse_constraint, parse_version
+from agentvault.common.versions import ConstraintError, parse_constraint, parse_version
 
 from ..conftest import Infra
 

@@ -1,4 +1,5 @@
-"""Agents and credentials as plain data, and the invariants every write must satisfy."""
+"""Agents as plain data and the rules every agent satisfies: one place for the registry that stores them and
+for every service that reads them (e.g. discovery validating peers' answers)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+from agentvault.common import versions
 from agentvault.common.errors import FieldViolation, InvalidArgument
-from agentvault_registry import versions
 
 SHARING = ("private", "local", "federated")
 CAPABILITY_KINDS = ("tool", "skill", "model")
@@ -104,16 +105,6 @@ class Agent:
     health_status: str
     created_at: datetime
     updated_at: datetime
-
-
-@dataclass(frozen=True)
-class ApiKey:
-    id: str
-    name: str
-    role: str
-    principal_id: str
-    created_at: datetime
-    revoked_at: datetime | None = None
 
 
 @dataclass
