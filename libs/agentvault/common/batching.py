@@ -15,7 +15,7 @@ from typing import Generic, TypeVar
 
 from prometheus_client import Counter
 
-log = logging.getLogger("agentvault.batching")
+log = logging.getLogger(__name__)
 
 BATCH_DROPPED = Counter(
     "background_writes_dropped_total", "Background writes dropped because the queue was full.", ["writer"]

@@ -12,7 +12,7 @@ from importlib.resources.abc import Traversable
 
 import asyncpg
 
-log = logging.getLogger("agentvault.db")
+log = logging.getLogger(__name__)
 
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 # Any fixed 64-bit number works; every service takes the same lock so concurrent starts serialize.

@@ -22,7 +22,7 @@ from agentvault.common import errors, tracing
 from agentvault.common.logs import request_id_var
 from agentvault.common.metrics import GRPC_HANDLED, GRPC_LATENCY
 
-log = logging.getLogger("agentvault.rpc")
+log = logging.getLogger(__name__)
 
 REQUEST_ID_KEY = "x-request-id"
 _MAX_REQUEST_ID = 128

@@ -17,7 +17,7 @@ from agentvault.common.settings import Env
 from agentvault.federation.v1 import federation_service_pb2 as fed_pb
 from agentvault.federation.v1 import federation_service_pb2_grpc as fed_grpc
 
-log = logging.getLogger("agentvault.peers")
+log = logging.getLogger(__name__)
 
 DISCOVERY_PATH = "/.well-known/agentvault-federation"
 PROTOCOL_ID = "agentvault-grpc/v1"

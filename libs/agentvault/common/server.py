@@ -22,7 +22,7 @@ from agentvault.common.metrics import serve_metrics
 from agentvault.common.settings import CommonSettings, SettingsError
 from agentvault.common.tracing import configure_tracing
 
-log = logging.getLogger("agentvault.server")
+log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
