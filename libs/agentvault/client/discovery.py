@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import TypedDict, Unpack
 
 from agentvault.client.base import GrpcClient
-from agentvault.client.convert import enum_number
+from agentvault.client.registry import search_fields
 from agentvault.discovery.v1 import discovery_service_pb2 as dpb
 from agentvault.discovery.v1 import discovery_service_pb2_grpc as dpb_grpc
-from agentvault.registry.v1 import registry_service_pb2 as pb
 
 SERVICE = dpb.DESCRIPTOR.services_by_name["DiscoveryService"].full_name
 IDEMPOTENT_METHODS = ("SearchAgents",)
@@ -60,13 +59,7 @@ class DiscoveryClient(GrpcClient):
             force_refresh=force_refresh,
             page_size=page_size,
             page_token=page_token,
-            agent_type=filters.get("agent_type", ""),
-            tag=filters.get("tag", ""),
-            capability_kind=enum_number(  # type: ignore[arg-type]
-                pb.CapabilityKind.DESCRIPTOR, filters.get("capability_kind", ""), "capability_kind"
-            ),
-            capability_name=filters.get("capability_name", ""),
-            capability_version=filters.get("capability_version", ""),
+            **search_fields(filters),
         )
         return await self._call(self._stub.SearchAgents, request, timeout)
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from typing import TypedDict, Unpack
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any, TypedDict, Unpack
 
 from google.protobuf import field_mask_pb2
 
@@ -39,18 +39,25 @@ class AgentFilters(TypedDict, total=False):
     sharing: str | int
 
 
+def search_fields(filters: Mapping[str, Any]) -> dict[str, Any]:
+    """The filter fields ListAgents and discovery's SearchAgents share, from the words a caller gives."""
+    return {
+        "agent_type": filters.get("agent_type", ""),
+        "tag": filters.get("tag", ""),
+        "capability_kind": enum_number(
+            pb.CapabilityKind.DESCRIPTOR, filters.get("capability_kind", ""), "capability_kind"
+        ),
+        "capability_name": filters.get("capability_name", ""),
+        "capability_version": filters.get("capability_version", ""),
+    }
+
+
 def _list_request(search: str, page_size: int, page_token: str, filters: AgentFilters) -> pb.ListAgentsRequest:
     return pb.ListAgentsRequest(
         page_size=page_size,
         page_token=page_token,
         search=search,
-        agent_type=filters.get("agent_type", ""),
-        tag=filters.get("tag", ""),
-        capability_kind=enum_number(  # type: ignore[arg-type]
-            pb.CapabilityKind.DESCRIPTOR, filters.get("capability_kind", ""), "capability_kind"
-        ),
-        capability_name=filters.get("capability_name", ""),
-        capability_version=filters.get("capability_version", ""),
+        **search_fields(filters),
         owner=filters.get("owner", ""),
         sharing=enum_number(pb.Sharing.DESCRIPTOR, filters.get("sharing", ""), "sharing"),  # type: ignore[arg-type]
     )

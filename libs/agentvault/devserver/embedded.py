@@ -203,7 +203,24 @@ def _world_readable_tree(root: Path) -> None:
                 path.chmod(path.stat().st_mode | 0o044 | (0o011 if path.stat().st_mode & 0o100 else 0))
 
 
-class EmbeddedPostgres:
+class _ChildServer:
+    """A server process this process started and owns: its pid from the moment it exists, and whether it runs."""
+
+    _process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        return self._process
+
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+
+class EmbeddedPostgres(_ChildServer):
     """PostgreSQL 16 from the pgserver wheel, listening on a Unix socket only (so it never takes a port).
 
     The postmaster is started directly (no pg_ctl) as a child of this process in a session of its own: this
@@ -223,17 +240,6 @@ class EmbeddedPostgres:
         self._socket_dir: Path | None = None
         self._lock_file: int | None = None
         self._user = _PG_SYSTEM_USER if os.geteuid() == 0 else None
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
-    @property
-    def process(self) -> subprocess.Popen[bytes] | None:
-        return self._process
-
-    def alive(self) -> bool:
-        return self._process is not None and self._process.poll() is None
 
     def start(self, interrupted: Callable[[], bool] = _never, timeout: float = 120) -> str:
         """Initializes the cluster if the folder has none, starts the server, waits until it accepts
@@ -457,24 +463,13 @@ def redis_server_binary() -> str:
     return found
 
 
-class EmbeddedRedis:
+class EmbeddedRedis(_ChildServer):
     """redis-server on 127.0.0.1 with append-only persistence in the data folder; port 0 picks a free one."""
 
     def __init__(self, data_dir: Path, port: int = 0) -> None:
         self.data_dir = data_dir
         self.port = port
         self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
-    @property
-    def process(self) -> subprocess.Popen[bytes] | None:
-        return self._process
-
-    def alive(self) -> bool:
-        return self._process is not None and self._process.poll() is None
 
     def start(self, interrupted: Callable[[], bool] = _never, timeout: float = 15) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
