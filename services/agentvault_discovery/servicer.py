@@ -23,13 +23,13 @@ from agentvault.common.errors import (
 )
 from agentvault.common.interceptors import outgoing_metadata
 from agentvault.common.lru import Lru
-from agentvault.common.remote_auth import AdminGate
+from agentvault.common.remote_auth import AdminGate, CallerResolver
 from agentvault.discovery.v1 import discovery_service_pb2 as dpb
 from agentvault.discovery.v1 import discovery_service_pb2_grpc as dpb_grpc
 from agentvault.registry.v1 import registry_service_pb2 as pb
 from agentvault.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from agentvault_discovery import domain, ranking
-from agentvault_discovery.access import Callers, ForceRefreshGate
+from agentvault_discovery.access import ForceRefreshGate
 from agentvault_discovery.federator import FAILED, MEMORY_PER_WIRE_BYTE, OK, SKIPPED, TIMEOUT, Federator, PeerOutcome
 from agentvault_discovery.settings import DiscoverySettings
 from agentvault_discovery.store import Store
@@ -203,7 +203,7 @@ class DiscoveryServicer(dpb_grpc.DiscoveryServiceServicer):
         self._merged: Lru[tuple[Any, ...], Merged] = Lru(MERGED_ENTRIES, budget=budget // 4)
         # Clearing a peer's cache is rare: no caching of the answer, so a revoked admin key stops at once.
         self.admin_gate = AdminGate(registry, settings.admin_token, cache_seconds=0)
-        self.callers = Callers(registry)
+        self.callers = CallerResolver(registry, settings.admin_token)
         self.force_refresh = ForceRefreshGate(self.callers, redis, settings.force_refresh_per_minute)
 
     @property

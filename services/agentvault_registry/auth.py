@@ -7,14 +7,11 @@ import hmac
 import secrets
 from typing import Any
 
-from agentvault.common.auth import Principal, Role, bearer_token
+from agentvault.common.auth import BOOTSTRAP_PRINCIPAL_ID, BOOTSTRAP_PRINCIPAL_NAME, Principal, Role, bearer_token
 from agentvault.common.errors import PermissionDenied, Unauthenticated
 from agentvault_registry.store import Store
 
 TOKEN_PREFIX = "avk"  # noqa: S105 - a public prefix, not a secret
-# The bootstrap admin token's principal (created by migration 0003); no API key can be issued for it.
-BOOTSTRAP_PRINCIPAL_ID = "prn_bootstrap_admin"
-BOOTSTRAP_PRINCIPAL_NAME = "admin"
 PRINCIPAL_ID_PREFIX = "prn_"
 
 

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 AUTHORIZATION_KEY = "authorization"
+# The bootstrap admin token's principal (created by the registry's migration 0003); no API key can act as it.
+BOOTSTRAP_PRINCIPAL_ID = "prn_bootstrap_admin"
+BOOTSTRAP_PRINCIPAL_NAME = "admin"
 MAX_TOKEN_LENGTH = 512
 
 
