@@ -10,6 +10,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2
 
 from agentvault.common.errors import ResourceExhausted, Unauthenticated, Unavailable
+from agentvault.common.ratelimit import MinuteWindow
 from agentvault.common.remote_auth import CallerResolver, RemoteCaller
 
 
@@ -48,12 +49,10 @@ class ForceRefreshGate:
         if caller.is_admin:
             return caller
         now = time.time()
-        window = int(now // 60)
-        key = f"discovery:force_refresh:{caller.principal_id}:{window}"
+        window = MinuteWindow.of(f"discovery:force_refresh:{caller.principal_id}", now)
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.incr(key)
-                pipe.expire(key, 120)
+                window.count(pipe)
                 count, _ = await pipe.execute()
         except Exception as exc:
             # Fails closed: without Redis the limit cannot be enforced, and a search without the flag still works.
@@ -61,7 +60,7 @@ class ForceRefreshGate:
                 f"force_refresh is unavailable ({type(exc).__name__}); search without it", "FORCE_REFRESH_UNAVAILABLE"
             ) from None
         if int(count) > self.per_minute:
-            retry_after = max(1, int((window + 1) * 60 - now) + 1)
+            retry_after = window.retry_after(now)
             refused = ResourceExhausted(
                 f"force_refresh is limited to {self.per_minute} searches per minute; retry in {retry_after} s or "
                 "search without it",

@@ -31,6 +31,7 @@ from agentvault.common.errors import (
     invalid,
 )
 from agentvault.common.interceptors import metadata_value
+from agentvault.common.ratelimit import MinuteWindow
 from agentvault.common.secretbox import DecryptionError, SecretBox
 from agentvault.federation.v1 import federation_service_pb2 as fpb
 from agentvault.federation.v1 import federation_service_pb2_grpc as fpb_grpc
@@ -172,16 +173,14 @@ class FederationGate:
     async def _admit_once(self, cred: CredentialRecord, signature: str) -> None:
         """One Redis round trip: the signature (if any) is recorded so it is accepted only once, and the call is
         counted against the credential's rate. Fails closed: without Redis neither can be enforced."""
-        window = int(time.time() // 60)
-        rate_key = f"federation:rate:{cred.id}:{window}"
+        rate = MinuteWindow.of(f"federation:rate:{cred.id}", time.time())
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 if signature:
                     # The key lives as long as the signature could still be fresh.
                     ttl = self.settings.signature_max_age + signing.MAX_FUTURE_SKEW_SECONDS
                     pipe.set(f"federation:replay:{signature}", b"1", nx=True, ex=ttl)
-                pipe.incr(rate_key)
-                pipe.expire(rate_key, 120)
+                rate.count(pipe)
                 results = await pipe.execute()
         except Exception as exc:
             raise Unavailable(
