@@ -163,11 +163,26 @@ async def test_reads_ride_out_a_registry_restart_and_writes_fail_fast(restartabl
             await client.create_agent(pb.Agent(did=unique_did(), name="n", version="1.0.0"))
         with pytest.raises(UnavailableError):
             await no_retries.list_agents(page_size=1)
-        assert time.monotonic() - start < 1.0, "without a retry policy nothing waits for the server"
+        assert time.monotonic() - start < 10, "without a retry policy nothing waits for the server (deadline 30 s)"
 
+        # Something that is not a gRPC server takes the registry's port and counts the read's connection attempts:
+        # after several have failed, the read must still be waiting between attempts rather than have failed.
+        attempts = 0
+
+        def refuse(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal attempts
+            attempts += 1
+            writer.close()
+
+        host, _, port = address.rpartition(":")
+        impostor = await asyncio.start_server(refuse, host, int(port))
         read = asyncio.ensure_future(client.list_agents(page_size=1))
-        # Long enough for several attempts (backoff 0.5 s, then 1 s, ...) to have failed before the restart.
-        await asyncio.sleep(1.0)
+        deadline = time.monotonic() + 10
+        while attempts < 2 and not read.done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        impostor.close()
+        await impostor.wait_closed()
+        assert attempts >= 2, f"the read made {attempts} connection attempts"
         assert not read.done(), "the read is waiting between attempts, not failed"
         await asyncio.to_thread(handle.mesh.start_service, "registry")
         reply = await read

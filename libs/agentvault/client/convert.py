@@ -13,47 +13,35 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
 
+from agentvault.common.enums import enum_words as shared_enum_words
 from agentvault.registry.v1 import registry_service_pb2 as pb
 
 M = TypeVar("M", bound=Message)
 
 
-def _prefix(enum: EnumDescriptor) -> str:
-    zero = enum.values_by_number.get(0)
-    if zero is not None and zero.name.endswith("_UNSPECIFIED"):
-        return zero.name.removesuffix("UNSPECIFIED")
-    return ""
-
-
 def enum_words(enum: EnumDescriptor) -> list[str]:
     """The words a caller may use for `enum`; the zero value is "not set" and has none."""
-    prefix = _prefix(enum)
-    return [v.name.removeprefix(prefix).lower() for v in enum.values if v.number]
+    return list(shared_enum_words(enum).words)
 
 
 def enum_word(enum: EnumDescriptor, value: int | str) -> str | int:
     """The word for a number or a value name; a number this build does not know is returned unchanged."""
+    words = shared_enum_words(enum)
     if isinstance(value, int):
-        known = enum.values_by_number.get(value)
-        if known is None:
-            return value
-        value = known.name
-    return value.removeprefix(_prefix(enum)).lower()
+        return words.json(value)
+    number = words.number(value)
+    return words.to_word[number] if number is not None else value.lower()
 
 
 def enum_number(enum: EnumDescriptor, value: int | str, where: str) -> int:
     """The number for a word ("skill"), a value name ("CAPABILITY_KIND_SKILL") or a known number; "" is 0."""
-    if isinstance(value, str):
-        text = value.strip()
-        if not text:
-            return 0
-        prefix = _prefix(enum)
-        for v in enum.values:
-            if v.number and text.lower() in (v.name.lower(), v.name.removeprefix(prefix).lower()):
-                return int(v.number)
-    elif isinstance(value, int) and not isinstance(value, bool) and value in enum.values_by_number:
-        return value
-    raise ValueError(f"{where}: must be one of {', '.join(enum_words(enum))}; got {value!r}")
+    if isinstance(value, str) and not value.strip():
+        return 0
+    words = shared_enum_words(enum)
+    number = words.number(value)
+    if number is None or (number == 0 and isinstance(value, str)):
+        raise ValueError(f"{where}: must be one of {words.choices()}; got {value!r}")
+    return number
 
 
 def _nested(fd: FieldDescriptor) -> Descriptor | None:
