@@ -15,7 +15,7 @@ from pathlib import Path
 from bench.procs import sigterm_as_interrupt
 from bench.suite import REPO, Config, run
 
-FULL_SIZES = (10_000, 100_000)
+FULL_SIZES = (1_000, 10_000, 100_000)  # the edge CPU goals are stated at 1k, GetAgent and search at 100k
 QUICK_SIZES = (1_000, 5_000)
 
 
@@ -26,7 +26,7 @@ def _cpus(text: str) -> frozenset[int]:
 def parse(argv: list[str] | None = None) -> Config:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small populations and short measurements (~1 min)")
-    parser.add_argument("--sizes", help="comma-separated agent counts, ascending (default 10000,100000)")
+    parser.add_argument("--sizes", help="comma-separated agent counts, ascending (default 1000,10000,100000)")
     parser.add_argument("--duration", type=float, help="seconds measured per benchmark (default 10, quick 1.5)")
     parser.add_argument("--warmup", type=float, help="seconds of warm-up per benchmark, excluded (default 2)")
     parser.add_argument("--concurrency", type=int, default=32, help="calls in flight (default 32)")

@@ -12,6 +12,9 @@ from typing import Any
 GET_AGENT_VS_ECHO = 0.70  # GetAgent throughput at least this share of the bare gRPC echo ceiling
 SEARCH_P99_MS = 20.0  # search p99 at the service, over 100k agents
 GOAL_SIZE = 100_000  # the population the search goal is stated for
+# CPU per request through the edge, summed over the edge, the registry and PostgreSQL, in milliseconds.
+EDGE_SEARCH_CPU_MS = 0.6  # a search answering 10 agents
+EDGE_GET_CPU_MS = 0.3  # a get by id
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import json
 import random
 import secrets
 import subprocess
@@ -35,7 +36,17 @@ from agentvault_registry.store import init_connection, search_terms
 from bench import dataset, echo, promhist
 from bench.load import GrpcJob, HttpJob, LoadClient, LoadResult
 from bench.procs import CpuMeter, machine, pinned, postmaster_pid
-from bench.report import GET_AGENT_VS_ECHO, GOAL_SIZE, SEARCH_P99_MS, Figure, judge, table, write_json
+from bench.report import (
+    EDGE_GET_CPU_MS,
+    EDGE_SEARCH_CPU_MS,
+    GET_AGENT_VS_ECHO,
+    GOAL_SIZE,
+    SEARCH_P99_MS,
+    Figure,
+    judge,
+    table,
+    write_json,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 GET_METHOD = f"/{REGISTRY_SERVICE}/GetAgent"
@@ -100,7 +111,8 @@ def build_workloads(population: dataset.Population, visible_ids: list[str], rng:
         search2=tuple(pb.ListAgentsRequest(search=w).SerializeToString() for w in two_words),
         capability=tuple(pb.ListAgentsRequest(**q).SerializeToString() for q in capability_queries),  # type: ignore[arg-type]
         http_get=tuple(f"/api/v1/agents/{i}" for i in ids),
-        http_search=tuple(f"/api/v1/agents?{urllib.parse.urlencode({'search': w})}" for w in one_word),
+        # Ten agents per answer: the page size the edge's CPU goal for a search is stated for.
+        http_search=tuple(f"/api/v1/agents?{urllib.parse.urlencode({'search': w, 'page_size': 10})}" for w in one_word),
         one_word=one_word,
         capability_queries=capability_queries,
     )
@@ -368,10 +380,44 @@ def run_edge(
     base = mesh.url()
     with_edge = {**groups, "edge": [mesh.processes["edge"].pid]}
     c = runner.config.concurrency
-    runner.measure(section, f"GET /agents/{{id}} c={c}", runner.http_job(base, workloads.http_get), with_edge, expand)
-    runner.measure(
-        section, f"GET /agents?search= c={c}", runner.http_job(base, workloads.http_search), with_edge, expand
+    get = runner.measure(
+        section, f"GET /agents/{{id}} c={c}", runner.http_job(base, workloads.http_get), with_edge, expand
     )
+    judge_cpu_per_request(get, EDGE_GET_CPU_MS, "a get")
+    search = runner.measure(
+        section, f"GET /agents?search=&page_size=10 c={c}", runner.http_job(base, workloads.http_search), with_edge,
+        expand,
+    )  # fmt: skip
+    search.extra["agents_per_answer"] = http_agents_per_answer(base, workloads.http_search)
+    judge_cpu_per_request(search, EDGE_SEARCH_CPU_MS, f"a search ({search.extra['agents_per_answer']:.1f} agents)")
+
+
+def cpu_per_request_ms(figure: Figure, groups: tuple[str, ...] = ("edge", "server", "db")) -> dict[str, float]:
+    """Milliseconds of CPU each group spent per answered request (CPU figures are % of one core)."""
+    if not figure.throughput:
+        return {}
+    per = {g: figure.cpu.get(g, 0.0) / 100 / figure.throughput * 1000 for g in groups}
+    per["total"] = sum(per.values())
+    return per
+
+
+def judge_cpu_per_request(figure: Figure, goal_ms: float, what: str) -> None:
+    per = cpu_per_request_ms(figure)
+    if not per:
+        return
+    figure.extra["cpu_ms_per_request"] = per
+    judge(figure, f"CPU <= {goal_ms} ms/req ({per['total']:.2f})", per["total"] <= goal_ms)
+    figure.note = "CPU per request: " + ", ".join(f"{k} {v:.3f} ms" for k, v in per.items())
+    print(f"    CPU per request for {what}: {figure.note.removeprefix('CPU per request: ')} "
+          f"at {figure.throughput:,.0f} req/s; goal {goal_ms} ms in total: {figure.verdict}", flush=True)  # fmt: skip
+
+
+def http_agents_per_answer(base: str, paths: tuple[str, ...], sample: int = 40) -> float:
+    counts = []
+    for path in paths[:sample]:
+        with urllib.request.urlopen(base + path, timeout=10) as response:  # noqa: S310 - loopback
+            counts.append(len(json.loads(response.read()).get("agents", [])))
+    return sum(counts) / max(len(counts), 1)
 
 
 # The run -----------------------------------------------------------------------------------------------------
