@@ -11,6 +11,7 @@ import sys
 from aiohttp import web
 
 from agentvault.common.logs import configure_logging
+from agentvault.common.server import run_loop
 from agentvault.common.settings import SettingsError
 from agentvault.common.tracing import configure_tracing
 from agentvault_edge.app import create_app
@@ -50,13 +51,7 @@ def main() -> int:
         return 2
     configure_logging("edge", settings.log_level, settings.log_format)
     configure_tracing("edge")
-    app = create_app(settings, services)
-    try:
-        import uvloop
-
-        uvloop.run(serve(settings, app))
-    except ImportError:  # pragma: no cover - uvloop is absent only on Windows
-        asyncio.run(serve(settings, app))
+    run_loop(serve(settings, create_app(settings, services)))
     return 0
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -17,53 +16,32 @@ import grpc
 from aiohttp import WSCloseCode, WSMsgType, web
 from google.protobuf import message
 from google.protobuf.descriptor import ServiceDescriptor
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
 
 from agentvault.common.logs import request_id_var
 from agentvault.common.settings import SettingsError
 from agentvault_edge import errors
+from agentvault_edge.backends import Backends
+from agentvault_edge.forwarding import forwarded_metadata, is_metadata_text
+from agentvault_edge.http_request import HttpRequestParts, build_request
+from agentvault_edge.json_out import dumps, response_to_json
 from agentvault_edge.openapi import build_openapi
+from agentvault_edge.request_body import parse_body, read_body
+from agentvault_edge.responses import error_response, json_response
 from agentvault_edge.routes import Route, RouteTable, build_routes, discover_services
 from agentvault_edge.server import DRAIN_KEY, Drain, EdgeRequestHandler
 from agentvault_edge.settings import EdgeSettings
-from agentvault_edge.transcode import FieldError, HttpRequestParts, build_request, dumps, response_to_json
+from agentvault_edge.transcode import FieldError
 
 log = logging.getLogger(__name__)
 
-# The only request headers forwarded to backends, as lowercase gRPC metadata. Anything else a client sends
-# stays at the edge, so a client cannot forge metadata the services trust (e.g. x-http-method).
-FORWARDED_HEADERS: tuple[str, ...] = (
-    "authorization",
-    "x-request-id",
-    "x-federation-registry",
-    "x-federation-signature",
-    "x-federation-timestamp",
-    "x-federation-nonce",
-    "traceparent",
-    "tracestate",
-)
-SIGNATURE_HEADER = "x-federation-signature"
 REQUEST_ID_HEADER = "X-Request-ID"
 MAX_REQUEST_ID = 128
 MAX_QUERY_FIELDS = 256
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-# What HTTP/2 (and so gRPC's metadata limit) counts for each entry on top of its name and value (RFC 7541).
-METADATA_ENTRY_OVERHEAD = 32
 # How long an EventSource client should wait before reconnecting after the edge closed its stream.
 SSE_RETRY_MS = 1000
 # Seconds a stream waits for its first message before the HTTP response starts without it.
 FIRST_MESSAGE_WAIT = 1.0
-CHANNEL_OPTIONS: list[tuple[str, int]] = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 60_000),
-    # A backend that restarts is back in well under a second; the default backoff (1 s doubling to 120 s)
-    # would keep answering 503 long after it returned.
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2_000),
-]
 
 HTTP_REQUESTS = Counter("http_requests_total", "HTTP requests answered by the edge.", ["method", "route", "code"])
 HTTP_LATENCY = Histogram(
@@ -78,113 +56,10 @@ EDGE_KEY: web.AppKey[Edge] = web.AppKey("edge")
 _route_var: contextvars.ContextVar[str] = contextvars.ContextVar("edge_route", default="unmatched")
 
 
-def json_response(payload: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
-    return web.Response(
-        body=dumps(payload), status=status, content_type="application/json", charset="utf-8", headers=headers
-    )
-
-
-def error_response(exc: errors.EdgeError) -> web.Response:
-    response = json_response(exc.body(), exc.http_status, exc.headers)
-    if exc.close_connection:
-        response.force_close()
-    return response
-
-
-def _is_metadata_text(value: str) -> bool:
-    # gRPC refuses non-printable or non-ASCII values in text metadata; reject them here with a 400.
-    return all(" " <= ch <= "~" for ch in value)
-
-
 def _request_id(header: str | None) -> str:
-    if header and len(header) <= MAX_REQUEST_ID and _is_metadata_text(header) and header.strip():
+    if header and len(header) <= MAX_REQUEST_ID and is_metadata_text(header) and header.strip():
         return header
     return uuid.uuid4().hex
-
-
-class _DuplicateKey(ValueError):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # json.loads keeps the last of duplicate keys silently; which one a client meant is unknowable.
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicateKey(key)
-        result[key] = value
-    return result
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-class Backends:
-    """One grpc.aio channel per backend address, reused, and one multicallable per method."""
-
-    def __init__(self, addresses: Mapping[str, str]) -> None:
-        self._addresses = addresses
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._callables: dict[tuple[str, str], Any] = {}
-
-    def address(self, api: str) -> str:
-        return self._addresses[api]
-
-    def channel(self, address: str) -> grpc.aio.Channel:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-            self._channels[address] = channel
-        return channel
-
-    def _callable(self, route: Route) -> Any:
-        key = (route.api, route.grpc_path)
-        found = self._callables.get(key)
-        if found is None:
-            channel = self.channel(self.address(route.api))
-            factory = channel.unary_stream if route.server_streaming else channel.unary_unary
-            found = factory(
-                route.grpc_path,
-                request_serializer=route.request_class.SerializeToString,
-                response_deserializer=route.response_class.FromString,
-            )
-            self._callables[key] = found
-        return found
-
-    def unary(self, route: Route) -> grpc.aio.UnaryUnaryMultiCallable:
-        return self._callable(route)
-
-    def server_stream(self, route: Route) -> grpc.aio.UnaryStreamMultiCallable:
-        return self._callable(route)
-
-    async def check(self, apis: Sequence[str], deadline: float) -> dict[str, dict[str, str]]:
-        """grpc.health.v1 Check of each distinct backend address behind `apis`."""
-        by_address: dict[str, list[str]] = {}
-        for api in apis:
-            by_address.setdefault(self.address(api), []).append(api)
-
-        async def probe(address: str) -> str:
-            stub = health_pb2_grpc.HealthStub(self.channel(address))
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=deadline)
-            except grpc.aio.AioRpcError as exc:
-                return str(exc.code().name)
-            return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
-
-        statuses = await asyncio.gather(*(probe(address) for address in by_address))
-        return {
-            address: {"status": status, "apis": ",".join(apis)}
-            for (address, apis), status in zip(by_address.items(), statuses, strict=True)
-        }
-
-    async def close(self) -> None:
-        channels, self._channels = list(self._channels.values()), {}
-        self._callables.clear()
-        for channel in channels:
-            await channel.close()
 
 
 class Edge:
@@ -298,8 +173,8 @@ class Edge:
         route = found.route
         _route_var.set(route.template.source)
 
-        raw_body = await self._read_body(request)
-        body = self._parse_body(request, route, raw_body)
+        raw_body = await read_body(request, self.settings.max_body_bytes, self.settings.body_timeout)
+        body = parse_body(request, route, raw_body)
         try:
             query = parse_qsl(
                 request.rel_url.raw_query_string,
@@ -316,7 +191,7 @@ class Edge:
             )
         except FieldError as exc:
             raise errors.bad_request(exc.field, exc.description) from None
-        metadata = self._metadata(request, raw_body)
+        metadata = forwarded_metadata(request, raw_body, self.settings.max_forwarded_header_bytes)
         if route.server_streaming:
             return await self._stream(request, route, msg, metadata)
         try:
@@ -324,73 +199,6 @@ class Edge:
         except grpc.aio.AioRpcError as exc:
             raise errors.from_rpc_error(exc, route.service.full_name) from None
         return json_response(response_to_json(reply, route.response_body))
-
-    async def _read_body(self, request: web.Request) -> bytes:
-        limit = self.settings.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise errors.body_too_large(limit)
-        chunks: list[bytes] = []
-        size = 0
-        # Read in pieces rather than request.read(): a chunked body has no Content-Length to check first.
-        # The whole body within one deadline: a client trickling bytes cannot hold a connection and a task.
-        try:
-            async with asyncio.timeout(self.settings.body_timeout):
-                while True:
-                    chunk = await request.content.readany()
-                    if not chunk:
-                        break
-                    size += len(chunk)
-                    if size > limit:
-                        raise errors.body_too_large(limit)
-                    chunks.append(chunk)
-        except TimeoutError:
-            raise errors.body_timeout(self.settings.body_timeout) from None
-        return b"".join(chunks)
-
-    def _parse_body(self, request: web.Request, route: Route, raw: bytes) -> Any:
-        if not raw.strip():
-            return None
-        if not route.body:
-            raise errors.bad_request("", f"{route.http_method} {route.template.source} takes no request body")
-        content_type = request.headers.get("Content-Type")
-        if content_type:
-            mime = content_type.split(";", 1)[0].strip().lower()
-            if mime != "application/json" and not mime.endswith("+json"):
-                raise errors.unsupported_media_type(mime)
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise errors.bad_request("", "the request body is not valid UTF-8") from None
-        try:
-            return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_object_without_duplicates)
-        except _DuplicateKey as exc:
-            raise errors.bad_request(exc.key, "appears twice in the same JSON object") from None
-        except RecursionError:
-            raise errors.bad_request("", "malformed JSON: nested too deeply") from None
-        except ValueError as exc:
-            raise errors.bad_request("", f"malformed JSON: {exc}") from None
-
-    def _metadata(self, request: web.Request, raw_body: bytes) -> list[tuple[str, str | bytes]]:
-        metadata: list[tuple[str, str | bytes]] = [("x-request-id", request_id_var.get())]
-        for name in FORWARDED_HEADERS:
-            if name == "x-request-id":
-                continue
-            for value in request.headers.getall(name, ()):
-                if not _is_metadata_text(value):
-                    raise errors.bad_request(name, "header value must be printable ASCII")
-                metadata.append((name, value))
-        if SIGNATURE_HEADER in request.headers:
-            # The backend verifies the HMAC over exactly what the client signed: method, path as sent, body.
-            metadata.append(("x-http-method", request.method))
-            metadata.append(("x-http-path", request.raw_path))
-            metadata.append(("x-http-body-bin", raw_body))
-        size = sum(len(key) + len(value) + METADATA_ENTRY_OVERHEAD for key, value in metadata)
-        limit = self.settings.max_forwarded_header_bytes
-        if size > limit:
-            # Past gRPC's own limit the backend would refuse the call with its internals in the text.
-            signed = " (a signed request's body counts too)" if SIGNATURE_HEADER in request.headers else ""
-            raise errors.headers_too_large(f"the forwarded headers take {size} bytes, more than {limit}{signed}")
-        return metadata
 
     # ------------------------------------------------------------------------------- streaming
 

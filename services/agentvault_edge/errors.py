@@ -11,7 +11,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from agentvault.common.errors import DOMAIN
-from agentvault_edge.transcode import any_to_json, message_to_json
+from agentvault_edge.json_out import any_to_json, message_to_json
 
 log = logging.getLogger(__name__)
 

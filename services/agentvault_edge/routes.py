@@ -16,7 +16,8 @@ from google.api import annotations_pb2, http_pb2
 from google.protobuf import message, message_factory
 from google.protobuf.descriptor import Descriptor, MethodDescriptor, ServiceDescriptor
 
-from agentvault_edge.transcode import FieldError, resolve_field_path
+from agentvault_edge.http_request import resolve_field_path
+from agentvault_edge.transcode import FieldError
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from agentvault_edge import errors
+from agentvault_edge.json_out import dumps
 from agentvault_edge.settings import EdgeSettings
-from agentvault_edge.transcode import dumps
 
 log = logging.getLogger(__name__)
 

@@ -59,6 +59,14 @@ async def test_server_stream_as_websocket(http: aiohttp.ClientSession, recorder:
     assert recorder.last("Watch").request.name == "ws-topic"
 
 
+async def _started(recorder: Recorder, name: str) -> bool:
+    for _ in range(100):
+        if any(call.method == "Watch" and call.request.name == name for call in recorder.calls):  # type: ignore[attr-defined]
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
 async def _ended(recorder: Recorder, name: str) -> bool:
     for _ in range(100):
         if name in recorder.ended_streams:
@@ -93,7 +101,8 @@ async def test_stream_with_no_first_message_still_starts(http: aiohttp.ClientSes
         assert await asyncio.wait_for(resp.content.readuntil(b": keepalive\n\n"), 5)
     assert await _ended(recorder, "silent")
     async with http.ws_connect("/api/v1/test/watch/silent-ws?flag=true") as ws:
-        await asyncio.sleep(0.2)
+        # The backend stream started although it has sent nothing, and the socket stays open meanwhile.
+        assert await _started(recorder, "silent-ws")
         assert not ws.closed
     assert await _ended(recorder, "silent-ws")
     async with http.get("/healthz") as resp:

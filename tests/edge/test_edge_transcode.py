@@ -10,19 +10,11 @@ from google.rpc import error_details_pb2
 
 from agentvault.common.settings import Env
 from agentvault.registry.v1 import registry_service_pb2 as pb
+from agentvault_edge.http_request import HttpRequestParts, build_request
+from agentvault_edge.json_in import json_to_message, parse_field_mask
+from agentvault_edge.json_out import any_to_json, message_to_json, response_to_json
 from agentvault_edge.settings import EdgeSettings
-from agentvault_edge.transcode import (
-    FieldError,
-    HttpRequestParts,
-    any_to_json,
-    build_request,
-    enum_words,
-    json_to_message,
-    message_to_json,
-    parse_field_mask,
-    response_to_json,
-    upper_snake,
-)
+from agentvault_edge.transcode import FieldError
 
 from .testproto import message_class
 
@@ -34,26 +26,22 @@ def _probe(query: list[tuple[str, str]] | None = None, body: Any = None, body_fi
     return build_request(Probe, body_field, parts)
 
 
-@pytest.mark.parametrize(
-    ("name", "expected"),
-    [
-        ("Sharing", "SHARING"),
-        ("CapabilityKind", "CAPABILITY_KIND"),
-        ("HTTPMethod", "HTTP_METHOD"),
-        ("A2AThing", "A2A_THING"),
-    ],
-)
-def test_upper_snake(name: str, expected: str) -> None:
-    assert upper_snake(name) == expected
+def test_enums_print_as_the_shared_words_without_the_type_prefix() -> None:
+    # The words come from agentvault.common.enums (tests/common/test_enums.py); this checks the edge uses them.
+    agent = pb.Agent(sharing=pb.SHARING_FEDERATED, health_status=pb.HEALTH_STATUS_HEALTHY)
+    agent.capabilities.add(kind=pb.CAPABILITY_KIND_SKILL)
+    agent.endpoints.add(protocol=pb.PROTOCOL_A2A)
+    out = message_to_json(agent)
+    assert (out["sharing"], out["health_status"]) == ("federated", "healthy")
+    assert out["capabilities"][0]["kind"] == "skill" and out["endpoints"][0]["protocol"] == "a2a"
+    assert message_to_json(pb.Agent())["sharing"] == "unspecified"
 
 
-def test_enum_words_strip_the_type_prefix() -> None:
-    assert enum_words(pb.Sharing.DESCRIPTOR).to_word[pb.SHARING_FEDERATED] == "federated"
-    assert enum_words(pb.CapabilityKind.DESCRIPTOR).to_word[pb.CAPABILITY_KIND_SKILL] == "skill"
-    assert enum_words(pb.Protocol.DESCRIPTOR).to_word[pb.PROTOCOL_HTTP] == "http"
-    assert enum_words(pb.HealthStatus.DESCRIPTOR).to_word[pb.HEALTH_STATUS_HEALTHY] == "healthy"
-    assert enum_words(pb.Sharing.DESCRIPTOR).to_word[0] == "unspecified"
-    assert enum_words(pb.Protocol.DESCRIPTOR).words == ("unspecified", "http", "websocket", "grpc", "a2a", "mcp")
+@pytest.mark.parametrize("text", ["unspecified", "SHARING_UNSPECIFIED"])
+def test_enum_input_still_accepts_the_zero_value(text: str) -> None:
+    msg = pb.ListAgentsRequest(sharing=pb.SHARING_LOCAL)
+    json_to_message({"sharing": text}, msg)
+    assert msg.sharing == 0
 
 
 @pytest.mark.parametrize("text", ["federated", "FEDERATED", "Federated", "SHARING_FEDERATED", "sharing_federated"])
@@ -63,12 +51,12 @@ def test_enum_input_accepts_word_or_full_name_in_any_case(text: str) -> None:
     assert msg.sharing == pb.SHARING_FEDERATED
 
 
-@pytest.mark.parametrize("value", ["public", "SHARING_", "", 3, True, "federatedx", ["local"]])
+@pytest.mark.parametrize("value", ["public", "SHARING_", "", 3, True, "federatedx", ["local"], " local"])
 def test_bad_enum_names_the_field_and_the_allowed_words(value: Any) -> None:
     with pytest.raises(FieldError) as caught:
         json_to_message({"agent": {"sharing": value}}, pb.CreateAgentRequest())
     assert caught.value.field == "agent.sharing"
-    assert "private, local, federated" in caught.value.description
+    assert "must be one of private, local, federated;" in caught.value.description
 
 
 def test_every_field_is_printed_with_snake_case_names_and_defaults() -> None:
@@ -207,7 +195,7 @@ def test_query_parameters_convert_per_field_type() -> None:
         ([("small", "ten")], "small", "integer"),
         ([("small", "99999999999")], "small", "2147483647"),
         ([("flag", "yes")], "flag", "true or false"),
-        ([("color", "purple")], "color", "unspecified, red, deep_blue"),
+        ([("color", "purple")], "color", "must be one of red, deep_blue; got"),
         ([("name", "a"), ("name", "b")], "name", "more than once"),
         ([("inner", "x")], "inner", "is a message"),
         ([("counts", "x")], "counts", "cannot be set"),
@@ -282,3 +270,91 @@ def test_settings_defaults_and_backend_addresses() -> None:
     with pytest.raises(SettingsError, match="PAYMENTS_ADDR"):
         EdgeSettings.load(["payments"], Env({}))
     assert EdgeSettings.load(["payments"], Env({"PAYMENTS_ADDR": "pay:9"})).backends["payments"] == "pay:9"
+
+
+def _node_class() -> Any:
+    """A message that contains itself, with a proto3 optional, a wrapper and a bool-keyed map, in its own pool."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, wrappers_pb2
+
+    f_ = descriptor_pb2.FieldDescriptorProto
+    pool = descriptor_pool.DescriptorPool()
+    pool.AddSerializedFile(wrappers_pb2.DESCRIPTOR.serialized_pb)
+    file = descriptor_pb2.FileDescriptorProto(
+        name="edgetest/node.proto",
+        package="edgetest.node",
+        syntax="proto3",
+        dependency=["google/protobuf/wrappers.proto"],
+    )
+    node = file.message_type.add(name="Node")
+    entry = node.nested_type.add(name="FlagsEntry")
+    entry.options.map_entry = True
+    entry.field.add(name="key", number=1, type=f_.TYPE_BOOL, label=f_.LABEL_OPTIONAL)
+    entry.field.add(name="value", number=2, type=f_.TYPE_BYTES, label=f_.LABEL_OPTIONAL)
+    node.field.add(name="name", number=1, type=f_.TYPE_STRING, label=f_.LABEL_OPTIONAL)
+    node.field.add(
+        name="children", number=2, type=f_.TYPE_MESSAGE, label=f_.LABEL_REPEATED, type_name=".edgetest.node.Node"
+    )
+    node.field.add(
+        name="parent", number=3, type=f_.TYPE_MESSAGE, label=f_.LABEL_OPTIONAL, type_name=".edgetest.node.Node"
+    )
+    node.field.add(
+        name="depth", number=4, type=f_.TYPE_INT32, label=f_.LABEL_OPTIONAL, proto3_optional=True, oneof_index=0
+    )
+    node.oneof_decl.add(name="_depth")
+    node.field.add(
+        name="weight", number=5, type=f_.TYPE_MESSAGE, label=f_.LABEL_OPTIONAL, type_name=".google.protobuf.FloatValue"
+    )
+    node.field.add(
+        name="flags",
+        number=6,
+        type=f_.TYPE_MESSAGE,
+        label=f_.LABEL_REPEATED,
+        type_name=".edgetest.node.Node.FlagsEntry",
+    )
+    pool.Add(file)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("edgetest.node.Node"))
+
+
+def test_a_message_that_contains_itself_optionals_wrappers_and_bool_keys() -> None:
+    # The encoders are built once per message type; a type met again while its own is being built must still work.
+    node_class = _node_class()
+    root = node_class(name="root", depth=0)
+    child = root.children.add(name="child")
+    child.parent.name = "root"
+    child.weight.value = 0.1
+    child.flags[True] = b"\x01"
+    child.flags[False] = b""
+    assert message_to_json(root) == {
+        "name": "root",
+        "children": [
+            {
+                "name": "child",
+                "children": [],
+                "parent": {"name": "root", "children": [], "parent": None, "depth": None, "weight": None, "flags": {}},
+                "depth": None,  # a proto3 optional that is not set is null, one set to 0 is 0
+                "weight": 0.1,
+                "flags": {"false": "", "true": "AQ=="},
+            }
+        ],
+        "parent": None,
+        "depth": 0,
+        "weight": None,
+        "flags": {},
+    }
+    assert response_to_json(root, "children") == [message_to_json(child)]
+    assert response_to_json(root, "depth") == 0 and response_to_json(child, "depth") is None
+
+
+@pytest.mark.parametrize(
+    ("seconds", "nanos", "expected"),
+    [
+        (1706702400, 5_000_000, "2024-01-31T12:00:00.005Z"),
+        (-1, 1, "1969-12-31T23:59:59.000000001Z"),
+        (-62_135_596_801, 0, None),  # before year 1: no RFC 3339 text, null rather than a 500
+        (0, 1_000_000_000, None),
+    ],
+)
+def test_timestamps_print_as_rfc3339_or_null_when_out_of_range(seconds: int, nanos: int, expected: str | None) -> None:
+    key = pb.ApiKey()
+    key.create_time.seconds, key.create_time.nanos = seconds, nanos
+    assert message_to_json(key)["create_time"] == expected
