@@ -17,6 +17,9 @@ PROTOS = ROOT / "protos"
 OUT = ROOT / "libs"
 DEPS = ROOT / ".build" / "protodeps"
 GOOGLE_API_FILES = ("annotations.proto", "http.proto", "field_behavior.proto")
+# Our protos as a FileDescriptorSet with their comments (the *_pb2 modules carry none): the edge's OpenAPI
+# document takes its descriptions from it.
+SOURCE_INFO = Path("agentvault/common/protos.binpb")
 
 
 def copy_google_api() -> None:
@@ -29,15 +32,17 @@ def copy_google_api() -> None:
 
 
 def generated_files(root: Path) -> set[Path]:
-    return {
+    found = {
         p.relative_to(root)
         for p in root.glob("agentvault/*/v1/*")
         if p.name.endswith(("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi"))
     }
+    return found | ({SOURCE_INFO} if (root / SOURCE_INFO).exists() else set())
 
 
 def generate(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    (out / SOURCE_INFO).parent.mkdir(parents=True, exist_ok=True)
     protos = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
     cmd = [
         sys.executable,
@@ -51,6 +56,8 @@ def generate(out: Path) -> None:
         "--mypy_grpc_opt=quiet",
         f"--mypy_out={out}",
         f"--mypy_grpc_out={out}",
+        f"--descriptor_set_out={out / SOURCE_INFO}",
+        "--include_source_info",
         *protos,
     ]
     bindir = Path(sys.executable).parent

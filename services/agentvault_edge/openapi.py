@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from google.api import field_behavior_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
+from agentvault.common.enums import enum_words
+from agentvault_edge.openapi_rules import AGENT_EXAMPLE, REGISTRY, constraints, endpoint_variants
+from agentvault_edge.proto_comments import comments, field_description
 from agentvault_edge.routes import Route, RouteTable
 from agentvault_edge.transcode import (
     ANY,
@@ -22,55 +26,102 @@ from agentvault_edge.transcode import (
     WELL_KNOWN,
     WRAPPERS,
     enum_type,
-    enum_words,
     is_map,
     message_type,
 )
 
 _T = FieldDescriptor
+_B = field_behavior_pb2
 _OPENAPI_METHODS = frozenset({"get", "put", "post", "delete", "patch", "head", "options", "trace"})
 _QUERY_DEPTH = 3
 _ERROR_REF = {"$ref": "#/components/schemas/Error"}
+
+
+def nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    if schema.get("anyOf") and {"type": "null"} in schema["anyOf"]:
+        return schema
+    extra: dict[str, Any] = {k: schema[k] for k in ("readOnly", "writeOnly", "description") if k in schema}
+    inner = {k: v for k, v in schema.items() if k not in extra}
+    return {"anyOf": [inner, {"type": "null"}], **extra}
 
 
 def _ref(name: str) -> dict[str, Any]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
+def _behaviors(fd: FieldDescriptor) -> set[int]:
+    return set(fd.GetOptions().Extensions[_B.field_behavior])
+
+
+# Suffix of the request form of a message's schema; lowercase, so it cannot be a nested message's name.
+INPUT_SUFFIX = ".input"
+
+
 class _SchemaBuilder:
-    """Builds components/schemas on demand, one per message type reached from a route."""
+    """Builds components/schemas on demand, one per message type reached from a route, in the form requests take
+    (`request`: every optional field may also be null, which proto3 JSON reads as unset) or responses take."""
 
-    def __init__(self) -> None:
-        self.schemas: dict[str, Any] = {}
+    def __init__(self, schemas: dict[str, Any], *, request: bool) -> None:
+        self.schemas = schemas
+        self.request = request
+        self.rules = constraints()
 
-    def message(self, desc: Descriptor) -> dict[str, Any]:
+    def message(self, desc: Descriptor, excluded: frozenset[str] = frozenset()) -> dict[str, Any]:
+        """A $ref to the message's schema; inline, without them, when fields are `excluded` (bound by the path)."""
         if desc.full_name in WELL_KNOWN:
             return self._well_known(desc)
-        name = desc.full_name
+        name = desc.full_name + (INPUT_SUFFIX if self.request else "")
+        if excluded:
+            return self._object(desc, excluded)
         if name not in self.schemas:
             self.schemas[name] = {}  # reserved first, so recursive messages terminate
-            properties: dict[str, Any] = {}
-            required: list[str] = []
-            for fd in desc.fields:
-                schema = self.field(fd)
-                behaviors = set(fd.GetOptions().Extensions[field_behavior_pb2.field_behavior])
-                if field_behavior_pb2.OUTPUT_ONLY in behaviors:
-                    schema = {**schema, "readOnly": True}
-                if field_behavior_pb2.REQUIRED in behaviors:
-                    required.append(fd.name)
-                properties[fd.name] = schema
-            schema_obj: dict[str, Any] = {"type": "object", "properties": properties}
-            if required:
-                schema_obj["required"] = required
-            self.schemas[name] = schema_obj
+            self.schemas[name] = self._object(desc, excluded)
         return _ref(name)
 
+    def _object(self, desc: Descriptor, excluded: frozenset[str]) -> dict[str, Any]:
+        properties: dict[str, Any] = {}
+        required: list[str] = []
+        for fd in desc.fields:
+            if fd.name in excluded:
+                continue
+            schema = self.field(fd)
+            text = field_description(fd)
+            if text:
+                schema = {**schema, "description": text}
+            behaviors = _behaviors(fd)
+            if _B.OUTPUT_ONLY in behaviors:
+                schema = {**schema, "readOnly": True}
+            if _B.INPUT_ONLY in behaviors:
+                schema = {**schema, "writeOnly": True}
+            if _B.REQUIRED in behaviors:
+                required.append(fd.name)
+            elif self.request:
+                # proto3 JSON: null sets a field to its default, which is what leaving it out does.
+                schema = nullable(schema)
+            properties[fd.name] = schema
+        # The edge refuses fields the message does not have.
+        schema_obj: dict[str, Any] = {"type": "object", "properties": properties, "additionalProperties": False}
+        if required:
+            schema_obj["required"] = required
+        if desc.full_name == REGISTRY + "Endpoint":
+            schema_obj["anyOf"] = endpoint_variants()
+        if desc.full_name == REGISTRY + "Agent":
+            schema_obj["examples"] = [AGENT_EXAMPLE]
+        text = comments().get(desc.full_name, "")
+        if desc.full_name == REGISTRY + "Agent" or desc.full_name == REGISTRY + "Capability":
+            text = f"{text} Capabilities must be unique by (kind, name) within an agent.".strip()
+        if text:
+            schema_obj["description"] = text
+        return schema_obj
+
     def field(self, fd: FieldDescriptor) -> dict[str, Any]:
+        key = (fd.full_name.rsplit(".", 1)[0], fd.name)
         if is_map(fd):
             return {"type": "object", "additionalProperties": self.value(message_type(fd).fields_by_name["value"])}
         if fd.is_repeated:
-            return {"type": "array", "items": self.value(fd)}
-        schema = self.value(fd)
+            items = {**self.value(fd), **self.rules.get((key[0], key[1] + "[]"), {})}
+            return {"type": "array", "items": items, **self.rules.get(key, {})}
+        schema = {**self.value(fd), **self.rules.get(key, {})}
         if fd.has_presence:
             # The edge prints unset message fields and unset optionals as null.
             return {"anyOf": [schema, {"type": "null"}]}
@@ -112,7 +163,12 @@ class _SchemaBuilder:
 def scalar_schema(fd: FieldDescriptor) -> dict[str, Any]:
     kind = fd.type
     if kind == _T.TYPE_ENUM:
-        return {"type": "string", "enum": list(enum_words(enum_type(fd)).words)}
+        words = enum_words(enum_type(fd))
+        choices = list(words.words)
+        if _B.REQUIRED not in _behaviors(fd):
+            # The zero value means "not set" and is printed as its word; a request may send it too.
+            choices.append(words.to_word[0])
+        return {"type": "string", "enum": choices}
     if kind in INT_RANGES:
         low, high = INT_RANGES[kind]
         wide = high > 2**32
@@ -153,13 +209,32 @@ def _query_fields(
     return found
 
 
-def _operation(route: Route, builder: _SchemaBuilder) -> dict[str, Any]:
+def _body_required(route: Route) -> bool:
+    """Whether the request cannot be valid without a body: only when the body holds a REQUIRED field.
+
+    An empty body is an empty message (google.api.http), so e.g. `POST /api/v1/api-keys/{id}:revoke`, whose
+    only field is bound by the path, is complete without one."""
+    desc = route.method.input_type
+    bound = {v.field_path.split(".")[0] for v in route.template.variables if "." not in v.field_path}
+    if route.body == "*":
+        return any(_B.REQUIRED in _behaviors(fd) for fd in desc.fields if fd.name not in bound)
+    return _B.REQUIRED in _behaviors(desc.fields_by_name[route.body])
+
+
+def _operation(route: Route, inputs: _SchemaBuilder, outputs: _SchemaBuilder, names: list[str]) -> dict[str, Any]:
+    """One operation; `names` are the document's names for the path variables, in order (see build_openapi)."""
     desc = route.method.input_type
     bound = {v.field_path for v in route.template.variables}
     parameters: list[dict[str, Any]] = []
-    for var in route.template.variables:
+    for var, name in zip(route.template.variables, names, strict=True):
         leaf = _leaf(desc, var.field_path)
-        parameters.append({"name": var.field_path, "in": "path", "required": True, "schema": builder.value(leaf)})
+        parameter: dict[str, Any] = {"name": name, "in": "path", "required": True, "schema": inputs.field(leaf)}
+        text = field_description(leaf)
+        if name != var.field_path:
+            text = f"Sets the request's {var.field_path}. {text}".strip()
+        if text:
+            parameter["description"] = text
+        parameters.append(parameter)
     if route.body != "*":
         excluded = set(bound)
         if route.body:
@@ -167,13 +242,19 @@ def _operation(route: Route, builder: _SchemaBuilder) -> dict[str, Any]:
         for name, fd in _query_fields(desc, "", excluded, 0, frozenset({desc.full_name})):
             if any(name.startswith(p + ".") for p in bound):
                 continue
-            schema = {"type": "array", "items": builder.value(fd)} if fd.is_repeated else builder.value(fd)
-            parameters.append({"name": name, "in": "query", "required": False, "schema": schema})
+            schema = inputs.field(fd)
+            if fd.has_presence and "anyOf" in schema:
+                schema = schema["anyOf"][0]  # a query string has no null: leaving it out is unset
+            parameter = {"name": name, "in": "query", "required": False, "schema": schema}
+            text = field_description(fd)
+            if text:
+                parameter["description"] = text
+            parameters.append(parameter)
 
     if route.response_body:
-        response_schema = builder.field(route.method.output_type.fields_by_name[route.response_body])
+        response_schema = outputs.field(route.method.output_type.fields_by_name[route.response_body])
     else:
-        response_schema = builder.message(route.method.output_type)
+        response_schema = outputs.message(route.method.output_type)
     media = "text/event-stream" if route.server_streaming else "application/json"
     ok_description = "A stream of messages, one JSON object per event." if route.server_streaming else "OK"
     operation: dict[str, Any] = {
@@ -187,12 +268,27 @@ def _operation(route: Route, builder: _SchemaBuilder) -> dict[str, Any]:
         },
     }
     if route.body:
-        body_schema = builder.message(desc) if route.body == "*" else builder.field(desc.fields_by_name[route.body])
-        operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": body_schema}}}
+        required = _body_required(route)
+        if route.body == "*":
+            top = frozenset(v.field_path for v in route.template.variables if "." not in v.field_path)
+            body_schema = inputs.message(desc, top)
+        else:
+            body_fd = desc.fields_by_name[route.body]
+            # A PATCH body is the whole message too: which of its fields a PATCH needs depends on update_mask,
+            # which JSON Schema cannot relate to the body; the required ones are what a caller can always send.
+            body_schema = inputs.value(body_fd) if body_fd.type == _T.TYPE_MESSAGE else inputs.field(body_fd)
+        if not required:
+            # A JSON null body is read as no body: an empty message.
+            body_schema = nullable(body_schema)
+        operation["requestBody"] = {
+            "required": required,
+            "content": {"application/json": {"schema": body_schema}},
+        }
+    text = comments().get(route.method.full_name, "")
     if route.http_method == "PATCH" and "update_mask" in desc.fields_by_name:
-        operation["description"] = (
-            "Without an update_mask query parameter, the mask is the top-level fields of the JSON body."
-        )
+        text += " Without an update_mask query parameter, the mask is the top-level fields of the JSON body."
+    if text.strip():
+        operation["description"] = text.strip()
     return operation
 
 
@@ -230,15 +326,48 @@ def _error_schema() -> dict[str, Any]:
     }
 
 
+_VARIABLE = re.compile(r"\{[^}]*\}")
+
+
+def normalized_path(path: str) -> str:
+    """The path with every variable written `{}`: two templates that normalize alike are one path to OpenAPI."""
+    return _VARIABLE.sub("{}", path)
+
+
+def _variable_names(table: RouteTable) -> dict[str, list[str]]:
+    """One name per variable position for each normalized path: GET /agents/{id} and PATCH /agents/{agent.id}
+    are one OpenAPI path, so both are written with one name (the plainest: fewest dots, then shortest)."""
+    candidates: dict[str, list[list[str]]] = {}
+    for route in table.routes:
+        key = normalized_path(route.template.openapi_path)
+        per_position = candidates.setdefault(key, [[] for _ in route.template.variables])
+        for position, var in enumerate(route.template.variables):
+            per_position[position].append(var.field_path)
+    return {
+        key: [min(names, key=lambda n: (n.count("."), len(n), n)) for names in positions]
+        for key, positions in candidates.items()
+    }
+
+
+def _named(path: str, names: list[str]) -> str:
+    chosen = iter(names)
+    return _VARIABLE.sub(lambda _: "{" + next(chosen) + "}", path)
+
+
 def build_openapi(table: RouteTable, title: str = "AgentVault Mesh", version: str = "v1") -> dict[str, Any]:
-    builder = _SchemaBuilder()
+    schemas: dict[str, Any] = {}
+    inputs, outputs = _SchemaBuilder(schemas, request=True), _SchemaBuilder(schemas, request=False)
     paths: dict[str, dict[str, Any]] = {}
+    names = _variable_names(table)
     for route in table.routes:
         verb = route.http_method.lower()
         if verb not in _OPENAPI_METHODS:
             continue
-        paths.setdefault(route.template.openapi_path, {})[verb] = _operation(route, builder)
-    schemas = dict(sorted(builder.schemas.items()))
+        chosen = names[normalized_path(route.template.openapi_path)]
+        paths.setdefault(_named(route.template.openapi_path, chosen), {})[verb] = _operation(
+            route, inputs, outputs, chosen
+        )
+    schemas = dict(sorted(schemas.items()))
     schemas["Error"] = _error_schema()
     return {
         "openapi": "3.1.0",

@@ -190,7 +190,7 @@ async def test_bad_enum_is_400_listing_the_words(http: aiohttp.ClientSession) ->
         assert resp.status == 400
         violation = _violation(_assert_error(await resp.json(), 400, "INVALID_ARGUMENT"))
     assert violation["field"] == "agent.sharing"
-    assert "unspecified, private, local, federated" in violation["description"]
+    assert "must be one of private, local, federated;" in violation["description"]
     async with http.get("/api/v1/agents", params={"capability_kind": "weapon"}) as resp:
         assert resp.status == 400
         assert "tool, skill, model" in (await resp.json())["error"]["message"]
@@ -413,21 +413,34 @@ async def test_openapi_document(http: aiohttp.ClientSession) -> None:
     agents = doc["paths"]["/api/v1/agents"]
     assert set(agents) == {"get", "post"}
     query = {p["name"]: p for p in agents["get"]["parameters"]}
-    assert query["sharing"]["schema"]["enum"] == ["unspecified", "private", "local", "federated"]
+    assert query["sharing"]["schema"]["enum"] == ["private", "local", "federated", "unspecified"]
     assert query["page_size"]["in"] == "query"
-    assert set(doc["paths"]["/api/v1/agents/{agent.id}"]) == {"patch", "put"}
+    # One template per path: PATCH and PUT bind {agent.id} but are documented under the same {id} as GET.
+    assert set(doc["paths"]["/api/v1/agents/{id}"]) == {"get", "patch", "put", "delete"}
     assert doc["paths"]["/api/v1/agents/{id}"]["get"]["parameters"][0] == {
         "name": "id",
         "in": "path",
         "required": True,
-        "schema": {"type": "string"},
+        "schema": {"type": "string", "format": "uuid"},
+        "description": "The agent's UUID.",  # the proto comment
     }
     assert "/api/v1/api-keys/{id}:revoke" in doc["paths"]
     agent = doc["components"]["schemas"]["agentvault.registry.v1.Agent"]
-    assert agent["properties"]["sharing"]["enum"] == ["unspecified", "private", "local", "federated"]
+    sharing = agent["properties"]["sharing"]  # nullable in responses: the enum is the first of anyOf
+    assert sharing.get("enum", sharing.get("anyOf", [{}])[0].get("enum")) == [
+        "private",
+        "local",
+        "federated",
+        "unspecified",
+    ]
     assert agent["properties"]["id"]["readOnly"] is True
     assert "name" in agent["required"]
     health = doc["components"]["schemas"]["agentvault.registry.v1.GetHealthResponse"]
-    assert health["properties"]["agent_count"] == {"type": "integer", "format": "int64"}
+    assert health["properties"]["agent_count"] == {
+        "type": "integer",
+        "format": "int64",
+        "description": "Number of agents registered.",
+    }
     body = doc["paths"]["/api/v1/agents"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert body["anyOf"][0] == {"$ref": "#/components/schemas/agentvault.registry.v1.Agent"}
+    # The request form of Agent (optional fields may be null); the body is required, so not null itself.
+    assert body == {"$ref": "#/components/schemas/agentvault.registry.v1.Agent.input"}

@@ -123,8 +123,11 @@ class Violations:
 
 # Exactly the Unicode categories Cc (C0 and C1 controls) and Cs (surrogates); a character class is ~100x
 # faster than asking unicodedata.category of every character, and every write and peer answer passes here.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
-_CONTROL_BUT_WHITESPACE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+# The class bodies are public (as regex escapes) so that the OpenAPI document states exactly these rules.
+CONTROL_CHARS = r"\x00-\x1f\x7f-\x9f"
+CONTROL_CHARS_BUT_WHITESPACE = r"\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f"
+_CONTROL = re.compile(f"[{CONTROL_CHARS}\ud800-\udfff]")
+_CONTROL_BUT_WHITESPACE = re.compile(f"[{CONTROL_CHARS_BUT_WHITESPACE}\ud800-\udfff]")
 
 
 def _has_control(text: str, allow_newlines: bool = False) -> bool:
@@ -143,7 +146,8 @@ def check_text(
 
 
 def check_pattern(v: Violations, path: str, value: str, pattern: re.Pattern[str], what: str) -> None:
-    if not pattern.match(value):
+    # fullmatch: `$` alone would also accept the value followed by one newline.
+    if not pattern.fullmatch(value):
         v.add(path, f"must be {what} (got {value[:80]!r})")
 
 

@@ -47,14 +47,15 @@ class Version:
 
 def parse_version(text: str) -> Version:
     """Parses a full semantic version; raises ValueError when it is not one."""
-    match = SEMVER.match(text)
+    match = SEMVER.fullmatch(text)
     if not match:
         raise ValueError(f"{text!r} is not a semantic version (MAJOR.MINOR.PATCH[-pre][+build])")
     return Version(int(match.group(1)), int(match.group(2)), int(match.group(3)), match.group(4) or "")
 
 
 def is_semver(text: str) -> bool:
-    return SEMVER.match(text) is not None
+    # fullmatch: `$` alone would also accept a trailing newline.
+    return SEMVER.fullmatch(text) is not None
 
 
 @dataclass(frozen=True)

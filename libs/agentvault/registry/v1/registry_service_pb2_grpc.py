@@ -170,7 +170,7 @@ class RegistryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RevokeApiKey(self, request, context):
-        """RevokeApiKey revokes a credential at once. Admin only.
+        """RevokeApiKey revokes a credential at once. Admin only. The id is the whole request: the body may be empty.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -59,7 +59,7 @@ class RegistryServiceStub:
     ListApiKeys: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ListApiKeysRequest, _registry_service_pb2.ListApiKeysResponse]
     """ListApiKeys lists issued credentials without their secrets. Admin only."""
     RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.RevokeApiKeyRequest, _registry_service_pb2.ApiKey]
-    """RevokeApiKey revokes a credential at once. Admin only."""
+    """RevokeApiKey revokes a credential at once. Admin only. The id is the whole request: the body may be empty."""
 
 @_typing.type_check_only
 class RegistryServiceAsyncStub(RegistryServiceStub):
@@ -91,7 +91,7 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     ListApiKeys: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ListApiKeysRequest, _registry_service_pb2.ListApiKeysResponse]  # type: ignore[assignment]
     """ListApiKeys lists issued credentials without their secrets. Admin only."""
     RevokeApiKey: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.RevokeApiKeyRequest, _registry_service_pb2.ApiKey]  # type: ignore[assignment]
-    """RevokeApiKey revokes a credential at once. Admin only."""
+    """RevokeApiKey revokes a credential at once. Admin only. The id is the whole request: the body may be empty."""
 
 class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     """RegistryService stores the agents registered in this mesh and the credentials that may change them."""
@@ -186,6 +186,6 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_service_pb2.RevokeApiKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_registry_service_pb2.ApiKey, _abc.Awaitable[_registry_service_pb2.ApiKey]]:
-        """RevokeApiKey revokes a credential at once. Admin only."""
+        """RevokeApiKey revokes a credential at once. Admin only. The id is the whole request: the body may be empty."""
 
 def add_RegistryServiceServicer_to_server(servicer: RegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,169 @@
+"""What the services enforce on each request field, as JSON Schema keywords for the OpenAPI document.
+
+Stated from the rules themselves (agentvault.common.agents and .versions), so that the document cannot drift from
+them. Fields without an entry carry only what their proto type says.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from agentvault.common import agents as rules
+from agentvault.common import versions
+
+# Characters str.isspace() counts that are not control characters (those are refused anyway): what str.strip()
+# removes from a required text, spelled out because a fuzzer may read `\s` as ASCII only.
+SPACES = r" \xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+# Python's `$` also matches before a final newline, ECMA-262's does not; Python-based fuzzers read the
+# patterns with Python's re, so every pattern ends with this, which means the same in both.
+_END = r"$(?!\n)"
+_PORT = r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
+_UUID = {"type": "string", "format": "uuid"}
+# The registry's check on API key and federation credential ids (the visible part of a token).
+_KEY_ID = {"minLength": 1, "maxLength": 32}
+REGISTRY = "agentvault.registry.v1."
+_FED = "agentvault.federation.v1."
+_DISC = "agentvault.discovery.v1."
+_HEALTH = "agentvault.healthmonitor.v1."
+
+
+def _inner(pattern: re.Pattern[str] | str) -> str:
+    text = pattern.pattern if isinstance(pattern, re.Pattern) else pattern
+    if not (text.startswith("^") and text.endswith("$")):
+        raise ValueError(f"pattern {text!r} must be anchored with ^ and $")
+    return text[1:-1]
+
+
+def whole(pattern: re.Pattern[str] | str) -> str:
+    """The pattern matching whole values only, in ECMA-262 and in Python alike."""
+    return f"^(?:{_inner(pattern)}){_END}"
+
+
+def optional(pattern: re.Pattern[str] | str) -> str:
+    """Like `whole`, also allowing "": proto3's unset string."""
+    return f"^(?:{_inner(pattern)})?{_END}"
+
+
+def text_schema(max_len: int, *, required: bool = False, multiline: bool = False) -> dict[str, Any]:
+    """agents.check_text's rule: at most max_len characters, no control characters; required: not blank."""
+    ctrl = rules.CONTROL_CHARS_BUT_WHITESPACE if multiline else rules.CONTROL_CHARS
+    if required:
+        pattern = f"^[^{ctrl}]*[^{SPACES}{ctrl}\\t\\n\\v\\f\\r][^{ctrl}]*{_END}"
+        return {"type": "string", "minLength": 1, "maxLength": max_len, "pattern": pattern}
+    return {"type": "string", "maxLength": max_len, "pattern": f"^[^{ctrl}]*{_END}"}
+
+
+def url_schema(schemes: tuple[str, ...], *, required: bool) -> dict[str, Any]:
+    """A subset of what agents.check_url accepts: absolute, a host name, a valid port, no spaces or controls.
+    (The check also takes user info and IPv6 literals; this pattern leaves them out for brevity.)"""
+    url = (
+        f"(?:{'|'.join(schemes)})://[A-Za-z0-9.-]+(?::{_PORT})?"
+        f"(?:[/?#][^{SPACES}{rules.CONTROL_CHARS}\\t\\n\\v\\f\\r]*)?"
+    )
+    pattern = f"^{url}{_END}" if required else f"^(?:{url})?{_END}"
+    schema: dict[str, Any] = {"type": "string", "maxLength": rules.MAX_URL, "pattern": pattern}
+    if required:
+        schema["minLength"] = 1
+    return schema
+
+
+def _semver(*, required: bool) -> dict[str, Any]:
+    pattern = whole(versions.SEMVER) if required else optional(versions.SEMVER)
+    return {"type": "string", "maxLength": rules.MAX_VERSION, "pattern": pattern}
+
+
+def _mask(fields: tuple[str, ...]) -> dict[str, Any]:
+    # Each path in its proto (snake_case) form; empty entries are skipped, an empty mask means every field.
+    one = "|".join(fields)
+    return {
+        "type": "string",
+        "pattern": f"^(?:{one})?(?:,(?:{one})?)*{_END}",
+        "description": f"Comma-separated fields to change, of: {', '.join(fields)}. Empty: every field.",
+    }
+
+
+def _page_size() -> dict[str, Any]:
+    # Larger sizes are coerced to the maximum, so no maximum is stated; negative ones are refused.
+    return {"minimum": 0}
+
+
+def _filters(prefix: str) -> dict[tuple[str, str], dict[str, Any]]:
+    """agents.build_query's rules for the search filters ListAgents, discovery and federation share."""
+    return {
+        (prefix, "search"): text_schema(rules.MAX_SEARCH),
+        (prefix, "agent_type"): {"pattern": optional(rules.AGENT_TYPE)},
+        (prefix, "tag"): {"pattern": optional(rules.TAG)},
+        (prefix, "capability_name"): {"pattern": optional(rules.CAPABILITY_NAME)},
+        (prefix, "capability_version"): {
+            "maxLength": versions.MAX_CONSTRAINT_LENGTH,
+            "description": "A version constraint, e.g. >=1.2,<2 or ^1.4 or 1.x; needs capability_name.",
+        },
+        (prefix, "page_size"): _page_size(),
+    }
+
+
+def constraints() -> dict[tuple[str, str], dict[str, Any]]:
+    """Extra schema keywords by (message full name, field name): what the services check beyond the type."""
+    agent = REGISTRY + "Agent"
+    found: dict[tuple[str, str], dict[str, Any]] = {
+        (agent, "id"): _UUID,
+        (agent, "did"): {"minLength": 1, "maxLength": rules.MAX_DID, "pattern": whole(rules.DID)},
+        (agent, "name"): text_schema(rules.MAX_NAME, required=True),
+        (agent, "description"): text_schema(rules.MAX_DESCRIPTION, multiline=True),
+        (agent, "version"): _semver(required=True),
+        (agent, "agent_type"): {"pattern": optional(rules.AGENT_TYPE)},
+        (agent, "capabilities"): {"maxItems": rules.MAX_CAPABILITIES},
+        (agent, "endpoints"): {"maxItems": rules.MAX_ENDPOINTS},
+        (agent, "tags"): {"maxItems": rules.MAX_TAGS},
+        (agent, "tags[]"): {"pattern": whole(rules.TAG)},
+        (agent, "health_check_url"): url_schema(("http", "https"), required=False),
+        (REGISTRY + "Capability", "name"): {"pattern": whole(rules.CAPABILITY_NAME)},
+        (REGISTRY + "Capability", "version"): _semver(required=False),
+        (REGISTRY + "Capability", "description"): text_schema(rules.MAX_CAPABILITY_DESCRIPTION, multiline=True),
+        (REGISTRY + "Endpoint", "url"): {"minLength": 1, "maxLength": rules.MAX_URL},
+        (REGISTRY + "GetAgentRequest", "id"): _UUID,
+        (REGISTRY + "DeleteAgentRequest", "id"): _UUID,
+        (REGISTRY + "UpdateAgentRequest", "update_mask"): _mask(rules.WRITABLE_FIELDS),
+        (REGISTRY + "ListAgentsRequest", "owner"): {"pattern": optional(rules.PRINCIPAL_NAME)},
+        (REGISTRY + "ListAgentsRequest", "limit"): _page_size(),
+        (REGISTRY + "CreateApiKeyRequest", "name"): {"minLength": 1, "pattern": whole(rules.PRINCIPAL_NAME)},
+        (REGISTRY + "ListApiKeysRequest", "page_size"): _page_size(),
+        (REGISTRY + "RevokeApiKeyRequest", "id"): _KEY_ID,
+        (_FED + "RevokeFederationCredentialRequest", "id"): _KEY_ID,
+        (_FED + "Peer", "id"): _UUID,
+        (_FED + "GetPeerRequest", "peer_id"): _UUID,
+        (_FED + "DeletePeerRequest", "peer_id"): _UUID,
+        (_FED + "ListPeersRequest", "page_size"): _page_size(),
+        (_FED + "ListFederationCredentialsRequest", "page_size"): _page_size(),
+        (_DISC + "ClearPeerCacheRequest", "peer_id"): _UUID,
+        (_HEALTH + "GetPeerHealthHistoryRequest", "peer_id"): _UUID,
+        # The health monitor's own checks: 0 means its default, larger values are coerced to its maximum.
+        (_HEALTH + "GetPeerHealthHistoryRequest", "window_seconds"): {"minimum": 0},
+        (_HEALTH + "GetPeerHealthHistoryRequest", "limit"): {"minimum": 0},
+    }
+    found.update(_filters(REGISTRY + "ListAgentsRequest"))
+    found.update(_filters(_DISC + "SearchAgentsRequest"))
+    found.update(_filters(_FED + "SearchAgentsRequest"))
+    return found
+
+
+def endpoint_variants() -> list[dict[str, Any]]:
+    """An endpoint's URL scheme depends on its protocol (agents.URL_SCHEMES)."""
+    return [
+        {"properties": {"protocol": {"const": protocol}, "url": url_schema(schemes, required=True)}}
+        for protocol, schemes in rules.URL_SCHEMES.items()
+    ]
+
+
+# An agent as the README registers it: what a client (or a fuzzer) can start from.
+AGENT_EXAMPLE = {
+    "did": "did:web:example.com:nlp",
+    "name": "NLP Agent",
+    "version": "1.0.0",
+    "agent_type": "nlp",
+    "capabilities": [{"kind": "skill", "name": "summarize", "version": "1.4.2"}],
+    "endpoints": [{"protocol": "http", "url": "https://example.com/nlp"}],
+    "tags": ["nlp"],
+    "sharing": "federated",
+}
