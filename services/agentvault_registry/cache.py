@@ -1,12 +1,12 @@
-"""Recently read agents for GetAgent and recent answers to peers' federated searches, kept as ready protobuf
-messages, and the federation credentials peers present.
+"""The registry's in-memory caches (agents, peers' answers, federation credentials) and the channel keeping them
+coherent across replicas.
 
 Every write invalidates its agent here and, over Redis pub/sub, in every other replica; any write (a creation
-included) drops every cached search answer, since any agent may enter or leave any result, and moves the sharing
-generation peers revalidate their cached answers against. Revoking a credential drops it the same way. The cache
-serves only while subscribed, and every (re)subscription empties it, so no replica keeps what an invalidation
-sent while it was not listening would have dropped; the TTL bounds what a message lost in flight could leave
-stale. Everything kept is bounded in bytes.
+included) drops every cached peer answer, since any agent may enter or leave any result, and moves the sharing
+generation peers revalidate their cached answers against. Revoking a credential drops it the same way. The caches
+serve only while subscribed, and every (re)subscription empties them, so no replica keeps what an invalidation
+sent while it was not listening would have dropped; each cache's TTL bounds what a message lost in flight could
+leave stale. Everything kept is bounded in bytes.
 """
 
 from __future__ import annotations
@@ -15,126 +15,173 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
 
 from agentvault.common.lru import Lru
 from agentvault.registry.v1.registry_service_pb2 import Agent as AgentPb
+from agentvault_registry.answers import SharedAnswer
+from agentvault_registry.convert import MEMORY_PER_WIRE_BYTE
+from agentvault_registry.federation_store import CredentialRecord
 
 log = logging.getLogger(__name__)
+
+V = TypeVar("V")
 
 CHANNEL = "registry:agents:invalidate"
 # Invalidation messages for credentials carry this prefix; any other message is an agent id.
 CREDENTIAL = "credential:"
-LOOKUPS = Counter("registry_agent_cache_lookups_total", "GetAgent cache lookups, by result.", ["result"])
-_HIT, _MISS = LOOKUPS.labels("hit"), LOOKUPS.labels("miss")
-SEARCH_LOOKUPS = Counter(
+AGENT_LOOKUPS = Counter("registry_agent_cache_lookups_total", "GetAgent cache lookups, by result.", ["result"])
+ANSWER_LOOKUPS = Counter(
     "registry_federated_search_cache_lookups_total", "Cached answers to peers' searches, by result.", ["result"]
 )
-_SEARCH_HIT, _SEARCH_MISS = SEARCH_LOOKUPS.labels("hit"), SEARCH_LOOKUPS.labels("miss")
+CREDENTIAL_LOOKUPS = Counter(
+    "registry_federation_credential_cache_lookups_total",
+    "Federation credential lookups by peers' calls, by result (a miss reads the database).",
+    ["result"],
+)
 CACHE_BYTES = Gauge("registry_cache_bytes", "Bytes charged to the agent, peer-answer and credential caches.")
 # Answers to peers' searches kept (each up to FEDERATION_MAX_RESULTS_PER_PEER agents).
 SEARCH_ENTRIES = 256
 # Default memory for all three caches together (REGISTRY_AGENT_CACHE_BYTES): half for agents, a quarter each for
-# search answers and credentials.
+# peers' answers and credentials.
 DEFAULT_BUDGET_BYTES = 64 * 1024 * 1024
-# An agent parsed in memory costs about 1.2 times its serialized size (measured with upb); 2 leaves headroom.
-MEMORY_PER_WIRE_BYTE = 2
 CREDENTIAL_BYTES = 1024
 # Redis key of the sharing generation, which every agent write moves. It starts at a random value so that a
 # Redis that lost it cannot hand out again a generation a peer cached an answer under.
 GENERATION_KEY = "federation:sharing_generation"
 GENERATION_START = 1 << 62
+# How long the invalidation listener waits for a message before checking whether it was cancelled.
+LISTEN_POLL_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
-class Cached:
+class CachedAgent:
+    """GetAgent's ready answer, with what deciding who may see it needs."""
+
     agent: AgentPb
     sharing: str
     owner: str
 
 
+@dataclass(frozen=True)
+class KnownCredential:
+    """A federation credential with the SHA-256 of its token (never the token itself)."""
+
+    record: CredentialRecord
+    token_sha256: bytes
+
+
+class TtlCache(Generic[V]):
+    """One kind of value with its own TTL and byte budget, served only while `channel` is subscribed."""
+
+    def __init__(
+        self,
+        channel: AgentCache,
+        ttl: float,
+        max_entries: int,
+        budget_bytes: int,
+        weigh: Callable[[V], int],
+        lookups: Counter,
+    ) -> None:
+        self.channel = channel
+        self.ttl = ttl
+        # Each value is kept with the monotonic time it expires at.
+        self._entries: Lru[str, tuple[V, float]] = Lru(max_entries, budget=budget_bytes, weigh=lambda e: weigh(e[0]))
+        self._hit, self._miss = lookups.labels("hit"), lookups.labels("miss")
+
+    @property
+    def enabled(self) -> bool:
+        return self.ttl > 0 and self.channel.subscribed
+
+    @property
+    def bytes(self) -> int:
+        return self._entries.bytes
+
+    def get(self, key: str) -> V | None:
+        """The unexpired value, or None; the lookup is counted (hit or miss) while the cache is on."""
+        if not self.enabled:
+            return None
+        entry = self._entries.get(key)
+        if entry is not None and entry[1] < time.monotonic():
+            self._entries.pop(key)
+            entry = None
+        if entry is None:
+            self._miss.inc()
+            return None
+        self._hit.inc()
+        return entry[0]
+
+    def put(self, key: str, value: V, version: int) -> None:
+        """Keeps a value read while the channel was at `version`; dropped if anything was invalidated since."""
+        if self.enabled and version == self.channel.version:
+            self._entries.put(key, (value, time.monotonic() + self.ttl))
+            CACHE_BYTES.set(self.channel.memory_bytes)
+
+    def pop(self, key: str) -> None:
+        self._entries.pop(key)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
 class AgentCache:
+    """The registry's caches: `agents` (GetAgent) and `answers` (peers' searches), which agent writes invalidate,
+    and the credential cache the federation gate asks for; plus the pub/sub channel that invalidates all of them
+    in every replica."""
+
     def __init__(
         self, redis: aioredis.Redis, ttl: float, max_entries: int, budget_bytes: int = DEFAULT_BUDGET_BYTES
     ) -> None:
         self.redis = redis
-        self.ttl = ttl
-        # Each value is kept with the monotonic time it expires at.
-        self._entries: Lru[str, tuple[Cached, float]] = Lru(
-            max_entries, budget=budget_bytes // 2, weigh=lambda e: MEMORY_PER_WIRE_BYTE * e[0].agent.ByteSize()
+        self.budget_bytes = budget_bytes
+        self.max_entries = max_entries
+        self.agents: TtlCache[CachedAgent] = TtlCache(
+            self,
+            ttl,
+            max_entries,
+            budget_bytes // 2,
+            lambda e: MEMORY_PER_WIRE_BYTE * e.agent.ByteSize(),
+            AGENT_LOOKUPS,
         )
-        # Search answers are weighed by the caller (put_search), who knows what the answer holds.
-        self._searches: Lru[str, tuple[Any, float]] = Lru(SEARCH_ENTRIES, budget=budget_bytes // 4, weigh=_weight)
-        self._credentials: Lru[str, tuple[Any, float]] = Lru(
-            max_entries, budget=budget_bytes // 4, weigh=lambda _: CREDENTIAL_BYTES
+        # Peers' answers follow the agents they hold, so they share the agents' TTL.
+        self.answers: TtlCache[SharedAnswer] = TtlCache(
+            self, ttl, SEARCH_ENTRIES, budget_bytes // 4, lambda a: a.weight, ANSWER_LOOKUPS
         )
-        self._subscribed = False
-        # Bumped by every invalidation: a read that started before one must not fill the cache afterwards.
+        self._credentials: list[TtlCache[KnownCredential]] = []
+        self.subscribed = False
+        # Bumped by every invalidation: a read that started before one must not fill a cache afterwards.
         self.version = 0
 
-    @property
-    def enabled(self) -> bool:
-        return self.ttl > 0 and self._subscribed
-
-    def get(self, agent_id: str) -> Cached | None:
-        return self._lookup(self._entries, agent_id, _HIT, _MISS)
-
-    def put(self, agent_id: str, agent: AgentPb, sharing: str, owner: str, version: int) -> None:
-        self._keep(self._entries, agent_id, Cached(agent, sharing, owner), version)
-
-    def get_search(self, key: str) -> Any:
-        """A peer-facing search answer, or None."""
-        return self._lookup(self._searches, key, _SEARCH_HIT, _SEARCH_MISS)
-
-    def put_search(self, key: str, answer: Any, version: int) -> None:
-        """Keeps an answer read while the cache was at `version`; dropped if anything changed since. The answer
-        says what it costs in memory through a `weight` attribute."""
-        self._keep(self._searches, key, answer, version)
+    def credential_cache(self, ttl: float) -> TtlCache[KnownCredential]:
+        """A cache of federation credentials with its own TTL, which revocations on any replica invalidate."""
+        cache: TtlCache[KnownCredential] = TtlCache(
+            self, ttl, self.max_entries, self.budget_bytes // 4, lambda _: CREDENTIAL_BYTES, CREDENTIAL_LOOKUPS
+        )
+        self._credentials.append(cache)
+        return cache
 
     @property
     def memory_bytes(self) -> int:
         """What the cached values are charged, all caches together."""
-        return self._entries.bytes + self._searches.bytes + self._credentials.bytes
-
-    def get_credential(self, cred_id: str) -> Any:
-        return self._lookup(self._credentials, cred_id)
-
-    def put_credential(self, cred_id: str, value: Any, version: int) -> None:
-        self._keep(self._credentials, cred_id, value, version)
-
-    def _lookup(self, entries: Lru[str, tuple[Any, float]], key: str, hit: Any = None, miss: Any = None) -> Any:
-        """The unexpired value, or None; `hit`/`miss` (counter children) count the lookup when the cache is on."""
-        if not self.enabled:
-            return None
-        entry = entries.get(key)
-        if entry is not None and entry[1] < time.monotonic():
-            entries.pop(key)
-            entry = None
-        counter = miss if entry is None else hit
-        if counter is not None:
-            counter.inc()
-        return None if entry is None else entry[0]
-
-    def _keep(self, entries: Lru[str, tuple[Any, float]], key: str, value: Any, version: int) -> None:
-        if self.enabled and version == self.version:
-            entries.put(key, (value, time.monotonic() + self.ttl))
-            CACHE_BYTES.set(self.memory_bytes)
+        return self.agents.bytes + self.answers.bytes + sum(c.bytes for c in self._credentials)
 
     def _drop(self, key: str | None) -> None:
         self.version += 1
         if key is None:
-            self._entries.clear()
-            self._searches.clear()
-            self._credentials.clear()
+            caches: list[TtlCache[Any]] = [self.agents, self.answers, *self._credentials]
+            for cache in caches:
+                cache.clear()
         elif key.startswith(CREDENTIAL):
-            self._credentials.pop(key.removeprefix(CREDENTIAL))
+            for credentials in self._credentials:
+                credentials.pop(key.removeprefix(CREDENTIAL))
         else:
-            self._entries.pop(key)
-            self._searches.clear()
+            self.agents.pop(key)
+            self.answers.clear()
 
     async def invalidate(self, agent_id: str) -> None:
         """After any write of the agent (its creation included), here and in every replica; the sharing generation
@@ -167,14 +214,18 @@ class AgentCache:
 
     async def run(self) -> None:
         """Listens for invalidations until cancelled, resubscribing after any Redis failure."""
-        if self.ttl <= 0:
-            return
         delay = 0.5
         while True:
             pubsub = self.redis.pubsub()
             try:
                 await pubsub.subscribe(CHANNEL)
-                async for message in pubsub.listen():
+                while True:
+                    # A bounded wait, then a look at our own cancellation: redis-py can swallow a cancellation
+                    # that lands while it reads, after which a blocking listen() never returned and shutdown hung.
+                    message = await pubsub.get_message(timeout=LISTEN_POLL_SECONDS)
+                    _raise_if_cancelling()
+                    if message is None:
+                        continue
                     kind = message.get("type")
                     if kind == "message":
                         data = message.get("data")
@@ -184,22 +235,25 @@ class AgentCache:
                         # confirmation: redis-py reconnects and resubscribes on its own after a dropped connection,
                         # and whatever was published in between never reaches us.
                         self._drop(None)
-                        self._subscribed = True
+                        self.subscribed = True
                         delay = 0.5
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("cache invalidation channel lost (%s); cache off until resubscribed", exc)
+                _raise_if_cancelling()
+                log.warning("cache invalidation channel lost (%s); caches off until resubscribed", exc)
             finally:
-                self._subscribed = False
+                self.subscribed = False
                 self._drop(None)
                 await pubsub.aclose()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
 
 
-def _weight(entry: tuple[Any, float]) -> int:
-    return int(getattr(entry[0], "weight", 0))
+def _raise_if_cancelling() -> None:
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _generation_start() -> int:

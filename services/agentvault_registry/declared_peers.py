@@ -19,8 +19,9 @@ from typing import Any
 from agentvault.common.errors import InvalidArgument
 from agentvault.common.settings import SettingsError
 from agentvault.federation.v1 import federation_service_pb2 as fpb
-from agentvault_registry.federation import PeerServicer
+from agentvault_registry.convert import PROTOCOL_NUMBER
 from agentvault_registry.federation_store import PEER_WRITABLE, FederationStore
+from agentvault_registry.peer_admin import PeerServicer
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,8 @@ KNOWN_KEYS = {
     "grpc_endpoint",
     "public_key",
 }
-PROTOCOLS = {"auto": fpb.PEER_PROTOCOL_UNSPECIFIED, "grpc": fpb.PEER_PROTOCOL_GRPC, "rest": fpb.PEER_PROTOCOL_REST}
+# The words a peers file may use for a peer's protocol: the stored ones ("auto" means: probe the peer).
+PROTOCOLS = PROTOCOL_NUMBER
 MAX_FILE_BYTES = 1024 * 1024
 
 

@@ -10,8 +10,14 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+from prometheus_client import Counter
 
 from agentvault.common.errors import invalid
+
+# Every read of a federation credential from the database: a peer's call the credential cache did not answer.
+CREDENTIAL_READS = Counter(
+    "registry_federation_credential_reads_total", "Federation credentials read from the database."
+)
 
 _PEER_COLUMNS = (
     "id, name, registry_url, api_key, is_active, last_sync, last_health_check, health_status, agent_count, "
@@ -199,6 +205,7 @@ class FederationStore:
         return CredentialRecord(**dict(row))
 
     async def get_credential(self, cred_id: str) -> CredentialRecord | None:
+        CREDENTIAL_READS.inc()
         row = await self.pool.fetchrow(
             f"SELECT {_CREDENTIAL_COLUMNS} FROM federation_credentials WHERE id = $1", cred_id
         )

@@ -19,6 +19,9 @@ class FederationSettings:
     require_signature: bool
     signature_max_age: int
     rate_limit_per_minute: int
+    # Seconds a peer's credential is trusted from memory; revocation drops it at once on every replica that hears
+    # of it, so this only bounds a revocation message lost in flight.
+    credential_cache_ttl: float
     encryption_keys: str | None
     # Mutual TLS between meshes: a second listener, for peers, when certificate files are configured.
     tls: TlsFiles | None
@@ -40,6 +43,7 @@ class FederationSettings:
             require_signature=env.bool("FEDERATION_REQUIRE_SIGNATURE", True),
             signature_max_age=env.int("FEDERATION_SIGNATURE_MAX_AGE", 300, minimum=1, maximum=86_400),
             rate_limit_per_minute=env.int("FEDERATION_RATE_LIMIT_PER_MINUTE", 600, minimum=1),
+            credential_cache_ttl=env.float("FEDERATION_CREDENTIAL_CACHE_TTL", 30.0, minimum=0),
             encryption_keys=env.optional("FEDERATION_ENCRYPTION_KEYS"),
             tls=tls,
             tls_port=tls_port,
@@ -57,7 +61,7 @@ class RegistrySettings:
     db_pool_size: int
     agent_cache_ttl: float
     agent_cache_size: int
-    # Memory the agent, peer-answer and credential caches may use together.
+    # Memory the agent, peer-answer and credential caches may use together (half, a quarter, a quarter).
     agent_cache_bytes: int
     federation: FederationSettings
 

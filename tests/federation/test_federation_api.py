@@ -5,14 +5,17 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
+import aiohttp
 import grpc
 import pytest
 
 from agentvault.common import signing
 from agentvault.federation.v1 import federation_service_pb2 as fed_pb
 from agentvault.federation.v1 import federation_service_pb2_grpc as fed_grpc
+from agentvault.registry.v1 import registry_service_pb2 as reg_pb
+from agentvault.registry.v1 import registry_service_pb2_grpc as reg_grpc
 
-from .conftest import Federation
+from .conftest import Federation, call, register, unique_word
 
 METHOD = "/agentvault.federation.v1.FederationService/SearchAgents"
 
@@ -73,3 +76,43 @@ async def test_a_stale_or_forged_signature_is_refused(
     await unauthenticated(peer_api.SearchAgents(request, metadata=forged, timeout=5))
     # No credential at all.
     await unauthenticated(peer_api.SearchAgents(request, timeout=5))
+
+
+LIST_METHOD = "/agentvault.registry.v1.RegistryService/ListAgents"
+
+
+async def test_older_meshes_list_agents_with_their_token_over_grpc_and_http(
+    federation: Federation, http: aiohttp.ClientSession
+) -> None:
+    """The seed's form, which meshes of older versions still use: RegistryService.ListAgents (GET /api/v1/agents)
+    called with a federation token and signed. It is answered by B's peer listing: federated agents only, no
+    owner, and the signature is checked (a replay is refused) on both transports."""
+    word = unique_word()
+    shared = await register(http, federation.b, f"{word} shared", "federated")
+    await register(http, federation.b, f"{word} local", "local")
+    token = federation.token_b_for_a
+
+    request = reg_pb.ListAgentsRequest(search=word)
+    nonce = signing.new_nonce()
+    body = signing.grpc_body(request.SerializeToString(deterministic=True))
+    metadata = [
+        ("authorization", f"Bearer {token}"),
+        (signing.NONCE_HEADER, nonce),
+        (signing.SIGNATURE_HEADER, signing.sign("GRPC", LIST_METHOD, body, token, nonce=nonce)),
+    ]
+    async with grpc.aio.insecure_channel(federation.b.address("registry")) as channel:
+        registry = reg_grpc.RegistryServiceStub(channel)
+        reply = await registry.ListAgents(request, metadata=metadata, timeout=5)
+        assert [(a.id, a.owner) for a in reply.agents] == [(shared["id"], "")]
+        await unauthenticated(registry.ListAgents(request, metadata=metadata, timeout=5))
+
+    path = f"/api/v1/agents?search={word}"
+    nonce = signing.new_nonce()
+    headers = {
+        "Authorization": f"Bearer {token}",
+        signing.NONCE_HEADER: nonce,
+        signing.SIGNATURE_HEADER: signing.sign("GET", path, "", token, nonce=nonce),
+    }
+    listed = await call(http, "GET", federation.b.url(path), headers=headers)
+    assert [(a["id"], a.get("owner", "")) for a in listed["agents"]] == [(shared["id"], "")]
+    await call(http, "GET", federation.b.url(path), headers=headers, expect=401)  # the same signature, replayed

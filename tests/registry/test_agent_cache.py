@@ -22,13 +22,15 @@ from agentvault.federation.v1 import federation_service_pb2 as fpb
 from agentvault.federation.v1 import federation_service_pb2_grpc as fpb_grpc
 from agentvault.registry.v1 import registry_service_pb2 as pb
 from agentvault.registry.v1 import registry_service_pb2_grpc as pb_grpc
-from agentvault_registry.cache import CHANNEL
+from agentvault_registry.cache import CHANNEL, AgentCache
 
 from ..conftest import MeshFactory, MeshHandle, bearer, eventually, unique_did
 from .test_agents_grpc import make_agent
 from .test_federation_api import signed
 
 SEARCH_HITS = "registry_federated_search_cache_lookups_total"
+CREDENTIAL_HITS = "registry_federation_credential_cache_lookups_total"
+CREDENTIAL_READS = "registry_federation_credential_reads_total"
 
 # Far longer than any test: a fresh answer can only come from invalidation, never from expiry.
 TTL = "600"
@@ -62,14 +64,20 @@ def stubs(channels: tuple[grpc.aio.Channel, grpc.aio.Channel]) -> tuple[pb_grpc.
     return tuple(pb_grpc.RegistryServiceStub(c) for c in channels)
 
 
-def cache_hits(mesh: Mesh, metric: str = "registry_agent_cache_lookups_total") -> float:
+def metric(mesh: Mesh, sample: str) -> float:
+    """A sample's value on the replica's /metrics (0 before it is first counted)."""
     url = f"http://127.0.0.1:{mesh.env['REGISTRY_METRICS_PORT']}/metrics"
     with urllib.request.urlopen(url, timeout=5) as response:
         text = response.read().decode()
     for line in text.splitlines():
-        if line.startswith(metric + '{result="hit"}'):
-            return float(line.split()[-1])
+        name, _, value = line.rpartition(" ")
+        if name == sample:
+            return float(value)
     return 0.0
+
+
+def cache_hits(mesh: Mesh, name: str = "registry_agent_cache_lookups_total") -> float:
+    return metric(mesh, name + '{result="hit"}')
 
 
 async def test_update_and_delete_on_one_replica_are_seen_by_the_other(
@@ -244,14 +252,18 @@ async def test_credential_revoked_on_one_replica_is_refused_by_the_other(
     replicas: tuple[MeshHandle, Mesh], channels: tuple[grpc.aio.Channel, grpc.aio.Channel]
 ) -> None:
     admin = bearer(replicas[0].admin_token)
+    second = replicas[1]
     ch1, ch2 = channels
     peers_one, fed_two = fpb_grpc.PeerServiceStub(ch1), fpb_grpc.FederationServiceStub(ch2)
     issued = await peers_one.CreateFederationCredential(
         fpb.CreateFederationCredentialRequest(name="revoked-elsewhere"), metadata=admin
     )
     request = fpb.SearchAgentsRequest(search="anything")
-    for _ in range(2):  # the second call finds the credential in the second replica's memory
-        await fed_two.SearchAgents(request, metadata=signed(issued.token, request))
+    await fed_two.SearchAgents(request, metadata=signed(issued.token, request))  # read from the database
+    reads, hits = metric(second, CREDENTIAL_READS), cache_hits(second, CREDENTIAL_HITS)
+    await fed_two.SearchAgents(request, metadata=signed(issued.token, request))
+    # The second call found the credential in the second replica's memory: no database read, one cache hit.
+    assert (metric(second, CREDENTIAL_READS), cache_hits(second, CREDENTIAL_HITS)) == (reads, hits + 1)
     await peers_one.RevokeFederationCredential(
         fpb.RevokeFederationCredentialRequest(id=issued.credential.id), metadata=admin
     )
@@ -340,3 +352,60 @@ def test_answers_to_distinct_peer_queries_stay_within_the_cache_budget(mesh_fact
     # fragmentation, buffers).
     assert grown < CACHE_BUDGET + 32 * 1024 * 1024, f"RSS grew by {grown / 2**20:.0f} MiB"
     assert 0 < charged <= CACHE_BUDGET
+
+
+async def test_the_invalidation_listener_stops_when_cancelled(replicas: tuple[MeshHandle, Mesh]) -> None:
+    """Shutdown (and a start that fails after the listener began) cancels it and waits for it: a cancellation
+    landing while redis-py reads was swallowed and the blocked listener never returned. Cancelled at every stage,
+    from before its first step to listening, it must end."""
+    redis = aioredis.Redis.from_url(replicas[0].redis_url)
+    try:
+        for steps in [*range(12), *([None] * 8)]:
+            cache = AgentCache(redis, 30, 10)
+            task = asyncio.create_task(cache.run())
+            if steps is None:
+
+                async def listening(cache: AgentCache = cache) -> None:
+                    assert cache.subscribed
+
+                await eventually(listening)
+            else:
+                for _ in range(steps):
+                    await asyncio.sleep(0)
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=10)
+            assert done == {task}, f"the listener ignored its cancellation (cancelled after {steps} steps)"
+            assert task.cancelled()
+    finally:
+        await redis.aclose()
+
+
+async def test_the_credential_cache_has_its_own_ttl(mesh_factory: MeshFactory) -> None:
+    """FEDERATION_CREDENTIAL_CACHE_TTL=0: every peer call reads its credential from the database, while GetAgent
+    is still answered from memory under REGISTRY_AGENT_CACHE_TTL."""
+    handle = mesh_factory(
+        services=SERVICES[:1],
+        name="cred_ttl",
+        env={
+            "FEDERATION_CREDENTIAL_CACHE_TTL": "0",
+            "REGISTRY_AGENT_CACHE_TTL": TTL,
+            "REGISTRY_METRICS_PORT": str(free_port()),
+        },
+    )
+    admin = bearer(handle.admin_token)
+    async with grpc.aio.insecure_channel(handle.address("registry")) as channel:
+        registry, federation = pb_grpc.RegistryServiceStub(channel), fpb_grpc.FederationServiceStub(channel)
+        issued = await fpb_grpc.PeerServiceStub(channel).CreateFederationCredential(
+            fpb.CreateFederationCredentialRequest(name="uncached-peer"), metadata=admin
+        )
+        request = fpb.SearchAgentsRequest(search="anything")
+        reads = metric(handle.mesh, CREDENTIAL_READS)
+        for _ in range(2):
+            await federation.SearchAgents(request, metadata=signed(issued.token, request))
+        assert metric(handle.mesh, CREDENTIAL_READS) == reads + 2
+
+        agent = await registry.CreateAgent(pb.CreateAgentRequest(agent=make_agent()), metadata=admin)
+        hits = cache_hits(handle.mesh)
+        for _ in range(2):
+            await registry.GetAgent(pb.GetAgentRequest(id=agent.id))
+        assert cache_hits(handle.mesh) == hits + 1

@@ -374,3 +374,51 @@ async def test_health_counts_agents(registry: RegistryServiceAsyncStub, admin_to
     await registry.CreateAgent(pb.CreateAgentRequest(agent=make_agent()), metadata=bearer(admin_token))
     after = await registry.GetHealth(pb.GetHealthRequest())
     assert after.agent_count == before.agent_count + 1
+
+
+async def test_enum_fields_map_through_the_shared_words(registry: RegistryServiceAsyncStub, admin_token: str) -> None:
+    """The registry's enums go through agentvault.common.enums: every value round-trips, a number this build does
+    not know is a field violation, and a required enum left at zero "is required"."""
+    admin = bearer(admin_token)
+    agent = make_agent(
+        sharing=pb.SHARING_FEDERATED,
+        capabilities=[
+            pb.Capability(kind=kind, name=f"c{kind}", version="1.0.0")
+            for kind in (pb.CAPABILITY_KIND_TOOL, pb.CAPABILITY_KIND_SKILL, pb.CAPABILITY_KIND_MODEL)
+        ],
+        endpoints=[pb.Endpoint(protocol=p, url=f"https://x.example/{p}") for p in (pb.PROTOCOL_HTTP, pb.PROTOCOL_A2A)],
+    )
+    created = await registry.CreateAgent(pb.CreateAgentRequest(agent=agent), metadata=admin)
+    assert [c.kind for c in created.capabilities] == [c.kind for c in agent.capabilities]
+    assert [e.protocol for e in created.endpoints] == [e.protocol for e in agent.endpoints]
+    assert created.sharing == pb.SHARING_FEDERATED and created.health_status == pb.HEALTH_STATUS_UNKNOWN
+    reported = await registry.ReportAgentHealth(
+        pb.ReportAgentHealthRequest(id=created.id, health_status=pb.HEALTH_STATUS_DEGRADED), metadata=admin
+    )
+    assert reported.health_status == pb.HEALTH_STATUS_DEGRADED
+    assert (await registry.GetCaller(pb.GetCallerRequest(), metadata=admin)).role == pb.ROLE_ADMIN
+    member = await registry.CreateApiKey(pb.CreateApiKeyRequest(name="enum-member"), metadata=admin)
+    assert member.api_key.role == pb.ROLE_MEMBER  # role left at zero: a member
+
+    bad_kind = make_agent(capabilities=[pb.Capability(kind=99, name="c", version="1.0.0")])  # type: ignore[arg-type]
+    calls = [
+        (registry.CreateAgent(pb.CreateAgentRequest(agent=bad_kind), metadata=admin), "agent.capabilities[0].kind"),
+        (registry.ListAgents(pb.ListAgentsRequest(sharing=99)), "sharing"),  # type: ignore[arg-type]
+        (registry.ListAgents(pb.ListAgentsRequest(capability_kind=99)), "capability_kind"),  # type: ignore[arg-type]
+        (
+            registry.ReportAgentHealth(
+                pb.ReportAgentHealthRequest(id=created.id, health_status=99),  # type: ignore[arg-type]
+                metadata=admin,
+            ),
+            "health_status",
+        ),
+        (registry.CreateApiKey(pb.CreateApiKeyRequest(name="x", role=99), metadata=admin), "role"),  # type: ignore[arg-type]
+    ]
+    for call, field in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert violations(err.value) == {field: "unknown value 99"}
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await registry.ReportAgentHealth(pb.ReportAgentHealthRequest(id=created.id), metadata=admin)
+    assert violations(err.value) == {"health_status": "is required"}

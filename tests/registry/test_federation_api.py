@@ -9,6 +9,9 @@ from typing import TYPE_CHECKING
 import asyncpg
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from agentvault.common import signing
 from agentvault.devserver.mesh import SERVICES
@@ -16,13 +19,16 @@ from agentvault.federation.v1 import federation_service_pb2 as fpb
 from agentvault.federation.v1 import federation_service_pb2_grpc as fpb_grpc
 from agentvault.registry.v1 import registry_service_pb2 as pb
 from agentvault.registry.v1 import registry_service_pb2_grpc as pb_grpc
+from agentvault_registry.servicer import CallerKind, caller_kind
 
 from ..conftest import MeshFactory, MeshHandle, bearer, eventually, unique_did
+from .test_agents_grpc import violations
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
 SEARCH = "/agentvault.federation.v1.FederationService/SearchAgents"
+LIST = "/agentvault.registry.v1.RegistryService/ListAgents"
 
 
 class Registry:
@@ -41,12 +47,19 @@ async def reg(mesh_factory: MeshFactory) -> AsyncIterator[Registry]:
         yield Registry(handle, channel)
 
 
-def signed(token: str, request: fpb.SearchAgentsRequest, *, timestamp: int | None = None, nonce: str | None = None,
-           registry: str = "mesh-test") -> list[tuple[str, str]]:  # fmt: skip
+def signed(
+    token: str,
+    request: fpb.SearchAgentsRequest | pb.ListAgentsRequest,
+    *,
+    timestamp: int | None = None,
+    nonce: str | None = None,
+    registry: str = "mesh-test",
+    method: str = SEARCH,
+) -> list[tuple[str, str]]:
     nonce = signing.new_nonce() if nonce is None else nonce
     signature = signing.sign(
         signing.GRPC_METHOD,
-        SEARCH,
+        method,
         signing.grpc_body(request.SerializeToString(deterministic=True)),
         token,
         timestamp=timestamp,
@@ -256,6 +269,16 @@ async def test_federation_rate_limit_per_peer(reg: Registry) -> None:
         except grpc.aio.AioRpcError as err:
             codes.append(err.code().name)
     assert "RESOURCE_EXHAUSTED" in codes and codes.count("OK") <= 40
+    # The refusal says when to come back: a google.rpc.RetryInfo (the edge's Retry-After) within the minute.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await reg.federation.SearchAgents(request, metadata=signed(token, request))
+    status = rpc_status.from_call(err.value)
+    assert status is not None
+    infos = [d for d in status.details if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)]
+    assert len(infos) == 1
+    info = error_details_pb2.RetryInfo()
+    infos[0].Unpack(info)
+    assert 1 <= info.retry_delay.seconds <= 61
     # Another peer is not limited by the first one's traffic.
     await reg.federation.SearchAgents(request, metadata=signed(other, request))
 
@@ -280,3 +303,82 @@ async def test_federation_info_and_health_report(reg: Registry) -> None:
         metadata=reg.admin,
     )
     assert down.is_down and down.agent_count == 150 and down.health_status == fpb.PEER_STATUS_TIMEOUT
+    # The status is required, and a number this build does not know is a field violation.
+    for status, description in ((0, "is required"), (99, "unknown value 99")):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await reg.peers.ReportPeerHealth(
+                fpb.ReportPeerHealthRequest(peer_id=peer.id, status=status),  # type: ignore[arg-type]
+                metadata=reg.admin,
+            )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert violations(err.value) == {"status": description}
+    for protocol in (fpb.PEER_PROTOCOL_UNSPECIFIED, fpb.PEER_PROTOCOL_GRPC, fpb.PEER_PROTOCOL_REST):
+        updated = await reg.peers.UpdatePeer(
+            fpb.UpdatePeerRequest(
+                peer=fpb.Peer(id=peer.id, protocol=protocol), update_mask=field_mask_pb2.FieldMask(paths=["protocol"])
+            ),
+            metadata=reg.admin,
+        )
+        assert updated.protocol == protocol
+
+
+def test_the_caller_kind_is_read_from_the_credential_form() -> None:
+    assert caller_kind([]) is CallerKind.ANONYMOUS
+    assert caller_kind(bearer("avf_0123456789abcdef_secret")) is CallerKind.PEER
+    assert caller_kind(bearer("avk_0123456789abcdef_secret")) is CallerKind.MEMBER
+    assert caller_kind(bearer("bootstrap-admin-token")) is CallerKind.MEMBER
+    # Malformed: the member path refuses it (MALFORMED_CREDENTIAL), it never reaches the peer listing.
+    assert caller_kind([("authorization", "Basic avf_0123456789abcdef_secret")]) is CallerKind.MEMBER
+
+
+async def inbound_rows(reg: Registry, peer_name: str) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(reg.handle.database_url)
+    try:
+        return await conn.fetch("SELECT * FROM federation_inbound_log WHERE peer_name = $1 ORDER BY id", peer_name)
+    finally:
+        await conn.close()
+
+
+async def test_list_agents_answers_a_peer_through_the_peer_listing_only(reg: Registry) -> None:
+    """ListAgents with a federation token (the seed's form older meshes use) is the peer listing: federated agents
+    only, without owner or health-check address, one page, signed, counted and logged. Members and admins never
+    get peers' rules: they see what their principal may, with every field and paging, and are not logged."""
+    token = await issue(reg, "mesh-lister")
+    word = "fedlist" + unique_did()[-6:].replace("-", "")
+    shared = await add_agent(reg, word, pb.SHARING_FEDERATED)
+    local = await add_agent(reg, word, pb.SHARING_LOCAL)
+    private = await add_agent(reg, word, pb.SHARING_PRIVATE)
+
+    # A peer: its member-only filters (sharing, owner, page token) cannot widen or change what it is shown.
+    for request in (
+        pb.ListAgentsRequest(search=word),
+        pb.ListAgentsRequest(search=word, sharing=pb.SHARING_PRIVATE),
+        pb.ListAgentsRequest(search=word, owner=private.owner, page_size=1),
+    ):
+        reply = await reg.agents.ListAgents(request, metadata=signed(token, request, method=LIST))
+        assert [a.id for a in reply.agents] == [shared.id]
+        assert reply.agents[0].owner == "" and reply.agents[0].health_check_url == ""
+        assert reply.next_page_token == ""
+    # The peer path's gate applies: an unsigned peer call is refused, never answered as an anonymous listing.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await reg.agents.ListAgents(pb.ListAgentsRequest(search=word), metadata=bearer(token))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "signed" in (err.value.details() or "")
+
+    async def logged() -> None:
+        rows = await inbound_rows(reg, "mesh-lister")
+        assert [(r["method"], r["result_count"]) for r in rows] == [("ListAgents", 1)] * 3
+
+    await eventually(logged)
+
+    # An admin: everything, owners and health-check addresses included, with paging.
+    reply = await reg.agents.ListAgents(pb.ListAgentsRequest(search=word), metadata=reg.admin)
+    assert {a.id for a in reply.agents} == {shared.id, local.id, private.id}
+    assert all(a.owner and a.health_check_url for a in reply.agents)
+    first = await reg.agents.ListAgents(pb.ListAgentsRequest(search=word, page_size=1), metadata=reg.admin)
+    assert len(first.agents) == 1 and first.next_page_token
+    # Anyone: local agents too (peers never see them), with their owner.
+    reply = await reg.agents.ListAgents(pb.ListAgentsRequest(search=word))
+    assert {a.id for a in reply.agents} == {shared.id, local.id}
+    assert all(a.owner for a in reply.agents)
+    # Members' and admins' listings are not peers' queries: still the peer's three rows only.
+    assert len(await inbound_rows(reg, "mesh-lister")) == 3

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -108,6 +108,19 @@ class ResourceExhausted(_CodedError):
 
 class Aborted(_CodedError):
     status_code, default_reason = grpc.StatusCode.ABORTED, "ABORTED"
+
+
+class RateLimited(ResourceExhausted):
+    """RESOURCE_EXHAUSTED with a google.rpc.RetryInfo saying when to try again (the edge's Retry-After)."""
+
+    def __init__(self, message: str, reason: str, retry_after_seconds: int, **metadata: str) -> None:
+        super().__init__(message, reason, **metadata, retry_after_seconds=str(retry_after_seconds))
+        self.retry_after_seconds = retry_after_seconds
+
+    def details(self) -> list[any_pb2.Any]:
+        packed = any_pb2.Any()
+        packed.Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=self.retry_after_seconds)))
+        return [*super().details(), packed]
 
 
 def invalid(field_path: str, description: str) -> InvalidArgument:

@@ -693,7 +693,7 @@ class SearchAgentsResponse(_message.Message):
     registry_name: _builtins.str
     """Name of the answering mesh."""
     generation: _builtins.int
-    """The sharing generation this answer was built at (see GetSharingGeneration); 0 when not known."""
+    """The sharing generation this answer was built at (see SharingGeneration); 0 when not known."""
     @_builtins.property
     def agents(self) -> _containers.RepeatedCompositeFieldContainer[_registry_service_pb2.Agent]:
         """Agents whose sharing is federated; owner identity is never included."""
