@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agentvault.common import agents, versions
+from agentvault.common.enums import EnumWords, enum_words
 from agentvault.common.errors import InvalidArgument
 from agentvault.registry.v1 import registry_service_pb2 as pb
 
@@ -15,32 +16,15 @@ MAX_AGENT_ID = 128
 # Timestamp.FromJsonString and protobuf accept years 1..9999; anything else a peer sends is dropped.
 _MAX_SECONDS = 253_402_300_799
 
-_KIND_WORDS = {pb.CAPABILITY_KIND_TOOL: "tool", pb.CAPABILITY_KIND_SKILL: "skill", pb.CAPABILITY_KIND_MODEL: "model"}
-_PROTOCOL_WORDS = {
-    pb.PROTOCOL_HTTP: "http",
-    pb.PROTOCOL_WEBSOCKET: "websocket",
-    pb.PROTOCOL_GRPC: "grpc",
-    pb.PROTOCOL_A2A: "a2a",
-    pb.PROTOCOL_MCP: "mcp",
-}
-_HEALTH_VALUES = frozenset(pb.HealthStatus.values())
+KIND_WORDS = enum_words(pb.CapabilityKind.DESCRIPTOR)
+PROTOCOL_WORDS = enum_words(pb.Protocol.DESCRIPTOR)
+HEALTH_WORDS = enum_words(pb.HealthStatus.DESCRIPTOR)
 
 
-def _enum_from_json(value: Any, enum: Any, prefix: str) -> int:
-    """Lenient enum parsing: `tool`, `TOOL`, `CAPABILITY_KIND_TOOL` or the number; 0 when unknown."""
-    if isinstance(value, bool):
-        return 0
-    if isinstance(value, int):
-        return value if value in enum.values() else 0
-    if not isinstance(value, str) or len(value) > 64:
-        return 0
-    name = value.strip().upper()
-    if not name.startswith(prefix):
-        name = prefix + name
-    try:
-        return int(enum.Value(name))
-    except ValueError:
-        return 0
+def _lenient(value: Any, words: EnumWords) -> int:
+    """`tool`, `TOOL`, `CAPABILITY_KIND_TOOL` or the number; 0 (not set) for anything else, so one unknown word
+    does not make a peer's whole answer unreadable: `sanitize` then decides about the agent."""
+    return words.number(value) or 0
 
 
 def _text(value: Any) -> str:
@@ -67,21 +51,21 @@ def agent_from_json(raw: Any) -> pb.Agent | None:
         description=_text(raw.get("description")),
         version=_text(raw.get("version")),
         agent_type=_text(raw.get("agent_type")),
-        health_status=_enum_from_json(raw.get("health_status"), pb.HealthStatus, "HEALTH_STATUS_"),  # type: ignore[arg-type]
+        health_status=_lenient(raw.get("health_status"), HEALTH_WORDS),  # type: ignore[arg-type]
     )
     raw_id = raw.get("id")
     if isinstance(raw_id, str | int) and not isinstance(raw_id, bool):
         agent.id = str(raw_id)
     for cap in _dicts(raw.get("capabilities"), agents.MAX_CAPABILITIES):
         agent.capabilities.add(
-            kind=_enum_from_json(cap.get("kind"), pb.CapabilityKind, "CAPABILITY_KIND_"),
+            kind=_lenient(cap.get("kind"), KIND_WORDS),
             name=_text(cap.get("name")),
             version=_text(cap.get("version")),
             description=_text(cap.get("description")),
         )
     for ep in _dicts(raw.get("endpoints"), agents.MAX_ENDPOINTS):
         agent.endpoints.add(
-            protocol=_enum_from_json(ep.get("protocol"), pb.Protocol, "PROTOCOL_"),
+            protocol=_lenient(ep.get("protocol"), PROTOCOL_WORDS),
             url=_text(ep.get("url")),
         )
     tags = raw.get("tags")
@@ -105,12 +89,12 @@ def sanitize(agent: pb.Agent) -> pb.Agent | None:
     violations = 0
     capabilities = []
     for cap in agent.capabilities[: agents.MAX_CAPABILITIES + 1]:
-        kind = _KIND_WORDS.get(cap.kind, "")
+        kind = KIND_WORDS.word(cap.kind)
         violations += not kind
         capabilities.append(agents.Capability(kind, cap.name, cap.version, cap.description))
     endpoints = []
     for ep in agent.endpoints[: agents.MAX_ENDPOINTS + 1]:
-        protocol = _PROTOCOL_WORDS.get(ep.protocol, "")
+        protocol = PROTOCOL_WORDS.word(ep.protocol)
         violations += not protocol
         endpoints.append(agents.Endpoint(protocol, ep.url))
     if violations:
@@ -139,7 +123,7 @@ def sanitize(agent: pb.Agent) -> pb.Agent | None:
         capabilities=list(agent.capabilities),
         endpoints=list(agent.endpoints),
         tags=spec.tags,
-        health_status=agent.health_status if agent.health_status in _HEALTH_VALUES else 0,  # type: ignore[arg-type]
+        health_status=agent.health_status if agent.health_status in HEALTH_WORDS.to_word else 0,  # type: ignore[arg-type]
     )
     if agent.HasField("update_time") and 0 <= agent.update_time.seconds <= _MAX_SECONDS:
         clean.update_time.CopyFrom(agent.update_time)

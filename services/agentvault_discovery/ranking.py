@@ -5,7 +5,6 @@ from __future__ import annotations
 import bisect
 import functools
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,35 +28,43 @@ def query_terms(search: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(_WORD.findall(search.lower())))[:MAX_TERMS]
 
 
-def _words(texts: Iterable[str]) -> set[str]:
-    found: set[str] = set()
-    for text in texts:
-        found.update(_WORD.findall(text.lower()))
-    return found
+def _is_word(char: str) -> bool:
+    # Exactly what `\w` matches in a str pattern: Unicode alphanumerics and the underscore.
+    return char.isalnum() or char == "_"
 
 
-def _match(term: str, words: set[str]) -> float:
-    if term in words:
-        return 1.0
-    return PREFIX_FACTOR if any(w.startswith(term) for w in words) else 0.0
+def _match(term: str, text: str) -> float:
+    """1 when `term` is one of the text's words (split as _WORD splits them), PREFIX_FACTOR when it begins one,
+    else 0. Found with str.find rather than by splitting the text: scoring every agent of every peer's answer is
+    the aggregator's main cost, and most texts do not contain most terms at all."""
+    best = 0.0
+    start = text.find(term)
+    while start >= 0:
+        if start == 0 or not _is_word(text[start - 1]):
+            end = start + len(term)
+            if end == len(text) or not _is_word(text[end]):
+                return 1.0
+            best = PREFIX_FACTOR
+        start = text.find(term, start + 1)
+    return best
 
 
 def score(agent: pb.Agent, terms: tuple[str, ...]) -> float:
     """Mean over the terms of the best weighted match, in [0, 1]; 0 without terms."""
     if not terms:
         return 0.0
-    name = _words((agent.name,))
-    keywords = _words((agent.agent_type, *agent.tags, *(c.name for c in agent.capabilities)))
-    prose: set[str] | None = None
+    name = agent.name.lower()
+    keywords = " ".join((agent.agent_type, *agent.tags, *(c.name for c in agent.capabilities))).lower()
+    prose: str | None = None
     total = 0.0
     for term in terms:
         best = WEIGHT_NAME * _match(term, name)
         if best < WEIGHT_NAME:
             best = max(best, WEIGHT_KEYWORDS * _match(term, keywords))
         if best < WEIGHT_PROSE:
-            # Descriptions are the longest field: split them only when the shorter fields did not match.
+            # Descriptions are the longest field: joined only when the shorter fields did not match.
             if prose is None:
-                prose = _words((agent.description, *(c.description for c in agent.capabilities)))
+                prose = " ".join((agent.description, *(c.description for c in agent.capabilities))).lower()
             best = max(best, WEIGHT_PROSE * _match(term, prose))
         total += best
     return round(total / len(terms), 6)

@@ -30,7 +30,9 @@ from agentvault.registry.v1 import registry_service_pb2 as pb
 from agentvault.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from agentvault_discovery import domain, ranking
 from agentvault_discovery.access import ForceRefreshGate
-from agentvault_discovery.federator import FAILED, MEMORY_PER_WIRE_BYTE, OK, SKIPPED, TIMEOUT, Federator, PeerOutcome
+from agentvault_discovery.answers import MEMORY_PER_WIRE_BYTE
+from agentvault_discovery.federator import Federator
+from agentvault_discovery.outcomes import FAILED, OK, SKIPPED, TIMEOUT, PeerOutcome
 from agentvault_discovery.settings import DiscoverySettings
 from agentvault_discovery.store import Store
 

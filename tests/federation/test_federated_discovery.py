@@ -470,3 +470,52 @@ async def test_a_mesh_can_also_be_queried_in_the_seed_rest_form(
     finally:
         await call(http, "DELETE", a.url(f"/api/v1/federation/peers/{peer_id}"), headers=admin(a))
         await asyncio.sleep(2)
+
+
+async def test_cache_rows_are_written_again_only_for_new_or_changed_agents(
+    federation: Federation, http: aiohttp.ClientSession
+) -> None:
+    # federated_agents_cache has one row per (agent, peer): an agent found again by another query is not written
+    # again while its row is fresh, a new or changed one is.
+    one, two = unique_word(), unique_word()
+    both = await register(http, federation.b, f"Both {one} {two}", "federated")
+    await discover(http, federation.a, include_federated=True, search=one)
+    conn = await asyncpg.connect(federation.a.database_url)
+
+    async def row(did: str) -> asyncpg.Record | None:
+        return await conn.fetchrow(
+            "SELECT cached_at, agent_data->>'name' AS name FROM federated_agents_cache"
+            " WHERE peer_id = $1 AND agent_did = $2",
+            federation.peer_b,
+            did,
+        )
+
+    try:
+
+        async def written(did: str) -> None:
+            assert await row(did) is not None
+
+        await eventually(lambda: written(both["did"]))
+        first = await row(both["did"])
+        assert first is not None
+        # Another query whose answer holds the same agent and a new one: only the new one's row is written (the
+        # two are queued together, so once the new row is there, the first would have been rewritten too).
+        newcomer = await register(http, federation.b, f"Newcomer {two}", "federated")
+        reply = await discover(http, federation.a, include_federated=True, search=two)
+        assert {a["did"] for a in reply["agents"]} == {both["did"], newcomer["did"]}
+        await eventually(lambda: written(newcomer["did"]))
+        again = await row(both["did"])
+        assert again is not None and again["cached_at"] == first["cached_at"]
+        # Changed at B: written again.
+        await rename(http, federation.b, both["id"], f"Renamed {one} {two}")
+
+        async def renamed() -> None:
+            changed = await row(both["did"])
+            assert changed is not None and changed["name"] == f"Renamed {one} {two}"
+            assert changed["cached_at"] > first["cached_at"]
+
+        # force_refresh: B's answer to `one` is still cached, and B's generation was heard a moment ago.
+        await discover(http, federation.a, include_federated=True, search=one, force_refresh=True)
+        await eventually(renamed)
+    finally:
+        await conn.close()
