@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv install proto proto-check proto-breaking proto-release docs lint fmt typecheck test test-only run bench clean
+.PHONY: help venv install proto proto-check proto-breaking proto-release docs deploy lint fmt typecheck test test-only run bench clean
 
 help:
 	@echo "make run         start the whole mesh on embedded PostgreSQL and Redis (Ctrl-C stops it)"
@@ -15,6 +15,7 @@ help:
 	@echo "make proto       regenerate Python code and stubs from protos/"
 	@echo "make lint|fmt    ruff, mypy, buf lint / format everything"
 	@echo "make docs        regenerate the README's table of error reasons"
+	@echo "make deploy      regenerate pyproject's entry points, compose and Kubernetes files from the service list"
 	@echo "make bench       run the benchmarks in bench/ and print their figures"
 
 venv: $(STAMP)
@@ -54,9 +55,14 @@ proto-release: $(STAMP)
 docs: $(STAMP)
 	$(PY) scripts/error_reasons.py
 
+# pyproject's entry points, docker-compose.yml and deploy/k8s/base, from agentvault.common.services.
+deploy: $(STAMP)
+	$(PY) scripts/deploy_gen.py
+
 lint: $(STAMP)
 	$(PY) scripts/protogen.py --check
 	$(PY) scripts/error_reasons.py --check
+	$(PY) scripts/deploy_gen.py --check
 	$(BIN)/buf lint
 	$(BIN)/buf format --exit-code -d > /dev/null || { $(BIN)/buf format -d; echo "protos are not buf-formatted: run make fmt"; exit 1; }
 	$(MAKE) --no-print-directory proto-breaking

@@ -18,8 +18,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agentvault.common import egress, peers
+from agentvault.common.enums import enum_words
 from agentvault.federation.v1 import federation_service_pb2 as fed_pb
 from agentvault.federation.v1 import federation_service_pb2_grpc as fed_grpc
+from agentvault.registry.v1 import registry_service_pb2 as reg_pb
 from agentvault_healthmonitor.domain import (
     ERROR,
     HEALTHY,
@@ -34,6 +36,8 @@ from agentvault_healthmonitor.domain import (
 log = logging.getLogger(__name__)
 
 REST_HEALTH_PATH = "/api/v1/health"
+# What that path answers: registry.v1.HealthResponse, whose status is a registry.v1.HealthStatus.
+HEALTH_STATUS = enum_words(reg_pb.HealthStatus.DESCRIPTOR)
 # The gRPC health service name a mesh peer must report SERVING: the API this mesh calls on it.
 FEDERATION_SERVICE = fed_pb.DESCRIPTOR.services_by_name["FederationService"].full_name
 MAX_BODY = 64 * 1024
@@ -118,11 +122,15 @@ class Prober:
         except Exception as exc:  # a probe must never take the loop down; the failure is recorded instead
             log.exception("peer check of %s failed unexpectedly", peer.name)
             status, error, count = ERROR, f"{type(exc).__name__}: {exc}", None
+        learned: tuple[int, str] = (0, "")
         if status != HEALTHY:
             # A failing peer is rediscovered next time: it may have moved, or answered discovery while half up.
             self._routes.pop((peer.id, peer.registry_url), None)
+        elif (found := self._routes.get((peer.id, peer.registry_url))) is not None:
+            # Only a route from the discovery document is cached here; configured ones never are.
+            learned = (found.protocol, found.grpc_endpoint if found.protocol == fed_pb.PEER_PROTOCOL_GRPC else "")
         elapsed = (time.perf_counter() - started) * 1000
-        return CheckResult(status, round(elapsed, 3), error, count)
+        return CheckResult(status, round(elapsed, 3), error, count, *learned)
 
     async def _route(self, peer: PeerSubject, deadline: float) -> _Route:
         if peer.protocol == fed_pb.PEER_PROTOCOL_GRPC and peer.grpc_endpoint:
@@ -238,9 +246,9 @@ def _rest_answer(raw: bytes) -> tuple[str, str, int | None]:
         return ERROR, "health answer is not JSON", None
     if not isinstance(doc, dict) or not isinstance(doc.get("status"), str):
         return ERROR, "health answer has no status", None
-    status = doc["status"].strip().lower().removeprefix("health_status_")
-    if status != HEALTHY:
-        return UNHEALTHY, f"peer reports status {status[:40]!r}", None
+    # The shared word mapping: "healthy", "HEALTH_STATUS_HEALTHY" and the number all name the same value.
+    if HEALTH_STATUS.number(doc["status"]) != reg_pb.HEALTH_STATUS_HEALTHY:
+        return UNHEALTHY, f"peer reports status {doc['status'][:40]!r}", None
     count = doc.get("agent_count")
     # int64 fields arrive as strings in proto JSON; anything else is ignored rather than failing the check.
     if isinstance(count, str) and count.isdigit():

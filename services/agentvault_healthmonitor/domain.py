@@ -27,6 +27,10 @@ class CheckResult:
     error: str = ""
     # Peers only: the agent count the peer reported, when it answered.
     agent_count: int | None = None
+    # Peers only, after a success through a route learned from the peer's discovery document (its record left
+    # protocol or endpoint unset): how it was reached (federation.v1.PeerProtocol) and its gRPC endpoint.
+    learned_protocol: int = 0
+    learned_grpc_endpoint: str = ""
 
     @property
     def ok(self) -> bool:
@@ -88,13 +92,13 @@ def is_change(before: State, after: State) -> bool:
 
 
 def overall_status(states: list[State]) -> str:
-    """ "" with no peers; healthy when every active peer is, down when none is, else degraded."""
+    """ "" with no peers; healthy when every peer's last check succeeded, down only when every peer is down (past
+    the failure threshold, as each peer's is_down says), else degraded: a failure below the threshold degrades."""
     if not states:
         return ""
-    healthy = sum(1 for s in states if s.status == HEALTHY)
-    if healthy == len(states):
+    if all(s.status == HEALTHY for s in states):
         return "healthy"
-    if healthy == 0:
+    if all(s.is_down for s in states):
         return "down"
     return "degraded"
 

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import random
 import time
+from dataclasses import replace
 from datetime import datetime
 
 import grpc
@@ -207,6 +208,10 @@ class Monitor:
             if isinstance(subject, PeerSubject):
                 PEER_HEALTH.labels(subject.name).set(1 if result.ok else 0)
                 await self.registry.report_peer(subject_id, after)
+                learned = (result.learned_protocol, result.learned_grpc_endpoint)
+                if result.learned_protocol and learned != (subject.protocol, subject.grpc_endpoint):
+                    await self.registry.learn_route(subject_id, *learned)
+                    self.peers[subject_id] = replace(subject, protocol=learned[0], grpc_endpoint=learned[1])
             else:
                 health = agent_health(after)
                 # Written only when it differs from what the registry shows, which every sync re-reads.

@@ -6,8 +6,9 @@ from datetime import datetime
 from typing import Any
 
 import grpc
-from google.protobuf import timestamp_pb2
+from google.protobuf import field_mask_pb2, timestamp_pb2
 
+from agentvault.common.enums import enum_words
 from agentvault.common.peers import load_peers
 from agentvault.common.secretbox import SecretBox
 from agentvault.federation.v1 import federation_service_pb2 as fed_pb
@@ -16,13 +17,15 @@ from agentvault.registry.v1 import registry_service_pb2 as reg_pb
 from agentvault.registry.v1 import registry_service_pb2_grpc as reg_grpc
 from agentvault_healthmonitor.domain import AgentSubject, PeerSubject, State
 
-STATUS_TO_PEER: dict[str, Any] = {
-    "healthy": fed_pb.PEER_STATUS_HEALTHY,
-    "unhealthy": fed_pb.PEER_STATUS_UNHEALTHY,
-    "timeout": fed_pb.PEER_STATUS_TIMEOUT,
-    "unreachable": fed_pb.PEER_STATUS_UNREACHABLE,
-    "error": fed_pb.PEER_STATUS_ERROR,
-}
+# The domain's status words are PeerStatus's words (domain.STATUSES; tests/healthmonitor check they all map).
+PEER_STATUS = enum_words(fed_pb.PeerStatus.DESCRIPTOR)
+
+
+def peer_status(word: str) -> Any:
+    """The PeerStatus number for a domain status word; UNSPECIFIED for "" (never checked)."""
+    return PEER_STATUS.number(word) or fed_pb.PEER_STATUS_UNSPECIFIED
+
+
 PAGE_SIZE = 500
 CALL_TIMEOUT = 5.0
 
@@ -99,11 +102,24 @@ class RegistryClient:
         await self.peers_stub.ReportPeerHealth(
             fed_pb.ReportPeerHealthRequest(
                 peer_id=peer_id,
-                status=STATUS_TO_PEER[state.status],
+                status=peer_status(state.status),
                 agent_count=state.agent_count or 0,
                 is_down=state.is_down,
                 consecutive_failures=state.consecutive_failures,
                 check_time=timestamp(state.last_check),
+            ),
+            metadata=self._metadata,
+            timeout=CALL_TIMEOUT,
+        )
+
+    async def learn_route(self, peer_id: str, protocol: int, grpc_endpoint: str) -> None:
+        """Writes how a peer was reached into its record, where the operator left protocol or endpoint to be
+        learned from the peer's discovery document (the record then shows what was used, not "unspecified")."""
+        paths = ["protocol", "grpc_endpoint"] if grpc_endpoint else ["protocol"]
+        await self.peers_stub.UpdatePeer(
+            fed_pb.UpdatePeerRequest(
+                peer=fed_pb.Peer(id=peer_id, protocol=protocol, grpc_endpoint=grpc_endpoint),  # type: ignore[arg-type]
+                update_mask=field_mask_pb2.FieldMask(paths=paths),
             ),
             metadata=self._metadata,
             timeout=CALL_TIMEOUT,

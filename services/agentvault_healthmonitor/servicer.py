@@ -5,28 +5,23 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Any
 
 import grpc
 from google.protobuf import timestamp_pb2
 
+from agentvault.common.enums import enum_words
 from agentvault.common.errors import NotFound, Unavailable, invalid
 from agentvault.common.remote_auth import AdminGate
-from agentvault.federation.v1 import federation_service_pb2 as fed_pb
 from agentvault.healthmonitor.v1 import health_monitor_service_pb2 as pb
 from agentvault.healthmonitor.v1 import health_monitor_service_pb2_grpc as pb_grpc
 from agentvault_healthmonitor.domain import PEER, State, Summary, overall_status
 from agentvault_healthmonitor.events import ChangeEvent, EventHub, WatchEnded
 from agentvault_healthmonitor.monitor import Monitor
-from agentvault_healthmonitor.registry import STATUS_TO_PEER
+from agentvault_healthmonitor.registry import peer_status
 from agentvault_healthmonitor.store import Store
 
-OVERALL: dict[str, Any] = {
-    "": pb.OVERALL_STATUS_UNSPECIFIED,
-    "healthy": pb.OVERALL_STATUS_HEALTHY,
-    "degraded": pb.OVERALL_STATUS_DEGRADED,
-    "down": pb.OVERALL_STATUS_DOWN,
-}
+# The domain's overall words ("", healthy, degraded, down) are OverallStatus's words.
+OVERALL = enum_words(pb.OverallStatus.DESCRIPTOR)
 DEFAULT_WINDOW = 86400
 MAX_WINDOW = 30 * 86400
 DEFAULT_LIMIT = 100
@@ -34,10 +29,6 @@ MAX_LIMIT = 1000
 MAX_ID = 64
 # Summaries aggregate a day of history per peer; one computation serves every request for up to this long.
 MAX_SUMMARY_CACHE_SECONDS = 5.0
-
-
-def _status(word: str) -> Any:
-    return STATUS_TO_PEER.get(word, fed_pb.PEER_STATUS_UNSPECIFIED)
 
 
 def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
@@ -54,7 +45,7 @@ def peer_health(peer_id: str, name: str, state: State | None, summary: Summary |
     return pb.PeerHealth(
         peer_id=peer_id,
         name=name or state.name,
-        status=_status(state.status),
+        status=peer_status(state.status),
         response_time_ms=state.response_time_ms,
         last_check=_timestamp(state.last_check),
         error=state.error,
@@ -72,8 +63,8 @@ def event_to_proto(event: ChangeEvent) -> pb.WatchHealthResponse:
         subject_kind=event.subject_kind,
         subject_id=event.subject_id,
         name=event.name,
-        previous_status=_status(event.previous_status),
-        status=_status(event.status),
+        previous_status=peer_status(event.previous_status),
+        status=peer_status(event.status),
         is_down=event.is_down,
         error=event.error,
         time=ts,
@@ -111,7 +102,7 @@ class HealthMonitorServicer(pb_grpc.HealthMonitorServiceServicer):
         summaries = await self._peer_summaries(ids)
         current = [states.get(p.id) or State(PEER, p.id) for p in peers]
         return pb.GetFederationHealthResponse(
-            overall_status=OVERALL[overall_status(current)],
+            overall_status=pb.OverallStatus.ValueType(OVERALL.number(overall_status(current)) or 0),
             active_peers=sum(1 for s in current if s.status == "healthy"),
             total_peers=len(peers),
             peers=[peer_health(p.id, p.name, states.get(p.id), summaries.get(p.id)) for p in peers],
@@ -139,7 +130,7 @@ class HealthMonitorServicer(pb_grpc.HealthMonitorServiceServicer):
             summary=peer_health(request.peer_id, peer.name if peer else "", state, summary),
             checks=[
                 pb.HealthCheck(
-                    status=_status(h.status),
+                    status=peer_status(h.status),
                     response_time_ms=h.response_time_ms,
                     error=h.error,
                     time=_timestamp(h.checked_at),
@@ -163,7 +154,7 @@ class HealthMonitorServicer(pb_grpc.HealthMonitorServiceServicer):
                         subject_kind=PEER,
                         subject_id=peer.id,
                         name=peer.name,
-                        status=_status(state.status),
+                        status=peer_status(state.status),
                         is_down=state.is_down,
                         error=state.error,
                         time=_timestamp(state.last_check),

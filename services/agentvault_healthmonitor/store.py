@@ -7,6 +7,7 @@ from datetime import datetime
 
 import asyncpg
 
+from agentvault.common.lease import Leases
 from agentvault_healthmonitor.domain import CheckResult, HistoryEntry, State, Summary, apply_check
 
 _STATE_COLUMNS = (
@@ -24,74 +25,27 @@ def _state(row: asyncpg.Record) -> State:
 class Store:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
+        self.leases = Leases(pool, "health_leases")
 
     # Schedule ------------------------------------------------------------------------------------------
 
     async def sync_subjects(self, kind: str, ids: Sequence[str]) -> None:
         """Makes the schedule hold exactly these subjects of `kind`; new ones are due at once."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                """INSERT INTO health_leases (subject_kind, subject_id)
-                   SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING""",
-                kind,
-                list(ids),
-            )
-            await conn.execute(
-                "DELETE FROM health_leases WHERE subject_kind = $1 AND NOT (subject_id = ANY($2::text[]))",
-                kind,
-                list(ids),
-            )
+        await self.leases.sync(kind, ids)
 
     async def claim(
         self, replica: str, known: Mapping[str, Sequence[str]], limit: int, interval: float
     ) -> list[tuple[str, str, datetime]]:
         """Claims up to `limit` due subjects this replica knows, and moves them one interval ahead.
 
-        The row lock lasts only this statement: SKIP LOCKED keeps two replicas off the same rows, and the
-        moved next_check_at keeps every replica off them until the next interval, so a check needs no
-        open transaction while it runs. A replica that dies mid-check delays that subject by one interval.
+        A replica that dies mid-check delays that subject by one interval (its lease expires; agentvault.common.lease).
         """
-        if limit <= 0:
-            return []
-        kinds = list(known)
-        rows = await self.pool.fetch(
-            """WITH due AS (
-                   SELECT l.subject_kind, l.subject_id FROM health_leases l
-                   JOIN unnest($1::text[], $2::text[]) AS k(kind, id)
-                     ON l.subject_kind = k.kind AND l.subject_id = k.id
-                   WHERE l.next_check_at <= now()
-                   ORDER BY l.next_check_at
-                   LIMIT $3
-                   FOR UPDATE OF l SKIP LOCKED)
-               UPDATE health_leases l
-               SET next_check_at = now() + make_interval(secs => $4), claimed_by = $5, claimed_at = now()
-               FROM due
-               WHERE l.subject_kind = due.subject_kind AND l.subject_id = due.subject_id
-               RETURNING l.subject_kind, l.subject_id, l.claimed_at""",
-            [kind for kind in kinds for _ in known[kind]],
-            [subject for kind in kinds for subject in known[kind]],
-            limit,
-            interval,
-            replica,
-        )
-        return [(r["subject_kind"], r["subject_id"], r["claimed_at"]) for r in rows]
+        claims = await self.leases.claim(replica, known, limit, interval)
+        return [(c.kind, c.id, c.claimed_at) for c in claims]
 
     async def claim_maintenance(self, task: str, replica: str, every: float) -> bool:
         """True for exactly one replica per `every` seconds: the same lease mechanism, for periodic chores."""
-        row = await self.pool.fetchrow(
-            """INSERT INTO health_leases (subject_kind, subject_id, next_check_at, claimed_by, claimed_at)
-               VALUES ($1, $2, now() + make_interval(secs => $3), $4, now())
-               ON CONFLICT (subject_kind, subject_id) DO UPDATE
-               SET next_check_at = EXCLUDED.next_check_at, claimed_by = EXCLUDED.claimed_by,
-                   claimed_at = EXCLUDED.claimed_at
-               WHERE health_leases.next_check_at <= now()
-               RETURNING 1""",
-            MAINTENANCE,
-            task,
-            every,
-            replica,
-        )
-        return row is not None
+        return await self.leases.claim_one(MAINTENANCE, task, replica, every)
 
     # Checks ------------------------------------------------------------------------------------------
 

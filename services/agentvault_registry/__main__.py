@@ -2,99 +2,81 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
-import sys
-from collections.abc import Awaitable, Callable, Iterable
 from importlib.resources import files
 
 from agentvault.common import db
 from agentvault.common import peers as peers_lib
 from agentvault.common.redis import create_redis
 from agentvault.common.secretbox import SecretBox
-from agentvault.common.server import GrpcServer, run
-from agentvault.common.settings import SettingsError
-from agentvault.federation.v1 import federation_service_pb2 as fed_pb
+from agentvault.common.server import GrpcServer, background, run_service
 from agentvault.federation.v1 import federation_service_pb2_grpc as fed_grpc
-from agentvault.registry.v1 import registry_service_pb2, registry_service_pb2_grpc
+from agentvault.registry.v1 import registry_service_pb2_grpc
 from agentvault_registry import declared_peers
 from agentvault_registry.auth import Authenticator
 from agentvault_registry.cache import AgentCache
-from agentvault_registry.federation import FederationGate, FederationServicer, PeerServicer
+from agentvault_registry.federation_gate import FederationGate
+from agentvault_registry.federation_servicer import FederationServicer
 from agentvault_registry.federation_store import FederationStore
+from agentvault_registry.peer_admin import PeerServicer
 from agentvault_registry.servicer import RegistryServicer
 from agentvault_registry.settings import RegistrySettings
 from agentvault_registry.store import Store, init_connection
 
-SERVICE_NAME = registry_service_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name
-PEER_SERVICE = fed_pb.DESCRIPTOR.services_by_name["PeerService"].full_name
-FEDERATION_SERVICE = fed_pb.DESCRIPTOR.services_by_name["FederationService"].full_name
 log = logging.getLogger(__name__)
 
 
+async def build(settings: RegistrySettings, server: GrpcServer, stack: contextlib.AsyncExitStack) -> None:
+    pool = await db.create_pool(
+        settings.database_url,
+        max_size=settings.db_pool_size,
+        init=init_connection,
+        # Search plans depend heavily on the values (a common capability name vs. a rare one); a generic
+        # plan reused for every value made capability-filtered search 20x slower at 100k agents.
+        server_settings={"plan_cache_mode": "force_custom_plan"},
+        stateless=True,
+    )
+    stack.push_async_callback(pool.close)
+    await db.migrate(pool, "registry", files("agentvault_registry") / "migrations")
+    redis = create_redis(settings.redis_url)
+    stack.push_async_callback(redis.aclose)
+    store = Store(pool)
+    auth = Authenticator(store, settings.admin_token)
+    fed = settings.federation
+    box = SecretBox([k.strip() for k in fed.encryption_keys.split(",") if k.strip()]) if fed.encryption_keys else None
+    if box is None:
+        log.warning("FEDERATION_ENCRYPTION_KEYS is not set: peers and federation credentials are unavailable")
+    fed_store = FederationStore(pool)
+    if box is not None and box.key_count > 1:
+        # More than one key means a rotation is under way: move every secret to the first key, after
+        # which the old keys can be removed from FEDERATION_ENCRYPTION_KEYS.
+        rotated = await fed_store.rotate_secrets(box.rotate_if_needed)
+        log.info("federation secrets re-encrypted under the primary key", extra={"rotated": rotated})
+    cache = AgentCache(redis, settings.agent_cache_ttl, settings.agent_cache_size, settings.agent_cache_bytes)
+    background(stack, cache.run(), "agent-cache")
+    gate = FederationGate(fed_store, box, redis, fed, cache)
+    federation = FederationServicer(store, fed_store, gate, fed, cache)
+    federation.inbound_log.start()
+    # Closed first (the stack unwinds in reverse): the server has stopped taking calls, so every inbound
+    # query logged so far is written while the pool is still open.
+    stack.push_async_callback(federation.inbound_log.stop)
+    registry = RegistryServicer(store, auth, redis.ping, cache, federation)
+    peers = PeerServicer(fed_store, auth, box, cache)
+    if fed.peers_file:
+        await declared_peers.apply(fed.peers_file, os.environ, fed_store, peers)
+    server.serve(registry_service_pb2_grpc.add_RegistryServiceServicer_to_server, registry)
+    server.serve(fed_grpc.add_PeerServiceServicer_to_server, peers)
+    server.serve(fed_grpc.add_FederationServiceServicer_to_server, federation)
+    if fed.tls is not None:
+        creds = peers_lib.server_credentials(fed.tls, require_client_auth=fed.mtls_required)
+        tls_port = server.add_secure_port(fed.tls_port, creds)
+        log.info("federation TLS listener", extra={"port": tls_port, "mtls_required": fed.mtls_required})
+
+
 def main() -> None:
-    try:
-        settings = RegistrySettings.load()
-    except SettingsError as exc:
-        sys.exit(f"registry: {exc}")
-
-    async def serve(server: GrpcServer) -> Iterable[Callable[[], Awaitable[None]]]:
-        pool = await db.create_pool(
-            settings.database_url,
-            max_size=settings.db_pool_size,
-            init=init_connection,
-            # Search plans depend heavily on the values (a common capability name vs. a rare one); a generic
-            # plan reused for every value made capability-filtered search 20x slower at 100k agents.
-            server_settings={"plan_cache_mode": "force_custom_plan"},
-            stateless=True,
-        )
-        await db.migrate(pool, "registry", files("agentvault_registry") / "migrations")
-        redis = create_redis(settings.redis_url)
-        store = Store(pool)
-        auth = Authenticator(store, settings.admin_token)
-        fed = settings.federation
-        box = (
-            SecretBox([k.strip() for k in fed.encryption_keys.split(",") if k.strip()]) if fed.encryption_keys else None
-        )
-        if box is None:
-            log.warning("FEDERATION_ENCRYPTION_KEYS is not set: peers and federation credentials are unavailable")
-        fed_store = FederationStore(pool)
-        if box is not None and box.key_count > 1:
-            # More than one key means a rotation is under way: move every secret to the first key, after
-            # which the old keys can be removed from FEDERATION_ENCRYPTION_KEYS.
-            rotated = await fed_store.rotate_secrets(box.rotate_if_needed)
-            log.info("federation secrets re-encrypted under the primary key", extra={"rotated": rotated})
-        cache = AgentCache(redis, settings.agent_cache_ttl, settings.agent_cache_size, settings.agent_cache_bytes)
-        cache_task = asyncio.create_task(cache.run())
-        gate = FederationGate(fed_store, box, redis, fed, cache)
-        federation = FederationServicer(store, fed_store, gate, fed, cache)
-        federation.inbound_log.start()
-        registry = RegistryServicer(store, auth, redis.ping, cache, federation)
-        peers = PeerServicer(fed_store, auth, box, cache)
-        if fed.peers_file:
-            await declared_peers.apply(fed.peers_file, os.environ, fed_store, peers)
-        server.add(SERVICE_NAME, lambda s: registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(registry, s))
-        server.add(PEER_SERVICE, lambda s: fed_grpc.add_PeerServiceServicer_to_server(peers, s))
-        server.add(FEDERATION_SERVICE, lambda s: fed_grpc.add_FederationServiceServicer_to_server(federation, s))
-        if fed.tls is not None:
-            creds = peers_lib.server_credentials(fed.tls, require_client_auth=fed.mtls_required)
-            tls_port = server.add_secure_port(fed.tls_port, creds)
-            log.info("federation TLS listener", extra={"port": tls_port, "mtls_required": fed.mtls_required})
-
-        async def close() -> None:
-            # The server has stopped taking calls: write every inbound query logged so far.
-            await federation.inbound_log.stop()
-            cache_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await cache_task
-            await pool.close()
-            await redis.aclose()
-
-        return [close]
-
-    run(settings.common, serve)
+    run_service("agentvault_registry", RegistrySettings.load, build)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from agentvault.common.services import GRPC, SERVICES
 from agentvault.devserver.embedded import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,13 +27,11 @@ K8S = ROOT / "deploy" / "k8s"
 KUSTOMIZATIONS = [K8S / "base", *sorted(p for p in (K8S / "overlays").iterdir() if p.is_dir())]
 # Oldest supported (preStop.sleep is on by default from 1.30) and the newest kubernetes-validate ships.
 K8S_VERSIONS = ["1.30.0", "1.37.0"]
-OUR_SERVICES = ("registry", "discovery", "health-monitor", "edge")
+# From the one service list the files are generated from (test_deploy_gen.py checks they match it); today:
+# registry 50051, discovery 50052, health-monitor 50053 (gRPC) and edge 8080 (HTTP).
+OUR_SERVICES = tuple(s.name for s in SERVICES)
 # The gRPC backends: port, the variable that sets it, and the edge's variable that points at it.
-GRPC_BACKENDS = {
-    "registry": (50051, "REGISTRY_PORT", "REGISTRY_ADDR"),
-    "discovery": (50052, "DISCOVERY_PORT", "DISCOVERY_ADDR"),
-    "health-monitor": (50053, "HEALTH_MONITOR_PORT", "HEALTH_MONITOR_ADDR"),
-}
+GRPC_BACKENDS = {s.name: (s.default_port, s.port_var, s.addr_var) for s in SERVICES if s.kind == GRPC}
 SECRET_KEYS = {"DATABASE_URL", "REDIS_URL", "AGENTVAULT_ADMIN_TOKEN", "FEDERATION_ENCRYPTION_KEYS"}
 # The seed's federation defaults, shared by the backends in compose and in the ConfigMap.
 FEDERATION_DEFAULTS = {

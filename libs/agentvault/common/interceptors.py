@@ -48,22 +48,18 @@ def _request_id(metadata: Any) -> str:
     return f"{_ID_PREFIX}{next(_ids):010x}"
 
 
-async def _fail(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> str:
-    """Aborts the call with the status for `exc`; returns the status code name for the metrics."""
-    err: errors.AgentVaultError | None
+def _error_for(exc: BaseException, method: str) -> errors.AgentVaultError:
+    """The status a handler's exception becomes (logged when it is unexpected)."""
     if isinstance(exc, errors.AgentVaultError):
-        err = exc
-    else:
-        err = errors.from_store_error(exc)
-        if err is None:
-            log.exception("unhandled error in %s", method)
-            err = errors.AgentVaultError(
-                f"internal error (request id {request_id_var.get()})", "INTERNAL", {}, grpc.StatusCode.INTERNAL
-            )
-        else:
-            log.warning("%s: %s mapped to %s", method, type(exc).__name__, err.code.name)
-    await context.abort_with_status(err.to_status())
-    return err.code.name  # pragma: no cover - abort_with_status raises
+        return exc
+    err = errors.from_store_error(exc)
+    if err is None:
+        log.exception("unhandled error in %s", method)
+        return errors.AgentVaultError(
+            f"internal error (request id {request_id_var.get()})", "INTERNAL", {}, grpc.StatusCode.INTERNAL
+        )
+    log.warning("%s: %s mapped to %s", method, type(exc).__name__, err.code.name)
+    return err
 
 
 def instrument(method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
@@ -101,7 +97,10 @@ def instrument(method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.Rp
                 code = _code_name(context)
                 raise
             except Exception as exc:
-                code = await _fail(context, exc, method)
+                err = _error_for(exc, method)
+                # Named before aborting: abort_with_status raises, and the call must be counted with its code.
+                code = err.code.name
+                await context.abort_with_status(err.to_status())
             finally:
                 finish(code, start)
                 tracing.release(carried)
@@ -127,7 +126,10 @@ def instrument(method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.Rp
                 code = _code_name(context)
                 raise
             except Exception as exc:
-                code = await _fail(context, exc, method)
+                err = _error_for(exc, method)
+                # Named before aborting: abort_with_status raises, and the call must be counted with its code.
+                code = err.code.name
+                await context.abort_with_status(err.to_status())
             finally:
                 finish(code, start)
                 tracing.release(carried)

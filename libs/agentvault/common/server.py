@@ -8,10 +8,11 @@ import inspect
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from typing import Any, Protocol, TypeVar
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from agentvault.common import errors, reflection
@@ -19,6 +20,7 @@ from agentvault.common.healthcheck import LIVENESS_SERVICE, StoreWatch
 from agentvault.common.interceptors import instrument
 from agentvault.common.logs import configure_logging
 from agentvault.common.metrics import serve_metrics
+from agentvault.common.services import service_of_module
 from agentvault.common.settings import CommonSettings, SettingsError
 from agentvault.common.tracing import configure_tracing
 
@@ -105,12 +107,21 @@ class _Registrar:
 
     Generated `add_*_to_server` registers the same handlers twice: as a generic handler and by name. The
     instrumented handlers are registered both ways too; the uninstrumented generic one is dropped.
+
+    Why this and not a grpc.aio.ServerInterceptor: an interceptor runs per call and must rebuild the handler on
+    every call (intercept_service gets the continuation, not the handler), which costs on the hot path the
+    benchmarks measure (GetAgent against the echo ceiling); wrapping once at registration costs nothing per call.
+    Why not build the handlers ourselves from the descriptors: that re-implements what the generated code (pinned
+    with grpcio-tools to this grpcio) already does, and would drift from it silently. The cost of this choice is a
+    dependence on the two calls generated code makes, so it is checked, loudly: `GrpcServer.add` fails unless
+    every method of the service's descriptor came through here, and tests/common/test_runtime.py calls every
+    method of every service and checks each one is counted (an uninstrumented path would not be).
     """
 
     def __init__(self, server: grpc.aio.Server, streams: StreamLimiter) -> None:
         self._server = server
         self._streams = streams
-        self.registered: set[str] = set()
+        self.registered: dict[str, set[str]] = {}
 
     def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
         return None
@@ -124,7 +135,27 @@ class _Registrar:
         }
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name, wrapped),))
         self._server.add_registered_method_handlers(service_name, wrapped)
-        self.registered.add(service_name)
+        self.registered.setdefault(service_name, set()).update(method_handlers)
+
+    def __getattr__(self, name: str) -> Any:
+        # Generated code calling anything else on the server is a registration path this class does not know.
+        raise RuntimeError(
+            f"generated code called server.{name}, which _Registrar does not instrument; grpcio's generated code "
+            "changed: update agentvault.common.server._Registrar"
+        )
+
+
+def _check_registered(service_name: str, methods: set[str]) -> None:
+    """Every method the service's descriptor declares must have come through the registrar (and so be wrapped)."""
+    try:
+        declared = {m.name for m in descriptor_pool.Default().FindServiceByName(service_name).methods}
+    except KeyError:
+        raise RuntimeError(f"{service_name} is not a known gRPC service (is its *_pb2 module imported?)") from None
+    if methods != declared:
+        raise RuntimeError(
+            f"{service_name} registered {sorted(methods)} but declares {sorted(declared)}: some methods would not be "
+            "instrumented; regenerate the stubs (make proto) or update agentvault.common.server._Registrar"
+        )
 
 
 class GrpcServer:
@@ -147,7 +178,26 @@ class GrpcServer:
         register(registrar)  # type: ignore[arg-type]
         if service_name not in registrar.registered:
             raise RuntimeError(f"{service_name} did not register its methods; regenerate the stubs (make proto)")
-        self._service_names.append(service_name)
+        for name, methods in registrar.registered.items():
+            _check_registered(name, methods)
+            if name not in self._service_names:
+                self._service_names.append(name)
+
+    def serve(self, add_to_server: Callable[[Any, Any], None], servicer: Any) -> None:
+        """Registers `servicer` with its generated `add_*Servicer_to_server`, e.g.
+        `server.serve(registry_service_pb2_grpc.add_RegistryServiceServicer_to_server, servicer)`."""
+        registrar = _Registrar(self.server, self.streams)
+        add_to_server(servicer, registrar)
+        if not registrar.registered:
+            raise RuntimeError(f"{add_to_server.__name__} registered no service; regenerate the stubs (make proto)")
+        for name, methods in registrar.registered.items():
+            _check_registered(name, methods)
+            if name not in self._service_names:
+                self._service_names.append(name)
+
+    @property
+    def service_names(self) -> tuple[str, ...]:
+        return tuple(self._service_names)
 
     def add_secure_port(self, port: int, credentials: grpc.ServerCredentials) -> int:
         """An extra TLS listener (e.g. for peer meshes over mutual TLS); call before start()."""
@@ -232,12 +282,75 @@ def run(
                 await cleanup()
 
     try:
-        try:
-            import uvloop
-        except ImportError:  # pragma: no cover - uvloop is absent only on Windows
-            asyncio.run(main())
-        else:
-            uvloop.run(main())
+        run_loop(main())
     except SettingsError as exc:
         # Configuration found bad while starting (a file, a key): one clear line, not a traceback.
         sys.exit(f"{settings.service}: {exc}")
+
+
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Runs `main` on uvloop where it exists (not on Windows), else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is absent only on Windows
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
+
+
+class ServiceSettings(Protocol):
+    """What run_service needs of a service's settings: the part every service shares."""
+
+    @property
+    def common(self) -> CommonSettings: ...
+
+
+S = TypeVar("S", bound=ServiceSettings)
+
+
+def background(stack: contextlib.AsyncExitStack, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+    """Starts `work` as a task that is cancelled (and awaited) when `stack` closes, i.e. after shutdown."""
+    task = asyncio.create_task(work, name=name)
+
+    async def stop() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    stack.push_async_callback(stop)
+    return task
+
+
+def run_service(
+    module: str,
+    load: Callable[[], S],
+    build: Callable[[S, GrpcServer, contextlib.AsyncExitStack], Awaitable[None]],
+) -> None:
+    """The whole `main` of a gRPC service: settings, then `build`, then serve until SIGTERM, then clean up.
+
+    `module` is the service's package (a __main__'s `__package__`), which names its entry in
+    agentvault.common.services. `build(settings, server, stack)` opens what the service needs, registering each
+    closer on `stack` (closed in reverse order after the server has stopped) and its servicers on `server`;
+    the service refuses to start unless it served exactly the gRPC services its entry lists.
+    """
+    spec = service_of_module(module)
+    try:
+        settings = load()
+    except SettingsError as exc:
+        sys.exit(f"{spec.name}: {exc}")
+
+    async def serve(server: GrpcServer) -> list[Callable[[], Awaitable[None]]]:
+        stack = contextlib.AsyncExitStack()
+        try:
+            await build(settings, server, stack)
+            if set(server.service_names) != set(spec.proto_services):
+                raise RuntimeError(
+                    f"{spec.name} serves {sorted(server.service_names)} but agentvault.common.services lists "
+                    f"{sorted(spec.proto_services)}: update one of them"
+                )
+        except BaseException:
+            await stack.aclose()
+            raise
+        return [stack.aclose]
+
+    run(settings.common, serve)

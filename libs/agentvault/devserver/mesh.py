@@ -18,24 +18,10 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from agentvault.common.services import GRPC, SERVICES, ServiceSpec
 from agentvault.devserver.embedded import Interrupted, free_port, listens_on, terminate
 
-
-@dataclass(frozen=True)
-class ServiceSpec:
-    name: str
-    module: str
-    port_var: str
-    kind: str  # "grpc" (grpc.health.v1) or "http" (GET /healthz)
-
-
-# Start order: backends before the edge that fronts them.
-SERVICES: tuple[ServiceSpec, ...] = (
-    ServiceSpec("registry", "agentvault_registry", "REGISTRY_PORT", "grpc"),
-    ServiceSpec("discovery", "agentvault_discovery", "DISCOVERY_PORT", "grpc"),
-    ServiceSpec("health-monitor", "agentvault_healthmonitor", "HEALTH_MONITOR_PORT", "grpc"),
-    ServiceSpec("edge", "agentvault_edge", "EDGE_PORT", "http"),
-)
+__all__ = ["SERVICES", "Mesh", "ServiceSpec", "grpc_serving", "http_ok"]
 
 
 def grpc_serving(address: str, timeout: float = 1.0) -> bool:
@@ -129,7 +115,7 @@ class Mesh:
             if listens_on(process.pid, self.port(spec.name)) is False:
                 time.sleep(0.05)
                 continue
-            ready = grpc_serving(address) if spec.kind == "grpc" else http_ok(f"http://{address}/healthz")
+            ready = grpc_serving(address) if spec.kind == GRPC else http_ok(f"http://{address}/healthz")
             if ready:
                 return
             time.sleep(0.05)
