@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import aiohttp
@@ -28,6 +28,31 @@ def by_name(response: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def peer_stat(response: dict[str, Any], name: str) -> dict[str, Any]:
     return next(p for p in response["federation_stats"]["peers"] if p["name"] == name)
+
+
+async def until_queried(
+    http: aiohttp.ClientSession,
+    on: Any,
+    present: Iterable[str] = (),
+    absent: Iterable[str] = (),
+    status: dict[str, str] | None = None,
+    seconds: float = 30.0,
+) -> None:
+    """The aggregator re-reads the peer list every 1.5 s: polls federated searches (a new word each, so no memo
+    answers) until it asks the `present` peers, no longer asks the `absent` ones, and reports `status` for them."""
+    wanted, gone = set(present), set(absent)
+    deadline = time.monotonic() + seconds
+    while True:
+        stats = (await discover(http, on, include_federated=True, search=unique_word()))["federation_stats"]
+        seen = {p["name"]: p["status"] for p in stats["peers"]}
+        if (
+            wanted <= seen.keys()
+            and not gone & seen.keys()
+            and all(seen.get(k) == v for k, v in (status or {}).items())
+        ):
+            return
+        assert time.monotonic() < deadline, f"the aggregator still asks {seen}; wanted {wanted}, not {gone}"
+        await asyncio.sleep(0.1)
 
 
 async def metric(http: aiohttp.ClientSession, url: str, name: str, **labels: str) -> float:
@@ -328,7 +353,7 @@ async def test_misbehaving_peers_cost_at_most_their_deadline(
         grpc_endpoint=garbage_grpc_peer,
     )
     try:
-        await asyncio.sleep(2)  # the aggregator re-reads the peer list every 1.5 s
+        await until_queried(http, a, present=set(ids))
         start = time.perf_counter()
         reply = await discover(http, a, include_federated=True, search=word, force_refresh=True)
         elapsed = time.perf_counter() - start
@@ -372,7 +397,7 @@ async def test_misbehaving_peers_cost_at_most_their_deadline(
                 ),
                 metadata=[("authorization", f"Bearer {a.admin_token}")],
             )
-        await asyncio.sleep(2)
+        await until_queried(http, a, status={"Hanging": "skipped"})
         start = time.perf_counter()
         reply = await discover(http, a, include_federated=True, search=word)
         elapsed = time.perf_counter() - start
@@ -382,7 +407,7 @@ async def test_misbehaving_peers_cost_at_most_their_deadline(
     finally:
         for peer_id in ids.values():
             await call(http, "DELETE", a.url(f"/api/v1/federation/peers/{peer_id}"), headers=admin(a))
-        await asyncio.sleep(2)
+        await until_queried(http, a, absent=set(ids))
 
 
 async def test_a_changed_peer_answer_replaces_the_remembered_one(
@@ -461,7 +486,7 @@ async def test_a_mesh_can_also_be_queried_in_the_seed_rest_form(
         protocol="rest",
     )
     try:
-        await asyncio.sleep(2)  # the aggregator re-reads the peer list every 1.5 s
+        await until_queried(http, a, present={"B over REST"})
         reply = await discover(http, a, include_federated=True, search=word, force_refresh=True)
         rest = peer_stat(reply, "B over REST")
         assert (rest["status"], rest["result_count"], rest["error"]) == ("ok", 1, "")
@@ -469,7 +494,7 @@ async def test_a_mesh_can_also_be_queried_in_the_seed_rest_form(
         assert [x["did"] for x in reply["agents"]] == [created["did"]]
     finally:
         await call(http, "DELETE", a.url(f"/api/v1/federation/peers/{peer_id}"), headers=admin(a))
-        await asyncio.sleep(2)
+        await until_queried(http, a, absent={"B over REST"})
 
 
 async def test_cache_rows_are_written_again_only_for_new_or_changed_agents(
