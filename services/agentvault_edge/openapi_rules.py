@@ -10,7 +10,7 @@ import re
 from typing import Any
 
 from agentvault.common import agents as rules
-from agentvault.common import versions
+from agentvault.common import oauth, versions
 
 # Characters str.isspace() counts that are not control characters (those are refused anyway): what str.strip()
 # removes from a required text, spelled out because a fuzzer may read `\s` as ASCII only.
@@ -26,6 +26,8 @@ REGISTRY = "agentvault.registry.v1."
 _FED = "agentvault.federation.v1."
 _DISC = "agentvault.discovery.v1."
 _HEALTH = "agentvault.healthmonitor.v1."
+_ID = "agentvault.identity.v1."
+_UUID_TEXT = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 
 
 def _inner(pattern: re.Pattern[str] | str) -> str:
@@ -141,6 +143,17 @@ def constraints() -> dict[tuple[str, str], dict[str, Any]]:
         # The health monitor's own checks: 0 means its default, larger values are coerced to its maximum.
         (_HEALTH + "GetPeerHealthHistoryRequest", "window_seconds"): {"minimum": 0},
         (_HEALTH + "GetPeerHealthHistoryRequest", "limit"): {"minimum": 0},
+        (_ID + "CreateOAuthClientRequest", "name"): text_schema(oauth.MAX_CLIENT_NAME, required=True),
+        (_ID + "CreateOAuthClientRequest", "scopes"): {"minItems": 1},
+        (_ID + "CreateOAuthClientRequest", "scopes[]"): {"enum": list(oauth.KNOWN_SCOPES)},
+        (_ID + "CreateOAuthClientRequest", "grant_types[]"): {"enum": list(oauth.GRANT_TYPES)},
+        (_ID + "CreateOAuthClientRequest", "token_endpoint_auth_method"): {"enum": ["", *oauth.AUTH_METHODS]},
+        (_ID + "CreateOAuthClientRequest", "agent_id"): {"pattern": optional(_UUID_TEXT)},
+        (_ID + "CreateOAuthClientRequest", "jwks"): {
+            "maxLength": oauth.MAX_JWKS_BYTES,
+            "description": "A JSON JWK Set of public EC or OKP keys (at most 8 KiB); required for private_key_jwt.",
+        },
+        (_ID + "ListOAuthClientsRequest", "page_size"): _page_size(),
     }
     found.update(_filters(REGISTRY + "ListAgentsRequest"))
     found.update(_filters(_DISC + "SearchAgentsRequest"))

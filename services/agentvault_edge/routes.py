@@ -30,6 +30,14 @@ HTTP_METHODS = ("get", "put", "post", "delete", "patch")
 # Fields that hold a secret, even encrypted, and so must never be in an HTTP answer: an annotated RPC whose
 # response could carry one is refused at start. Such RPCs are for the mesh's own services, over gRPC only.
 _SECRET_FIELD = re.compile(r"encrypted_.*|.*_secret")
+# Except a secret the call itself has just generated and returns this once (as CreateApiKey's token): an OAuth
+# client's secret, issued by create and rotate. Only its hash is stored, so nothing else can ever return it.
+_ISSUED_ONCE = frozenset(
+    {
+        "agentvault.identity.v1.CreateOAuthClientResponse.client_secret",
+        "agentvault.identity.v1.RotateOAuthClientSecretResponse.client_secret",
+    }
+)
 
 
 class TemplateError(ValueError):
@@ -244,12 +252,14 @@ class RouteTable:
         Raises UnicodeDecodeError when a variable is not valid percent-encoded UTF-8.
         """
         segments = raw_path[1:].split("/") if raw_path.startswith("/") else [raw_path]
+        matched = [(route, b) for route in self.routes if (b := route.template.match(segments)) is not None]
+        # A path its `:verb` templates match is theirs alone: `/clients/x:disable` is not also the resource
+        # `x:disable` of `/clients/{id}`, so neither another method's route nor Allow may name that one.
+        if any(route.template.verb for route, _ in matched):
+            matched = [(route, b) for route, b in matched if route.template.verb]
         best: RouteMatch | None = None
         allowed: set[str] = set()
-        for route in self.routes:
-            bindings = route.template.match(segments)
-            if bindings is None:
-                continue
+        for route, bindings in matched:
             allowed.add(route.http_method)
             if route.http_method != http_method:
                 continue
@@ -295,7 +305,7 @@ def secret_fields(desc: Descriptor, seen: set[str] | None = None) -> list[str]:
     seen.add(desc.full_name)
     found: list[str] = []
     for fd in desc.fields:
-        if _SECRET_FIELD.fullmatch(fd.name):
+        if _SECRET_FIELD.fullmatch(fd.name) and f"{desc.full_name}.{fd.name}" not in _ISSUED_ONCE:
             found.append(f"{desc.full_name}.{fd.name}")
         if fd.message_type is not None:
             found.extend(secret_fields(fd.message_type, seen))

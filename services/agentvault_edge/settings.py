@@ -8,11 +8,13 @@ from types import MappingProxyType
 
 from agentvault.common.settings import Env, SettingsError
 
-# Which process serves each API, as (<SERVICE>_ADDR, its *_PORT fallback); federation lives in the registry.
+# Which process serves each API, as (<SERVICE>_ADDR, its *_PORT fallback); federation and identity (the OAuth
+# authorization server) live in the registry.
 BACKEND_ENV: Mapping[str, tuple[str, str]] = MappingProxyType(
     {
         "registry": ("REGISTRY_ADDR", "REGISTRY_PORT"),
         "federation": ("REGISTRY_ADDR", "REGISTRY_PORT"),
+        "identity": ("REGISTRY_ADDR", "REGISTRY_PORT"),
         "discovery": ("DISCOVERY_ADDR", "DISCOVERY_PORT"),
         "healthmonitor": ("HEALTH_MONITOR_ADDR", "HEALTH_MONITOR_PORT"),
         "messaging": ("MESSAGING_ADDR", "MESSAGING_PORT"),

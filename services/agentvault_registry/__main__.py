@@ -13,6 +13,7 @@ from agentvault.common.redis import create_redis
 from agentvault.common.secretbox import SecretBox
 from agentvault.common.server import GrpcServer, background, run_service
 from agentvault.federation.v1 import federation_service_pb2_grpc as fed_grpc
+from agentvault.identity.v1 import identity_service_pb2_grpc as identity_grpc
 from agentvault.registry.v1 import registry_service_pb2_grpc
 from agentvault_registry import declared_peers
 from agentvault_registry.auth import Authenticator
@@ -20,6 +21,10 @@ from agentvault_registry.cache import AgentCache
 from agentvault_registry.federation_gate import FederationGate
 from agentvault_registry.federation_servicer import FederationServicer
 from agentvault_registry.federation_store import FederationStore
+from agentvault_registry.identity_servicer import OFF_REASON, IdentityServicer
+from agentvault_registry.oauth_grants import AuthorizationServer
+from agentvault_registry.oauth_keys import SigningKeys
+from agentvault_registry.oauth_store import OAuthStore
 from agentvault_registry.peer_admin import PeerServicer
 from agentvault_registry.servicer import RegistryServicer
 from agentvault_registry.settings import RegistrySettings
@@ -69,6 +74,16 @@ async def build(settings: RegistrySettings, server: GrpcServer, stack: contextli
     server.serve(registry_service_pb2_grpc.add_RegistryServiceServicer_to_server, registry)
     server.serve(fed_grpc.add_PeerServiceServicer_to_server, peers)
     server.serve(fed_grpc.add_FederationServiceServicer_to_server, federation)
+    oauth_store = OAuthStore(pool)
+    authz: AuthorizationServer | None = None
+    if box is None:
+        log.warning(OFF_REASON)
+    else:
+        oauth = settings.oauth
+        keys = SigningKeys(oauth_store, box, oauth.key_rotation_seconds, oauth.access_token_ttl)
+        background(stack, keys.run(), "oauth-signing-keys")
+        authz = AuthorizationServer(oauth_store, keys, redis, oauth)
+    server.serve(identity_grpc.add_IdentityServiceServicer_to_server, IdentityServicer(oauth_store, auth, authz))
     if fed.tls is not None:
         creds = peers_lib.server_credentials(fed.tls, require_client_auth=fed.mtls_required)
         tls_port = server.add_secure_port(fed.tls_port, creds)

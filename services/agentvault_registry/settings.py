@@ -53,6 +53,32 @@ class FederationSettings:
 
 
 @dataclass(frozen=True)
+class OAuthSettings:
+    """The authorization server's OAUTH_* variables (durations in seconds, rate limits per minute)."""
+
+    issuer: str
+    audience: str
+    access_token_ttl: int
+    refresh_token_ttl: int
+    key_rotation_seconds: int
+    rate_limit_per_client: int
+    rate_limit_per_source: int
+
+    @classmethod
+    def load(cls, env: Env) -> OAuthSettings:
+        return cls(
+            # The edge's public URL: the token endpoint is <issuer>/oauth/token (RFC 8414 3).
+            issuer=env.str("OAUTH_ISSUER", "http://127.0.0.1:8080").rstrip("/")[:500],
+            audience=env.str("OAUTH_AUDIENCE", "agentvault")[:255],
+            access_token_ttl=env.int("OAUTH_ACCESS_TOKEN_TTL", 900, minimum=30, maximum=86_400),
+            refresh_token_ttl=env.int("OAUTH_REFRESH_TOKEN_TTL", 30 * 86_400, minimum=60, maximum=365 * 86_400),
+            key_rotation_seconds=env.int("OAUTH_KEY_ROTATION_SECONDS", 86_400, minimum=1),
+            rate_limit_per_client=env.int("OAUTH_TOKEN_RATE_LIMIT_PER_CLIENT", 600, minimum=1),
+            rate_limit_per_source=env.int("OAUTH_TOKEN_RATE_LIMIT_PER_SOURCE", 1200, minimum=1),
+        )
+
+
+@dataclass(frozen=True)
 class RegistrySettings:
     common: CommonSettings
     database_url: str
@@ -64,6 +90,7 @@ class RegistrySettings:
     # Memory the agent, peer-answer and credential caches may use together (half, a quarter, a quarter).
     agent_cache_bytes: int
     federation: FederationSettings
+    oauth: OAuthSettings
 
     @classmethod
     def load(cls, env: Env | None = None) -> RegistrySettings:
@@ -81,4 +108,5 @@ class RegistrySettings:
             agent_cache_size=env.int("REGISTRY_AGENT_CACHE_SIZE", 10_000, minimum=1),
             agent_cache_bytes=env.int("REGISTRY_AGENT_CACHE_BYTES", 64 * 1024 * 1024, minimum=1024 * 1024),
             federation=FederationSettings.load(env, common.port),
+            oauth=OAuthSettings.load(env),
         )

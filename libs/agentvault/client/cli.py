@@ -24,8 +24,10 @@ from agentvault.client.convert import enum_number, enum_words, from_dict, parse_
 from agentvault.client.discovery import DiscoveryClient, DiscoveryFilters
 from agentvault.client.errors import ClientError
 from agentvault.client.federation import FederationClient
+from agentvault.client.identity import IdentityClient
 from agentvault.client.registry import AgentFilters, RegistryClient
 from agentvault.federation.v1 import federation_service_pb2 as fpb
+from agentvault.identity.v1 import identity_service_pb2 as ipb
 from agentvault.registry.v1 import registry_service_pb2 as pb
 
 PROG = "agentvault"
@@ -43,6 +45,7 @@ LIST_COLUMNS: dict[str, tuple[str, ...]] = {
     "api_keys": ("id", "name", "role", "principal_id", "create_time", "revoke_time"),
     "peers": ("id", "name", "registry_url", "protocol", "is_active", "health_status", "agent_count", "is_down"),
     "credentials": ("id", "name", "create_time", "revoke_time", "last_used_time"),
+    "clients": ("client_id", "name", "scopes", "grant_types", "agent_id", "disabled", "create_time"),
 }
 DISCOVERED_COLUMNS = ("did", "name", "version", "agent_type", "health_status", "registry_name", "is_federated", "score")
 PEER_STAT_COLUMNS = ("name", "status", "from_cache", "result_count", "latency_ms", "error")
@@ -248,6 +251,46 @@ async def credentials_list(client: FederationClient, args: argparse.Namespace) -
 
 async def credentials_revoke(client: FederationClient, args: argparse.Namespace) -> dict[str, Any]:
     return to_dict(await client.revoke_credential(args.id))
+
+
+async def oauth_clients_create(client: IdentityClient, args: argparse.Namespace) -> dict[str, Any]:
+    jwks = json.dumps(_read_json(args.jwks_file)) if args.jwks_file else ""
+    return to_dict(
+        await client.create_client(
+            args.name,
+            args.scope,
+            grant_types=args.grant_type or (),
+            agent_id=args.agent_id,
+            jwks=jwks,
+            token_endpoint_auth_method=args.auth_method,
+        )
+    )
+
+
+async def oauth_clients_list(client: IdentityClient, args: argparse.Namespace) -> dict[str, Any]:
+    clients = [c async for c in client.iter_clients()]
+    return to_dict(ipb.ListOAuthClientsResponse(clients=clients))
+
+
+async def oauth_clients_get(client: IdentityClient, args: argparse.Namespace) -> dict[str, Any]:
+    return to_dict(await client.get_client(args.client_id))
+
+
+async def oauth_clients_rotate(client: IdentityClient, args: argparse.Namespace) -> dict[str, Any]:
+    return to_dict(await client.rotate_secret(args.client_id))
+
+
+async def oauth_clients_disable(client: IdentityClient, args: argparse.Namespace) -> dict[str, Any]:
+    return to_dict(await client.disable_client(args.client_id))
+
+
+async def oauth_clients_enable(client: IdentityClient, args: argparse.Namespace) -> dict[str, Any]:
+    return to_dict(await client.enable_client(args.client_id))
+
+
+async def oauth_clients_delete(client: IdentityClient, args: argparse.Namespace) -> dict[str, Any]:
+    await client.delete_client(args.client_id)
+    return {}
 
 
 async def discover(client: DiscoveryClient, args: argparse.Namespace) -> dict[str, Any]:
@@ -517,6 +560,46 @@ def build_parser() -> argparse.ArgumentParser:
     create_credential.add_argument("name", help="name of the peer mesh it is for")
     command(credential_cmds, "list", credentials_list, "list every credential, without tokens", fed)
     command(credential_cmds, "revoke", credentials_revoke, "revoke a credential at once", fed).add_argument("id")
+
+    oauth = commands.add_parser("oauth", help="the OAuth 2.0 clients of this mesh's authorization server (admin only)")
+    oauth_cmds = oauth.add_subparsers(dest="subgroup", required=True, metavar="COMMAND")
+    clients = oauth_cmds.add_parser("clients", help="registered OAuth clients")
+    client_cmds = clients.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    idc = IdentityClient
+    create_client = command(
+        client_cmds, "create", oauth_clients_create, "register a client; its secret is printed this once", idc
+    )
+    create_client.add_argument("name", help="display name, 1-128 characters")
+    create_client.add_argument(
+        "--scope", action="append", required=True, help="a scope it may be granted, e.g. agents:read; repeat for more"
+    )
+    create_client.add_argument(
+        "--grant-type",
+        action="append",
+        help="client_credentials (default), refresh_token, urn:ietf:params:oauth:grant-type:token-exchange; repeat",
+    )
+    create_client.add_argument("--agent-id", default="", help="the agent the client speaks for")
+    create_client.add_argument(
+        "--auth-method",
+        default="",
+        choices=["", "client_secret_basic", "client_secret_post", "private_key_jwt"],
+        help="how it authenticates at the token endpoint (default client_secret_basic)",
+    )
+    create_client.add_argument(
+        "--jwks-file", default="", metavar="PATH", help="its public JWK Set (JSON) for private_key_jwt; - for stdin"
+    )
+    command(client_cmds, "list", oauth_clients_list, "list every client, without secrets", idc)
+    command(client_cmds, "get", oauth_clients_get, "show one client", idc).add_argument("client_id")
+    command(
+        client_cmds, "rotate-secret", oauth_clients_rotate, "a new secret, printed this once; the old one stops", idc
+    ).add_argument("client_id")
+    command(
+        client_cmds, "disable", oauth_clients_disable, "refuse its token requests, revoke the tokens it holds", idc
+    ).add_argument("client_id")
+    command(client_cmds, "enable", oauth_clients_enable, "accept its token requests again", idc).add_argument(
+        "client_id"
+    )
+    command(client_cmds, "delete", oauth_clients_delete, "remove a client", idc).add_argument("client_id")
 
     find = command(
         commands,

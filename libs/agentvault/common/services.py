@@ -68,6 +68,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
             "agentvault.registry.v1.RegistryService",
             "agentvault.federation.v1.PeerService",
             "agentvault.federation.v1.FederationService",
+            "agentvault.identity.v1.IdentityService",
         ),
         publish_var="REGISTRY_HOST_PORT",
         summary="agents, API keys, federation peers and the peer-facing FederationService",
