@@ -31,7 +31,6 @@ from agentvault.devserver.embedded import EmbeddedPostgres, EmbeddedRedis, free_
 from agentvault.devserver.mesh import SERVICES, Mesh
 from agentvault.registry.v1 import registry_service_pb2 as pb
 from agentvault.registry.v1 import registry_service_pb2_grpc as pb_grpc
-from agentvault_registry.__main__ import SERVICE_NAME as REGISTRY_SERVICE
 from agentvault_registry.store import init_connection, search_terms
 from bench import dataset, echo, promhist
 from bench.load import GrpcJob, HttpJob, LoadClient, LoadResult
@@ -49,6 +48,7 @@ from bench.report import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+REGISTRY_SERVICE = pb.DESCRIPTOR.services_by_name["RegistryService"].full_name
 GET_METHOD = f"/{REGISTRY_SERVICE}/GetAgent"
 LIST_METHOD = f"/{REGISTRY_SERVICE}/ListAgents"
 VERSION_CONSTRAINTS = (">=1.2,<3", "^1.4", "~2.3", ">=0.5", "1.x", ">=2 || <0.3")
