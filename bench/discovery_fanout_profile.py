@@ -21,7 +21,7 @@ from agentvault_discovery import domain, ranking, servicer, store
 from agentvault_discovery.answers import Answers
 from agentvault_discovery.cache import encode
 from agentvault_discovery.grpc_peers import parse_search
-from bench.federation_bench import carries, vocabulary
+from bench.federation_meshes import carries, vocabulary
 
 
 def peer_answer(peer: int, words: tuple[str, ...], query: tuple[str, str], agents: int) -> bytes:

@@ -1,0 +1,272 @@
+"""The `agentvault` commands: each turns the parsed flags into one client call and returns its reply as a dict."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from agentvault.client.convert import enum_number, from_dict, parse_capability, parse_endpoint, to_dict
+from agentvault.client.discovery import DiscoveryClient, DiscoveryFilters
+from agentvault.client.federation import FederationClient
+from agentvault.client.identity import IdentityClient
+from agentvault.client.registry import AgentFilters, RegistryClient
+from agentvault.federation.v1 import federation_service_pb2 as fpb
+from agentvault.identity.v1 import identity_service_pb2 as ipb
+from agentvault.registry.v1 import registry_service_pb2 as pb
+
+# Scalar agent fields settable from a flag of the same name (with - for _).
+SCALAR_FIELDS = ("did", "name", "version", "description", "agent_type", "sharing", "health_check_url")
+LIST_FIELDS = {"tags": "tag", "capabilities": "capability", "endpoints": "endpoint"}
+WRITABLE_FIELDS = (*SCALAR_FIELDS, *LIST_FIELDS)
+
+
+class UsageError(Exception):
+    """Bad command-line input, found after argparse accepted the syntax."""
+
+
+# Each command's handler takes the client its command names (RegistryClient unless told otherwise).
+Handler = Callable[[Any, argparse.Namespace], Awaitable[dict[str, Any]]]
+
+
+# --------------------------------------------------------------------------------------------- input
+
+
+def _read_json(path: str) -> Any:
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{'stdin' if path == '-' else path}: invalid JSON: {exc}") from None
+
+
+def _agent_from_args(args: argparse.Namespace) -> tuple[pb.Agent, list[str]]:
+    """The agent described by --file and the field flags (flags win), and the fields they set, in order."""
+    paths: list[str] = []
+    agent = pb.Agent()
+    if args.file is not None:
+        data = _read_json(args.file)
+        try:
+            agent = from_dict(data, pb.Agent)
+        except ValueError as exc:
+            raise UsageError(f"{args.file}: {exc}") from None
+        fields = pb.Agent.DESCRIPTOR.fields_by_name
+        camel = pb.Agent.DESCRIPTOR.fields_by_camelcase_name
+        paths += [fd.name for key in data if (fd := fields.get(key) or camel.get(key)) and fd.name in WRITABLE_FIELDS]
+    try:
+        for name in SCALAR_FIELDS:
+            value = getattr(args, name)
+            if value is not None:
+                if name == "sharing":
+                    value = enum_number(pb.Sharing.DESCRIPTOR, value, "--sharing")
+                setattr(agent, name, value)
+                paths.append(name)
+        lists: dict[str, list[Any] | None] = {
+            "tags": args.tag,
+            "capabilities": [parse_capability(c) for c in args.capability] if args.capability else None,
+            "endpoints": [parse_endpoint(e) for e in args.endpoint] if args.endpoint else None,
+        }
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    for name, items in lists.items():
+        if items is not None:
+            field = getattr(agent, name)
+            del field[:]
+            field.extend(items)
+            paths.append(name)
+    return agent, list(dict.fromkeys(paths))
+
+
+AGENT_FILTERS = tuple(AgentFilters.__annotations__)
+DISCOVERY_FILTERS = tuple(DiscoveryFilters.__annotations__)
+
+
+def _filters(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    return {name: value for name in names if (value := getattr(args, name))}
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+async def agents_create(client: RegistryClient, args: argparse.Namespace) -> dict[str, Any]:
+    agent, _ = _agent_from_args(args)
+    return to_dict(await client.create_agent(agent))
+
+
+async def agents_get(client: RegistryClient, args: argparse.Namespace) -> dict[str, Any]:
+    return to_dict(await client.get_agent(args.id))
+
+
+async def agents_list(client: RegistryClient, args: argparse.Namespace) -> dict[str, Any]:
+    search = getattr(args, "query", "")
+    filters = _filters(args, AGENT_FILTERS)
+    if args.all:
+        agents = [a async for a in client.iter_agents(search=search, page_size=args.page_size, **filters)]
+        return to_dict(pb.ListAgentsResponse(agents=agents))
+    page = await client.list_agents(search=search, page_size=args.page_size, page_token=args.page_token, **filters)
+    return to_dict(page)
+
+
+async def agents_update(client: RegistryClient, args: argparse.Namespace) -> dict[str, Any]:
+    agent, paths = _agent_from_args(args)
+    paths += [name for name in args.clear or () if name not in paths]
+    if not paths:
+        raise UsageError("nothing to update: give at least one field flag (e.g. --name), --clear FIELD or --file")
+    agent.id = args.id
+    return to_dict(await client.update_agent(agent, paths))
+
+
+async def agents_delete(client: RegistryClient, args: argparse.Namespace) -> dict[str, Any]:
+    await client.delete_agent(args.id)
+    return {}
+
+
+async def keys_create(client: RegistryClient, args: argparse.Namespace) -> dict[str, Any]:
+    return to_dict(await client.create_api_key(args.name, args.role, principal_id=args.principal_id))
+
+
+async def keys_list(client: RegistryClient, args: argparse.Namespace) -> dict[str, Any]:
+    keys = [k async for k in client.iter_api_keys()]
+    return to_dict(pb.ListApiKeysResponse(api_keys=keys))
+
+
+async def keys_revoke(client: RegistryClient, args: argparse.Namespace) -> dict[str, Any]:
+    return to_dict(await client.revoke_api_key(args.id))
+
+
+async def whoami(client: RegistryClient, args: argparse.Namespace) -> dict[str, Any]:
+    return to_dict(await client.caller())
+
+
+async def health(client: RegistryClient, args: argparse.Namespace) -> dict[str, Any]:
+    return to_dict(await client.health())
+
+
+def _peer_from_args(args: argparse.Namespace) -> tuple[fpb.Peer, list[str]]:
+    """The peer the flags describe, and the fields they set."""
+    peer = fpb.Peer()
+    paths: list[str] = []
+    for name in ("name", "registry_url", "api_key", "grpc_endpoint", "require_mtls", "is_active"):
+        value = getattr(args, name)
+        if name == "api_key" and value == "-":  # kept out of the process list and shell history
+            value = sys.stdin.readline().strip()
+        if value is not None:
+            setattr(peer, name, value)
+            paths.append(name)
+    if args.protocol is not None:
+        protocol = "" if args.protocol == "auto" else args.protocol
+        peer.protocol = enum_number(fpb.PeerProtocol.DESCRIPTOR, protocol, "--protocol")  # type: ignore[assignment]
+        paths.append("protocol")
+    if args.metadata is not None:
+        for item in args.metadata:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise UsageError(f"--metadata: expected KEY=VALUE, got {item!r}")
+            peer.metadata[key] = value
+        paths.append("metadata")
+    return peer, paths
+
+
+async def peers_create(client: FederationClient, args: argparse.Namespace) -> dict[str, Any]:
+    peer, _ = _peer_from_args(args)
+    return to_dict(await client.create_peer(peer))
+
+
+async def peers_list(client: FederationClient, args: argparse.Namespace) -> dict[str, Any]:
+    return to_dict(fpb.ListPeersResponse(peers=[p async for p in client.iter_peers()]))
+
+
+async def peers_get(client: FederationClient, args: argparse.Namespace) -> dict[str, Any]:
+    return to_dict(await client.get_peer(args.id))
+
+
+async def peers_update(client: FederationClient, args: argparse.Namespace) -> dict[str, Any]:
+    peer, paths = _peer_from_args(args)
+    if not paths:
+        raise UsageError("nothing to update: give at least one field flag (e.g. --name, --inactive)")
+    peer.id = args.id
+    return to_dict(await client.update_peer(peer, paths))
+
+
+async def peers_delete(client: FederationClient, args: argparse.Namespace) -> dict[str, Any]:
+    await client.delete_peer(args.id)
+    return {}
+
+
+async def peers_clear_cache(client: DiscoveryClient, args: argparse.Namespace) -> dict[str, Any]:
+    return to_dict(await client.clear_peer_cache(args.id))
+
+
+async def credentials_create(client: FederationClient, args: argparse.Namespace) -> dict[str, Any]:
+    return to_dict(await client.create_credential(args.name))
+
+
+async def credentials_list(client: FederationClient, args: argparse.Namespace) -> dict[str, Any]:
+    credentials = [c async for c in client.iter_credentials()]
+    return to_dict(fpb.ListFederationCredentialsResponse(credentials=credentials))
+
+
+async def credentials_revoke(client: FederationClient, args: argparse.Namespace) -> dict[str, Any]:
+    return to_dict(await client.revoke_credential(args.id))
+
+
+async def oauth_clients_create(client: IdentityClient, args: argparse.Namespace) -> dict[str, Any]:
+    jwks = json.dumps(_read_json(args.jwks_file)) if args.jwks_file else ""
+    return to_dict(
+        await client.create_client(
+            args.name,
+            args.scope,
+            grant_types=args.grant_type or (),
+            agent_id=args.agent_id,
+            jwks=jwks,
+            token_endpoint_auth_method=args.auth_method,
+        )
+    )
+
+
+async def oauth_clients_list(client: IdentityClient, args: argparse.Namespace) -> dict[str, Any]:
+    clients = [c async for c in client.iter_clients()]
+    return to_dict(ipb.ListOAuthClientsResponse(clients=clients))
+
+
+async def oauth_clients_get(client: IdentityClient, args: argparse.Namespace) -> dict[str, Any]:
+    return to_dict(await client.get_client(args.client_id))
+
+
+async def oauth_clients_rotate(client: IdentityClient, args: argparse.Namespace) -> dict[str, Any]:
+    return to_dict(await client.rotate_secret(args.client_id))
+
+
+async def oauth_clients_disable(client: IdentityClient, args: argparse.Namespace) -> dict[str, Any]:
+    return to_dict(await client.disable_client(args.client_id))
+
+
+async def oauth_clients_enable(client: IdentityClient, args: argparse.Namespace) -> dict[str, Any]:
+    return to_dict(await client.enable_client(args.client_id))
+
+
+async def oauth_clients_delete(client: IdentityClient, args: argparse.Namespace) -> dict[str, Any]:
+    await client.delete_client(args.client_id)
+    return {}
+
+
+async def discover(client: DiscoveryClient, args: argparse.Namespace) -> dict[str, Any]:
+    reply = await client.search_agents(
+        args.query,
+        include_federated=args.include_federated,
+        healthy_only=args.healthy_only,
+        force_refresh=args.force_refresh,
+        page_size=args.page_size,
+        page_token=args.page_token,
+        **_filters(args, DISCOVERY_FILTERS),
+    )
+    return to_dict(reply)

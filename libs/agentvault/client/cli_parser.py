@@ -1,0 +1,318 @@
+"""The argument parser of `agentvault`: its commands, their flags and help."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+from typing import Any
+
+from agentvault.client.base import DEFAULT_TIMEOUT, TOKEN_ENV, GrpcClient
+from agentvault.client.cli_commands import (
+    WRITABLE_FIELDS,
+    Handler,
+    agents_create,
+    agents_delete,
+    agents_get,
+    agents_list,
+    agents_update,
+    credentials_create,
+    credentials_list,
+    credentials_revoke,
+    discover,
+    health,
+    keys_create,
+    keys_list,
+    keys_revoke,
+    oauth_clients_create,
+    oauth_clients_delete,
+    oauth_clients_disable,
+    oauth_clients_enable,
+    oauth_clients_get,
+    oauth_clients_list,
+    oauth_clients_rotate,
+    peers_clear_cache,
+    peers_create,
+    peers_delete,
+    peers_get,
+    peers_list,
+    peers_update,
+    whoami,
+)
+from agentvault.client.cli_output import DISCOVERED_COLUMNS
+from agentvault.client.convert import enum_words
+from agentvault.client.discovery import DiscoveryClient
+from agentvault.client.federation import FederationClient
+from agentvault.client.identity import IdentityClient
+from agentvault.client.registry import RegistryClient
+from agentvault.federation.v1 import federation_service_pb2 as fpb
+from agentvault.registry.v1 import registry_service_pb2 as pb
+
+PROG = "agentvault"
+DISTRIBUTION = "agentvault-mesh"
+
+SHARING_WORDS = enum_words(pb.Sharing.DESCRIPTOR)
+KIND_WORDS = enum_words(pb.CapabilityKind.DESCRIPTOR)
+ROLE_WORDS = enum_words(pb.Role.DESCRIPTOR)
+# "auto" is the unspecified protocol: learned from the peer's discovery document.
+PROTOCOL_WORDS = ["auto", *enum_words(fpb.PeerProtocol.DESCRIPTOR)]
+
+
+def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """The connection options; repeated on every command (without defaults) so they may follow it too."""
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument(
+        "--registry",
+        metavar="HOST:PORT",
+        default=default(None),
+        help="registry address (default: $REGISTRY_ADDR, else 127.0.0.1:$REGISTRY_PORT)",
+    )
+    parser.add_argument(
+        "--discovery",
+        metavar="HOST:PORT",
+        default=default(None),
+        help="discovery service address, for discover and peers clear-cache (default: $DISCOVERY_ADDR, else "
+        "127.0.0.1:$DISCOVERY_PORT)",
+    )
+    parser.add_argument("--token", default=default(None), help=f"bearer credential (default: ${TOKEN_ENV})")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        default=default(DEFAULT_TIMEOUT),
+        help=f"deadline of each call, retries included (default: {DEFAULT_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--output",
+        "-o",
+        choices=("json", "table"),
+        default=default("json"),
+        help="output format (default: json); a table of a page that has a next one ends with the line "
+        "`next_page_token: TOKEN`",
+    )
+    parser.add_argument("--tls", action="store_true", default=default(False), help="use TLS with the system roots")
+    parser.add_argument("--ca-file", metavar="PEM", default=default(None), help="use TLS with these root certificates")
+
+
+def _agent_fields(parser: argparse.ArgumentParser, *, update: bool) -> None:
+    parser.add_argument(
+        "--file", "-f", metavar="PATH", help="agent JSON in the REST shape (enum words, snake_case); - for stdin"
+    )
+    parser.add_argument("--did", help="decentralized identifier, e.g. did:web:example.com:agents:nlp")
+    parser.add_argument("--name", help="display name")
+    parser.add_argument("--version", help="semantic version of the agent")
+    parser.add_argument("--description")
+    parser.add_argument("--agent-type", metavar="TYPE", help="type label, e.g. assistant")
+    parser.add_argument("--sharing", choices=SHARING_WORDS)
+    parser.add_argument("--health-check-url", metavar="URL")
+    replace = " (replaces the agent's list)" if update else ""
+    parser.add_argument("--tag", action="append", metavar="TAG", help=f"a tag; repeat for more{replace}")
+    parser.add_argument(
+        "--capability",
+        action="append",
+        metavar="KIND:NAME[@VERSION]",
+        help=f"e.g. skill:summarize@1.2.0; kinds: {', '.join(KIND_WORDS)}; repeat for more{replace}",
+    )
+    parser.add_argument(
+        "--endpoint", action="append", metavar="PROTOCOL=URL", help=f"e.g. http=https://agent.example/api{replace}"
+    )
+
+
+def _capability_filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--agent-type", metavar="TYPE")
+    parser.add_argument("--tag")
+    parser.add_argument("--capability-kind", choices=KIND_WORDS)
+    parser.add_argument("--capability-name", metavar="NAME")
+    parser.add_argument("--capability-version", metavar="CONSTRAINT", help='e.g. ">=1.2,<2" or "^1.4"')
+
+
+def _page_options(parser: argparse.ArgumentParser, max_size: int) -> None:
+    parser.add_argument(
+        "--page-size", type=int, default=0, help=f"results per page (server default 50, max {max_size})"
+    )
+    parser.add_argument("--page-token", default="", help="next_page_token of a previous page")
+
+
+def _list_options(parser: argparse.ArgumentParser) -> None:
+    _capability_filters(parser)
+    parser.add_argument("--owner", metavar="PRINCIPAL_ID", help="only agents owned by this principal id")
+    parser.add_argument("--sharing", choices=SHARING_WORDS)
+    _page_options(parser, 500)
+    parser.add_argument("--all", action="store_true", help="follow next_page_token to the last page")
+
+
+def _peer_fields(parser: argparse.ArgumentParser, *, create: bool) -> None:
+    parser.add_argument("--name", required=create, help="display name")
+    parser.add_argument(
+        "--registry-url", metavar="URL", required=create, help="the peer's public base URL (its edge), http(s)"
+    )
+    parser.add_argument(
+        "--api-key",
+        metavar="TOKEN",
+        required=create,
+        help="the federation token the peer issued to this mesh; - reads it from stdin",
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOL_WORDS,
+        help="grpc (a mesh of this project) or rest (GET /api/v1/agents); auto: learned from the peer's "
+        "/.well-known/agentvault-federation (default)",
+    )
+    parser.add_argument("--grpc-endpoint", metavar="HOST:PORT", help="the peer's gRPC federation endpoint")
+    parser.add_argument(
+        "--require-mtls", action=argparse.BooleanOptionalAction, help="calls to the peer must use mutual TLS"
+    )
+    parser.add_argument(
+        "--active",
+        dest="is_active",
+        action=argparse.BooleanOptionalAction,
+        help="whether the peer is queried (default on create: active)",
+    )
+    parser.add_argument(
+        "--metadata", action="append", metavar="KEY=VALUE", help="a label; repeat for more (replaces them all)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Manage agents, API keys and federation peers of an AgentVault mesh, and search it.",
+        epilog="Exit codes: 0 ok, 1 the call failed, 2 bad usage or invalid input. With -o table, a page that has "
+        "a next one ends with the line `next_page_token: TOKEN` (pass it to --page-token).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    _global_options(parser, suppress=False)
+    commands = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, suppress=True)
+
+    def command(
+        sub: argparse._SubParsersAction[argparse.ArgumentParser],
+        name: str,
+        handler: Handler,
+        help: str,
+        client: type[GrpcClient] = RegistryClient,
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p.set_defaults(handler=handler, client=client, columns=None)
+        return p
+
+    agents = commands.add_parser("agents", help="register, find, change and remove agents")
+    agent_cmds = agents.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _agent_fields(command(agent_cmds, "create", agents_create, "register an agent"), update=False)
+    command(agent_cmds, "get", agents_get, "show one agent").add_argument("id")
+    _list_options(command(agent_cmds, "list", agents_list, "list agents, newest first"))
+    search = command(agent_cmds, "search", agents_list, "full-text search, best match first")
+    search.add_argument("query")
+    _list_options(search)
+    update = command(agent_cmds, "update", agents_update, "change the fields given (and only those)")
+    update.add_argument("id")
+    _agent_fields(update, update=True)
+    update.add_argument(
+        "--clear", action="append", choices=WRITABLE_FIELDS, metavar="FIELD", help="reset a field to empty"
+    )
+    command(agent_cmds, "delete", agents_delete, "remove an agent").add_argument("id")
+
+    keys = commands.add_parser("keys", help="issue, list and revoke API keys (admin only)")
+    key_cmds = keys.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    create_key = command(key_cmds, "create", keys_create, "issue a key; its token is printed this once")
+    create_key.add_argument("name", help="display name of the key (names confer nothing; owners are principal ids)")
+    create_key.add_argument(
+        "--principal-id", default="", help="act as this existing principal (e.g. to rotate its key); default: a new one"
+    )
+    create_key.add_argument("--role", choices=ROLE_WORDS, default="member")
+    command(key_cmds, "list", keys_list, "list every key, without secrets")
+    command(key_cmds, "revoke", keys_revoke, "revoke a key at once").add_argument("id")
+
+    federation = commands.add_parser("federation", help="peers of this mesh and credentials for others (admin only)")
+    federation_cmds = federation.add_subparsers(dest="subgroup", required=True, metavar="COMMAND")
+    peers = federation_cmds.add_parser("peers", help="the registries this mesh federates with")
+    peer_cmds = peers.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fed = FederationClient
+    _peer_fields(command(peer_cmds, "create", peers_create, "add a peer; its api_key is never shown again", fed),
+                 create=True)  # fmt: skip
+    command(peer_cmds, "list", peers_list, "list every peer, by name", fed)
+    command(peer_cmds, "get", peers_get, "show one peer", fed).add_argument("id")
+    update_peer = command(peer_cmds, "update", peers_update, "change the fields given (and only those)", fed)
+    update_peer.add_argument("id")
+    _peer_fields(update_peer, create=False)
+    command(peer_cmds, "delete", peers_delete, "remove a peer and its cached agents", fed).add_argument("id")
+    command(
+        peer_cmds, "clear-cache", peers_clear_cache, "drop a peer's cached answers (discovery service)", DiscoveryClient
+    ).add_argument("id")
+    credentials = federation_cmds.add_parser("credentials", help="tokens other meshes present to this one")
+    credential_cmds = credentials.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    create_credential = command(
+        credential_cmds, "create", credentials_create, "issue a token for a peer mesh; printed this once", fed
+    )
+    create_credential.add_argument("name", help="name of the peer mesh it is for")
+    command(credential_cmds, "list", credentials_list, "list every credential, without tokens", fed)
+    command(credential_cmds, "revoke", credentials_revoke, "revoke a credential at once", fed).add_argument("id")
+
+    oauth = commands.add_parser("oauth", help="the OAuth 2.0 clients of this mesh's authorization server (admin only)")
+    oauth_cmds = oauth.add_subparsers(dest="subgroup", required=True, metavar="COMMAND")
+    clients = oauth_cmds.add_parser("clients", help="registered OAuth clients")
+    client_cmds = clients.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    idc = IdentityClient
+    create_client = command(
+        client_cmds, "create", oauth_clients_create, "register a client; its secret is printed this once", idc
+    )
+    create_client.add_argument("name", help="display name, 1-128 characters")
+    create_client.add_argument(
+        "--scope", action="append", required=True, help="a scope it may be granted, e.g. agents:read; repeat for more"
+    )
+    create_client.add_argument(
+        "--grant-type",
+        action="append",
+        help="client_credentials (default), refresh_token, urn:ietf:params:oauth:grant-type:token-exchange; repeat",
+    )
+    create_client.add_argument("--agent-id", default="", help="the agent the client speaks for")
+    create_client.add_argument(
+        "--auth-method",
+        default="",
+        choices=["", "client_secret_basic", "client_secret_post", "private_key_jwt"],
+        help="how it authenticates at the token endpoint (default client_secret_basic)",
+    )
+    create_client.add_argument(
+        "--jwks-file", default="", metavar="PATH", help="its public JWK Set (JSON) for private_key_jwt; - for stdin"
+    )
+    command(client_cmds, "list", oauth_clients_list, "list every client, without secrets", idc)
+    command(client_cmds, "get", oauth_clients_get, "show one client", idc).add_argument("client_id")
+    command(
+        client_cmds, "rotate-secret", oauth_clients_rotate, "a new secret, printed this once; the old one stops", idc
+    ).add_argument("client_id")
+    command(
+        client_cmds, "disable", oauth_clients_disable, "refuse its token requests, revoke the tokens it holds", idc
+    ).add_argument("client_id")
+    command(client_cmds, "enable", oauth_clients_enable, "accept its token requests again", idc).add_argument(
+        "client_id"
+    )
+    command(client_cmds, "delete", oauth_clients_delete, "remove a client", idc).add_argument("client_id")
+
+    find = command(
+        commands,
+        "discover",
+        discover,
+        "search this mesh and, with --include-federated, every peer at once (discovery service)",
+        DiscoveryClient,
+    )
+    find.add_argument("query", nargs="?", default="", help="full-text query (default: everything)")
+    find.add_argument("--include-federated", action="store_true", help="also ask the federation peers")
+    find.add_argument("--healthy-only", action="store_true", help="only agents whose last health check passed")
+    find.add_argument("--force-refresh", action="store_true", help="bypass the peers' cached answers")
+    _capability_filters(find)
+    _page_options(find, 200)
+    find.set_defaults(columns={"agents": DISCOVERED_COLUMNS})
+
+    command(commands, "health", health, "the registry's health and agent count")
+    command(commands, "whoami", whoami, "the principal behind the credential: its id owns the agents it creates")
+    return parser
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:  # a bare checkout on PYTHONPATH, never installed
+        return "unknown"
