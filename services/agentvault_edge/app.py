@@ -25,6 +25,7 @@ from agentvault_edge.backends import Backends
 from agentvault_edge.forwarding import forwarded_metadata, is_metadata_text
 from agentvault_edge.http_request import HttpRequestParts, build_request
 from agentvault_edge.json_out import dumps, response_to_json
+from agentvault_edge.oauth_routes import OAuthRoutes, from_edge_error
 from agentvault_edge.openapi import build_openapi
 from agentvault_edge.request_body import parse_body, read_body
 from agentvault_edge.responses import error_response, json_response
@@ -70,6 +71,7 @@ class Edge:
         self.table = table
         self.backends = Backends(settings.backends)
         self.drain = Drain()
+        self.oauth = OAuthRoutes(settings, self.backends)
         self._openapi: bytes | None = None
         self._fixed: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]] = {
             "/healthz": self.healthz,
@@ -99,7 +101,8 @@ class Edge:
                 raise errors.shutting_down()
             response = await handler(request)
         except errors.EdgeError as exc:
-            response = error_response(exc)
+            # The OAuth endpoints answer in RFC 6749's error shape, never the edge's, whatever refused them.
+            response = from_edge_error(exc) if self.oauth.owns(request.rel_url.raw_path) else error_response(exc)
         except web.HTTPException as exc:
             # Raised by aiohttp itself (e.g. a malformed request line it still hands over).
             response = error_response(
@@ -107,7 +110,10 @@ class Edge:
             )
         except Exception:
             log.exception("unhandled error for %s %s", request.method, request.rel_url.raw_path)
-            response = error_response(errors.internal(rid))
+            failure = errors.internal(rid)
+            response = (
+                from_edge_error(failure) if self.oauth.owns(request.rel_url.raw_path) else error_response(failure)
+            )
         finally:
             route = _route_var.get()
             _route_var.reset(route_token)
@@ -156,6 +162,9 @@ class Edge:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         raw_path = request.rel_url.raw_path
+        if self.oauth.owns(raw_path):
+            _route_var.set(raw_path)
+            return await self.oauth.handle(request)
         fixed = self._fixed.get(raw_path)
         if fixed is not None:
             _route_var.set(raw_path)
