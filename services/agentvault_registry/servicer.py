@@ -15,7 +15,7 @@ from google.protobuf import empty_pb2
 
 from agentvault.common import agents as agent_rules
 from agentvault.common import pagination
-from agentvault.common.auth import Principal, Role, bearer_token
+from agentvault.common.auth import bearer_token
 from agentvault.common.errors import (
     AlreadyExists,
     NotFound,
@@ -24,6 +24,8 @@ from agentvault.common.errors import (
     invalid,
     store_unavailable,
 )
+from agentvault.common.principal import AGENTS_READ, AGENTS_WRITE, HEALTH_REPORT, Principal, peer
+from agentvault.common.remote_auth import check_scope
 from agentvault.registry.v1 import registry_service_pb2 as pb
 from agentvault.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from agentvault.registry.v1.registry_service_pb2 import Agent as AgentPb
@@ -58,14 +60,14 @@ log = logging.getLogger(__name__)
 HEALTH_REDIS_TIMEOUT = 2.0
 PRINCIPAL_ID = re.compile(rf"{PRINCIPAL_ID_PREFIX}[0-9a-f]{{32}}")
 # Who a federation token is counted as by GetHealth: a peer sees shared agents only.
-PEER_VIEWER = Principal("peer", Role.MEMBER, "", is_peer=True, id="peer:")
+PEER_VIEWER = peer("peer:", "peer")
 
 
 class CallerKind(enum.Enum):
     """Who a call comes from, by the form of its credential alone (verifying it is each path's business)."""
 
     ANONYMOUS = "anonymous"
-    MEMBER = "member"  # an API key or the bootstrap token: a member or an admin of this mesh
+    MEMBER = "member"  # an API key, the bootstrap token or an access token: a caller of this mesh
     PEER = "peer"  # a federation token: another mesh
 
 
@@ -82,6 +84,14 @@ def caller_kind(metadata: Any) -> CallerKind:
 def may_see(sharing: str, owner: str, viewer: Principal | None) -> bool:
     """Private agents are visible to their owner (by principal id) and admins only; the rest to every caller."""
     return sharing != "private" or (viewer is not None and (viewer.is_admin or viewer.owns(owner)))
+
+
+def _reader(viewer: Principal | None) -> Principal | None:
+    """The caller when it may read agents: anonymous callers see what is public, and a credential that lacks
+    agents:read is refused rather than silently read as anonymous."""
+    if viewer is not None:
+        check_scope(viewer, AGENTS_READ)
+    return viewer
 
 
 class RegistryServicer(pb_grpc.RegistryServiceServicer):
@@ -113,7 +123,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         return check
 
     async def CreateAgent(self, request: pb.CreateAgentRequest, context: grpc.aio.ServicerContext) -> AgentPb:
-        principal = await self.auth.require(context.invocation_metadata())
+        principal = await self.auth.require_scope(context.invocation_metadata(), AGENTS_WRITE)
         if not request.HasField("agent"):
             raise invalid("agent", "is required")
         spec = agent_rules.validate_spec(spec_from_proto(request.agent))
@@ -144,7 +154,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             proto, sharing, owner = entry.agent, entry.sharing, entry.owner
         # A credential is only looked up when the answer depends on it: a private agent.
         if sharing == "private":
-            viewer = await self.auth.principal(context.invocation_metadata())
+            viewer = _reader(await self.auth.principal(context.invocation_metadata()))
             if not may_see(sharing, owner, viewer):
                 raise NotFound(f"agent {request.id} not found", "AGENT_NOT_FOUND", id=request.id)
         return proto
@@ -162,7 +172,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def list_for_member(self, request: pb.ListAgentsRequest, metadata: Any) -> pb.ListAgentsResponse:
         """ListAgents for this mesh's own callers (anonymous, members, admins): every filter and paging apply, and
         what each may see is decided by its principal (the store's visibility rules), never by peers' rules."""
-        viewer = await self.auth.principal(metadata)
+        viewer = _reader(await self.auth.principal(metadata))
         query = agent_rules.build_query(
             {
                 **search_filters(request),
@@ -180,7 +190,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         )
 
     async def UpdateAgent(self, request: pb.UpdateAgentRequest, context: grpc.aio.ServicerContext) -> AgentPb:
-        principal = await self.auth.require(context.invocation_metadata())
+        principal = await self.auth.require_scope(context.invocation_metadata(), AGENTS_WRITE)
         if not request.HasField("agent") or not request.agent.id:
             raise invalid("agent.id", "is required")
         paths = agent_rules.validate_update_mask(list(request.update_mask.paths))
@@ -199,7 +209,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         return agent_to_proto(agent)
 
     async def DeleteAgent(self, request: pb.DeleteAgentRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
-        principal = await self.auth.require(context.invocation_metadata())
+        principal = await self.auth.require_scope(context.invocation_metadata(), AGENTS_WRITE)
         if not request.id:
             raise invalid("id", "is required")
         await self.store.delete_agent(request.id, self._authorize_owner(principal))
@@ -230,7 +240,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def ReportAgentHealth(
         self, request: pb.ReportAgentHealthRequest, context: grpc.aio.ServicerContext
     ) -> AgentPb:
-        await self.auth.require_admin(context.invocation_metadata())
+        await self.auth.require_scope(context.invocation_metadata(), HEALTH_REPORT)
         if not request.id:
             raise invalid("id", "is required")
         status = word(HEALTH, request.health_status, "health_status", required=True)
@@ -244,11 +254,18 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         principal = await self.auth.principal(context.invocation_metadata())
         if principal is None:
             return pb.Caller()
+        # An access token has no role; one with the admin scope answers as an admin, so older readers of `role`
+        # (services resolving callers) decide as before.
+        role = principal.role.value if principal.role is not None else ("admin" if principal.is_admin else "member")
         return pb.Caller(
             name=principal.name,
-            role=number(ROLE, principal.role.value),
+            role=number(ROLE, role),
             is_peer=principal.is_peer,
             principal_id=principal.id,
+            kind=principal.kind.value,
+            scopes=sorted(principal.scopes),
+            client_id=principal.client_id,
+            agent_id=principal.agent_id,
         )
 
     async def CreateApiKey(

@@ -1,46 +1,25 @@
-"""Who is calling: the bearer credential in metadata, and the principal it resolves to."""
+"""Who is calling: the bearer credential in metadata (the principal it resolves to is agentvault.common.principal)."""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from agentvault.common.principal import Principal
 
 AUTHORIZATION_KEY = "authorization"
 # The bootstrap admin token's principal (created by the registry's migration 0003); no API key can act as it.
 BOOTSTRAP_PRINCIPAL_ID = "prn_bootstrap_admin"
 BOOTSTRAP_PRINCIPAL_NAME = "admin"
-MAX_TOKEN_LENGTH = 512
+# Room for a JWT access token (jose_keys.MAX_TOKEN_BYTES); API keys and federation credentials are far shorter.
+MAX_TOKEN_LENGTH = 4096
 
 
 class Role(enum.StrEnum):
     ADMIN = "admin"
     MEMBER = "member"
-
-
-@dataclass(frozen=True)
-class Principal:
-    """An authenticated caller. `id` is what agents record as their owner: stable, unique and assigned by the
-    registry, never chosen by a caller. `name` is for display only; several principals may share one."""
-
-    name: str
-    role: Role
-    key_id: str
-    # A federation peer calling with the credential this mesh issued to it; it sees only shared agents.
-    is_peer: bool = False
-    id: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.id:
-            raise ValueError("a principal needs its stable id")
-
-    def owns(self, owner: str) -> bool:
-        """Whether this caller is the principal recorded as `owner`; a peer owns nothing here."""
-        return not self.is_peer and self.id == owner
-
-    @property
-    def is_admin(self) -> bool:
-        return self.role is Role.ADMIN and not self.is_peer
 
 
 def bearer_token(metadata: Any) -> str | None:
@@ -58,3 +37,14 @@ def bearer_token(metadata: Any) -> str | None:
             raise ValueError("bearer token too long")
         return token
     return None
+
+
+def acting_principal(principal: Principal) -> Principal:
+    """Whom an access token acts as, the same in every service: the principal that registered its OAuth client
+    (`avm_owner`). Agents it creates are that principal's, and it may change that principal's agents, within its
+    scopes; `subject` and `client_id` still name the client itself. Why: owners are principals (agents.owner
+    references them), and a client answers to whoever registered it, so an admin's agent-bound client acts for
+    the admin. A token without an owner acts as its `sub`."""
+    if principal.owner and principal.kind != "peer":
+        return dataclasses.replace(principal, id=principal.owner)
+    return principal

@@ -607,6 +607,10 @@ class Caller(_message.Message):
     ROLE_FIELD_NUMBER: _builtins.int
     IS_PEER_FIELD_NUMBER: _builtins.int
     PRINCIPAL_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    SCOPES_FIELD_NUMBER: _builtins.int
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Principal's display name. Empty when the call carried no credential."""
     role: Global___Role.ValueType
@@ -615,6 +619,18 @@ class Caller(_message.Message):
     """Whether the caller is a federation peer rather than a user."""
     principal_id: _builtins.str
     """The principal's stable id: what agents it creates record as their owner."""
+    kind: _builtins.str
+    """What kind of caller: "person" (an API key or the bootstrap token), "agent" (an OAuth client bound to an
+    agent), "service" (an OAuth client of its own) or "peer" (another mesh). Empty without a credential.
+    """
+    client_id: _builtins.str
+    """The OAuth client the access token was issued to; empty for other credentials."""
+    agent_id: _builtins.str
+    """The agent an agent-bound OAuth client speaks for; empty otherwise."""
+    @_builtins.property
+    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the credential may do (e.g. "agents:read"); "admin" implies every scope. An API key's follow its role."""
+
     def __init__(
         self,
         *,
@@ -622,10 +638,14 @@ class Caller(_message.Message):
         role: Global___Role.ValueType = ...,
         is_peer: _builtins.bool = ...,
         principal_id: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        scopes: _abc.Iterable[_builtins.str] | None = ...,
+        client_id: _builtins.str = ...,
+        agent_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["is_peer", b"is_peer", "name", b"name", "principal_id", b"principal_id", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "client_id", b"client_id", "is_peer", b"is_peer", "kind", b"kind", "name", b"name", "principal_id", b"principal_id", "role", b"role", "scopes", b"scopes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
