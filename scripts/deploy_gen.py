@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from agentvault.common.services import GRPC, SERVICES, ServiceSpec
+from agentvault.common.services import GRPC, SECRET_VAR, SECRETS_VAR, SERVICES, ServiceSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = "pyproject.toml"
@@ -27,6 +27,24 @@ BEGIN, END = "# deploy_gen:begin {}", "# deploy_gen:end {}"
 OTHER_SCRIPTS = {"agentvault": "agentvault.client.cli:main"}
 LAST_SCRIPTS = {"agentvault-dev": "agentvault.devserver.__main__:main"}
 FEDERATION_SERVICE = "agentvault.federation.v1.FederationService"
+ADMIN_TOKEN_VAR = "AGENTVAULT_ADMIN_TOKEN"  # noqa: S105 - a variable name, not a secret
+# Kubernetes Secrets the overlays supply besides agentvault-secrets (stores and keys, every backend): the
+# bootstrap admin token (the registry only) and one per service identity (that service and the registry).
+ADMIN_SECRET = "agentvault-admin"  # noqa: S105 - a Secret's name
+
+
+def identity_secret(spec: ServiceSpec) -> str:
+    """The Kubernetes Secret holding a service's own client secret (key SERVICE_CLIENT_SECRET)."""
+    return f"agentvault-{spec.name}-identity"
+
+
+def secret_var(spec: ServiceSpec) -> str:
+    """The variable holding a service's client secret in compose's .env and in the registry's pod."""
+    return f"{spec.env_prefix}_CLIENT_SECRET"
+
+
+def _identities(services: Sequence[ServiceSpec]) -> list[ServiceSpec]:
+    return [s for s in services if s.scopes]
 
 
 def _quoted(items: list[str]) -> str:
@@ -74,6 +92,7 @@ def _compose_service(spec: ServiceSpec, services: Sequence[ServiceSpec]) -> str:
         lines.append("      <<: *agentvault-env")
     lines.append(f'      {spec.port_var}: "{port}"')
     lines += [f"      {by_name[c].addr_var}: {c}:{by_name[c].default_port}" for c in spec.calls]
+    lines += _compose_secrets(spec, services)
     if spec.metrics_port_var:
         lines.append(f'      {spec.metrics_port_var}: "9090"')
     if spec.publish_var:
@@ -101,6 +120,30 @@ def _compose_service(spec: ServiceSpec, services: Sequence[ServiceSpec]) -> str:
         lines.append("      # Migrations run before the server starts listening.")
     lines.append(f"      start_period: {'60s' if spec.has_stores else '20s'}")
     return "\n".join(lines) + "\n"
+
+
+def _required(var: str, what: str) -> str:
+    return f"${{{var}:?set {var} (e.g. in .env) to {what}, see the top of docker-compose.yml}}"
+
+
+def _compose_secrets(spec: ServiceSpec, services: Sequence[ServiceSpec]) -> list[str]:
+    """Each service only its own secret; the registry, the authorization server, every service's and the
+    bootstrap admin token (for people)."""
+    random = "a long random secret"
+    if spec.authorization_server:
+        items = ",".join(f"{s.name}={_required(secret_var(s), random)}" for s in _identities(services))
+        return [
+            "      # The bootstrap admin token, for people; no service calls another with it.",
+            f"      {ADMIN_TOKEN_VAR}: {_required(ADMIN_TOKEN_VAR, random)}",
+            "      # The authorization server upserts each service's OAuth client (secrets kept hashed).",
+            f"      {SECRETS_VAR}: {items}",
+        ]
+    if spec.scopes:
+        return [
+            f"      # Its own OAuth client ({spec.client_id}: {' '.join(spec.scopes)}); no other service's secret.",
+            f"      {SECRET_VAR}: {_required(secret_var(spec), random)}",
+        ]
+    return []
 
 
 def compose(text: str, services: Sequence[ServiceSpec]) -> str:
@@ -138,8 +181,58 @@ def k8s_file(spec: ServiceSpec, services: Sequence[ServiceSpec], root: Path) -> 
         "max_replicas": str(spec.max_replicas),
         "ingress_note": _ingress_note(spec, services),
         "ADDR_VARS": ", ".join(by_name[c].addr_var for c in spec.calls),
+        "secret_env": _k8s_secret_env(spec, services),
+        "secret_refs": _k8s_secret_refs(spec),
     }
     return re.sub(r"@([A-Za-z_]+)@", lambda m: values[m.group(1)], template)
+
+
+def _k8s_secret_env(spec: ServiceSpec, services: Sequence[ServiceSpec]) -> str:
+    """The registry's list of service secrets, each read from that service's own Secret (one copy of each)."""
+    if not spec.authorization_server:
+        return ""
+    lines = []
+    for other in _identities(services):
+        lines += [
+            f"            - name: {secret_var(other)}",
+            "              valueFrom:",
+            "                secretKeyRef:",
+            f"                  name: {identity_secret(other)}",
+            f"                  key: {SECRET_VAR}",
+        ]
+    items = ",".join(f"{s.name}=$({secret_var(s)})" for s in _identities(services))
+    lines += [
+        "            # The authorization server upserts each service's OAuth client from these (kept hashed).",
+        f"            - name: {SECRETS_VAR}",
+        f'              value: "{items}"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _k8s_secret_refs(spec: ServiceSpec) -> str:
+    if spec.authorization_server:
+        return (
+            "\n".join(
+                [
+                    "            # AGENTVAULT_ADMIN_TOKEN, the bootstrap admin token: for people, the registry only.",
+                    "            - secretRef:",
+                    f"                name: {ADMIN_SECRET}",
+                ]
+            )
+            + "\n"
+        )
+    if spec.scopes:
+        return (
+            "\n".join(
+                [
+                    f"            # SERVICE_CLIENT_SECRET of its own OAuth client ({spec.client_id}) only.",
+                    "            - secretRef:",
+                    f"                name: {identity_secret(spec)}",
+                ]
+            )
+            + "\n"
+        )
+    return ""
 
 
 def kustomization(text: str, services: Sequence[ServiceSpec]) -> str:

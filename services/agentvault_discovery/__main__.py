@@ -11,7 +11,11 @@ import grpc
 
 from agentvault.common import db
 from agentvault.common.redis import create_redis
-from agentvault.common.server import GrpcServer, run_service
+from agentvault.common.remote_auth import registry_validator
+from agentvault.common.revocations import RevocationWatcher
+from agentvault.common.server import GrpcServer, background, run_service
+from agentvault.common.services import SECRET_VAR
+from agentvault.common.token_source import BearerInterceptor, GrpcTokenSource
 from agentvault.discovery.v1 import discovery_service_pb2_grpc
 from agentvault.federation.v1 import federation_service_pb2_grpc
 from agentvault.registry.v1 import registry_service_pb2_grpc
@@ -44,14 +48,30 @@ async def build(settings: DiscoverySettings, server: GrpcServer, stack: contextl
     stack.push_async_callback(session.close)
     federator = None
     if settings.federation_active:
-        directory = PeerDirectory(federation_service_pb2_grpc.PeerServiceStub(registry_channel), settings)
+        assert settings.identity is not None
+        # This service's own identity (svc-discovery, federation:resolve), its token fetched from the registry's
+        # IdentityService over the plain channel; its own calls go on a second channel that adds the token, while
+        # searches forward their caller's credential on the plain one.
+        identity = GrpcTokenSource(
+            registry_channel,
+            settings.registry_addr,
+            settings.identity.client_id,
+            settings.identity.client_secret,
+        )
+        own_channel = grpc.aio.insecure_channel(settings.registry_addr, interceptors=[BearerInterceptor(identity)])
+        stack.push_async_callback(own_channel.close)
+        directory = PeerDirectory(federation_service_pb2_grpc.PeerServiceStub(own_channel), identity, settings)
         federator = Federator(settings, directory, redis, writer, session)
         stack.push_async_callback(federator.close)
     elif settings.federation_enabled:
-        missing = "FEDERATION_ENCRYPTION_KEYS" if settings.box is None else "AGENTVAULT_ADMIN_TOKEN"
+        missing = "FEDERATION_ENCRYPTION_KEYS" if settings.box is None else SECRET_VAR
         log.warning("federated search is off: %s is not set, so peers' credentials cannot be used", missing)
     registry = registry_service_pb2_grpc.RegistryServiceStub(registry_channel)
-    servicer = DiscoveryServicer(settings, registry, federator, store, registry_channel, redis)
+    # Access tokens are validated here, against the registry's JWKS and the revocations mirrored from Redis.
+    revoked = RevocationWatcher(redis)
+    background(stack, revoked.run(), "oauth-revocations")
+    jwt = registry_validator(registry_channel, revoked.is_revoked)
+    servicer = DiscoveryServicer(settings, registry, federator, store, registry_channel, redis, jwt=jwt)
     server.serve(discovery_service_pb2_grpc.add_DiscoveryServiceServicer_to_server, servicer)
 
 

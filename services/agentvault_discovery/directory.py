@@ -10,6 +10,7 @@ import grpc
 
 from agentvault.common import peers
 from agentvault.common.peers import PeerTarget
+from agentvault.common.token_source import TokenFetchFailed, TokenSource
 from agentvault.federation.v1 import federation_service_pb2_grpc as fed_grpc
 from agentvault_discovery.settings import DiscoverySettings
 
@@ -19,8 +20,10 @@ log = logging.getLogger(__name__)
 class PeerDirectory:
     """The active peers, from the registry's ResolvePeers, kept for a second or two so a search costs no extra hop."""
 
-    def __init__(self, stub: fed_grpc.PeerServiceAsyncStub, settings: DiscoverySettings) -> None:
+    def __init__(self, stub: fed_grpc.PeerServiceAsyncStub, identity: TokenSource, settings: DiscoverySettings) -> None:
         self._stub = stub
+        # This service's own identity: ResolvePeers needs federation:resolve, which no caller lends it.
+        self._identity = identity
         self._settings = settings
         self._peers: list[PeerTarget] = []
         self._loaded_at = float("-inf")
@@ -35,9 +38,13 @@ class PeerDirectory:
             if time.monotonic() - self._loaded_at < self._settings.peer_list_ttl_seconds:
                 return self._peers
             assert self._settings.box is not None
-            assert self._settings.admin_token
             try:
-                self._peers = await peers.load_peers(self._stub, self._settings.admin_token, self._settings.box)
+                token = await self._identity.token()
+                self._peers = await peers.load_peers(self._stub, token, self._settings.box)
+            except TokenFetchFailed as exc:
+                log.error("cannot load federation peers: no token for this service: %s", exc)
+                self._loaded_at = time.monotonic() - self._settings.peer_list_ttl_seconds + 0.5
+                return self._peers
             except grpc.aio.AioRpcError as exc:
                 # A stale list beats no federation while the registry blips; it is retried on the next search.
                 log.error("cannot load federation peers from the registry: %s %s", exc.code().name, exc.details())

@@ -22,6 +22,7 @@ from agentvault.common.errors import (
     invalid,
 )
 from agentvault.common.interceptors import outgoing_metadata
+from agentvault.common.jwt_auth import JwtValidator
 from agentvault.common.lru import Lru
 from agentvault.common.remote_auth import AdminGate, CallerResolver
 from agentvault.discovery.v1 import discovery_service_pb2 as dpb
@@ -186,6 +187,7 @@ class DiscoveryServicer(dpb_grpc.DiscoveryServiceServicer):
         store: Store,
         registry_channel: grpc.aio.Channel,
         redis: aioredis.Redis,
+        jwt: JwtValidator | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -204,8 +206,9 @@ class DiscoveryServicer(dpb_grpc.DiscoveryServiceServicer):
         )
         self._merged: Lru[tuple[Any, ...], Merged] = Lru(MERGED_ENTRIES, budget=budget // 4)
         # Clearing a peer's cache is rare: no caching of the answer, so a revoked admin key stops at once.
-        self.admin_gate = AdminGate(registry, settings.admin_token, cache_seconds=0)
-        self.callers = CallerResolver(registry, settings.admin_token)
+        # No bootstrap token here (it is for people, and only the registry knows it): the registry resolves it.
+        self.admin_gate = AdminGate(registry, None, cache_seconds=0, jwt=jwt)
+        self.callers = CallerResolver(registry, None, jwt=jwt)
         self.force_refresh = ForceRefreshGate(self.callers, redis, settings.force_refresh_per_minute)
 
     @property

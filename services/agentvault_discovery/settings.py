@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from agentvault.common.peers import TlsFiles, tls_files
 from agentvault.common.secretbox import SecretBox
+from agentvault.common.services import SECRET_VAR, ServiceCredentials
 from agentvault.common.settings import CommonSettings, Env
 
 
@@ -15,8 +16,9 @@ class DiscoverySettings:
     database_url: str
     redis_url: str
     registry_addr: str
-    # The mesh's own service credential: it authorizes ResolvePeers on the registry.
-    admin_token: str | None
+    # This service's own OAuth client (SERVICE_CLIENT_ID/SECRET): its token authorizes ResolvePeers on the
+    # registry. None when SERVICE_CLIENT_SECRET is unset: federated search is then off.
+    identity: ServiceCredentials | None
     federation_enabled: bool
     cache_ttl_seconds: int
     query_timeout_seconds: float
@@ -41,7 +43,7 @@ class DiscoverySettings:
 
     @property
     def federation_active(self) -> bool:
-        return self.federation_enabled and self.box is not None and bool(self.admin_token)
+        return self.federation_enabled and self.box is not None and self.identity is not None
 
     @classmethod
     def load(cls, env: Env | None = None) -> DiscoverySettings:
@@ -53,7 +55,7 @@ class DiscoverySettings:
             database_url=common.require_database(),
             redis_url=common.require_redis(),
             registry_addr=env.addr("REGISTRY_ADDR", "REGISTRY_PORT"),
-            admin_token=env.optional("AGENTVAULT_ADMIN_TOKEN"),
+            identity=ServiceCredentials.load("discovery", env) if env.optional(SECRET_VAR) else None,
             federation_enabled=env.bool("FEDERATION_ENABLED", True),
             cache_ttl_seconds=env.int("FEDERATION_CACHE_TTL", 300, minimum=0, maximum=86_400),
             query_timeout_seconds=env.int("FEDERATION_QUERY_TIMEOUT", 5000, minimum=1, maximum=120_000) / 1000,

@@ -6,11 +6,17 @@ import contextlib
 import logging
 from importlib.resources import files
 
+import grpc
+
 from agentvault.common import db
 from agentvault.common.peers import client_credentials
-from agentvault.common.remote_auth import AdminGate
+from agentvault.common.redis import create_redis
+from agentvault.common.remote_auth import AdminGate, registry_validator
+from agentvault.common.revocations import RevocationWatcher
 from agentvault.common.server import GrpcServer, background, run_service
+from agentvault.common.token_source import GrpcTokenSource
 from agentvault.healthmonitor.v1 import health_monitor_service_pb2_grpc
+from agentvault.registry.v1 import registry_service_pb2_grpc
 from agentvault_healthmonitor.checks import Prober
 from agentvault_healthmonitor.events import EventHub
 from agentvault_healthmonitor.monitor import Monitor
@@ -29,7 +35,15 @@ async def build(settings: HealthMonitorSettings, server: GrpcServer, stack: cont
     store = Store(pool)
     hub = EventHub(settings.redis_url, settings.events_channel)
     stack.push_async_callback(hub.close)
-    registry = RegistryClient(settings.registry_addr, settings.admin_token, settings.box)
+    # Two channels to the registry: a plain one for the token calls and for resolving this service's own callers
+    # (with their credential), and RegistryClient's, where every call carries this service's token
+    # (svc-health-monitor: agents:read, federation:resolve, health:report), never the bootstrap admin token.
+    plain = grpc.aio.insecure_channel(settings.registry_addr)
+    stack.push_async_callback(plain.close)
+    identity = GrpcTokenSource(
+        plain, settings.registry_addr, settings.identity.client_id, settings.identity.client_secret
+    )
+    registry = RegistryClient(settings.registry_addr, identity, settings.box)
     stack.push_async_callback(registry.close)
     tls = client_credentials(settings.tls) if settings.tls else None
     prober = Prober(
@@ -37,7 +51,13 @@ async def build(settings: HealthMonitorSettings, server: GrpcServer, stack: cont
     )
     stack.push_async_callback(prober.close)
     monitor = Monitor(settings, store, prober, registry, hub)
-    gate = AdminGate(registry.registry_stub, settings.admin_token)
+    # Access tokens are validated here, against the registry's JWKS and the revocations mirrored from Redis.
+    redis = create_redis(settings.redis_url)
+    stack.push_async_callback(redis.aclose)
+    revoked = RevocationWatcher(redis)
+    background(stack, revoked.run(), "oauth-revocations")
+    jwt = registry_validator(plain, revoked.is_revoked)
+    gate = AdminGate(registry_service_pb2_grpc.RegistryServiceStub(plain), None, jwt=jwt)
     servicer = HealthMonitorServicer(store, monitor, hub, gate, settings.summary_window_seconds, settings.interval)
     server.serve(health_monitor_service_pb2_grpc.add_HealthMonitorServiceServicer_to_server, servicer)
     # Stopped first, after the server: no check runs against a closed prober or pool.

@@ -11,6 +11,7 @@ from google.protobuf import field_mask_pb2, timestamp_pb2
 from agentvault.common.enums import enum_words
 from agentvault.common.peers import load_peers
 from agentvault.common.secretbox import SecretBox
+from agentvault.common.token_source import BearerInterceptor, TokenSource
 from agentvault.federation.v1 import federation_service_pb2 as fed_pb
 from agentvault.federation.v1 import federation_service_pb2_grpc as fed_grpc
 from agentvault.registry.v1 import registry_service_pb2 as reg_pb
@@ -46,13 +47,17 @@ def agent_health(state: State) -> Any:
 
 
 class RegistryClient:
-    def __init__(self, address: str, admin_token: str, box: SecretBox | None) -> None:
-        self.channel = grpc.aio.insecure_channel(address)
+    """Calls as this service itself: `identity` (its own OAuth client) supplies the token of every call, added by
+    the channel's BearerInterceptor, which also retries once with a fresh token after UNAUTHENTICATED."""
+
+    def __init__(self, address: str, identity: TokenSource, box: SecretBox | None) -> None:
+        self.channel = grpc.aio.insecure_channel(address, interceptors=[BearerInterceptor(identity)])
         self.peers_stub = fed_grpc.PeerServiceStub(self.channel)
         self.registry_stub = reg_grpc.RegistryServiceStub(self.channel)
         self.box = box
-        self._token = admin_token
-        self._metadata = (("authorization", f"Bearer {admin_token}"),)
+        self.identity = identity
+        # The interceptor puts the token in; no call carries any other credential.
+        self._metadata: tuple[tuple[str, str], ...] = ()
 
     async def close(self) -> None:
         await self.channel.close()
@@ -60,7 +65,8 @@ class RegistryClient:
     async def peers(self) -> list[PeerSubject]:
         if self.box is not None:
             # load_peers also decrypts each peer's key; the probes never send it (they call public RPCs).
-            targets = await load_peers(self.peers_stub, self._token, self.box, CALL_TIMEOUT)
+            token = await self.identity.token()
+            targets = await load_peers(self.peers_stub, token, self.box, CALL_TIMEOUT)
             return [
                 PeerSubject(t.id, t.name, t.registry_url, t.protocol, t.grpc_endpoint, t.require_mtls) for t in targets
             ]

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from agentvault.common.peers import TlsFiles, tls_files
 from agentvault.common.secretbox import ENV_VAR, SecretBox
+from agentvault.common.services import ServiceCredentials
 from agentvault.common.settings import CommonSettings, Env, SettingsError
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -36,7 +37,8 @@ class HealthMonitorSettings:
     database_url: str
     redis_url: str
     registry_addr: str
-    admin_token: str
+    # This service's own OAuth client (SERVICE_CLIENT_ID/SECRET), with which it reads and reports to the registry.
+    identity: ServiceCredentials
     # Optional: checks never send a peer's key, so without it peers are still checked (keys left encrypted).
     box: SecretBox | None
     tls: TlsFiles | None
@@ -70,7 +72,7 @@ class HealthMonitorSettings:
             database_url=common.require_database(),
             redis_url=common.require_redis(),
             registry_addr=env.addr("REGISTRY_ADDR", "REGISTRY_PORT"),
-            admin_token=env.str("AGENTVAULT_ADMIN_TOKEN", required=True),
+            identity=ServiceCredentials.load("health-monitor", env),
             box=SecretBox.from_env(env) if env.optional(ENV_VAR) else None,
             tls=tls_files(env),
             interval=env.float("FEDERATION_HEALTH_CHECK_INTERVAL", 60.0, minimum=0.1),

@@ -9,13 +9,15 @@ from importlib.resources import files
 
 from agentvault.common import db
 from agentvault.common import peers as peers_lib
+from agentvault.common.jwt_auth import JwtValidator
 from agentvault.common.redis import create_redis
+from agentvault.common.revocations import RevocationWatcher
 from agentvault.common.secretbox import SecretBox
 from agentvault.common.server import GrpcServer, background, run_service
 from agentvault.federation.v1 import federation_service_pb2_grpc as fed_grpc
 from agentvault.identity.v1 import identity_service_pb2_grpc as identity_grpc
 from agentvault.registry.v1 import registry_service_pb2_grpc
-from agentvault_registry import declared_peers
+from agentvault_registry import declared_peers, service_clients
 from agentvault_registry.auth import Authenticator
 from agentvault_registry.cache import AgentCache
 from agentvault_registry.federation_gate import FederationGate
@@ -83,6 +85,19 @@ async def build(settings: RegistrySettings, server: GrpcServer, stack: contextli
         keys = SigningKeys(oauth_store, box, oauth.key_rotation_seconds, oauth.access_token_ttl)
         background(stack, keys.run(), "oauth-signing-keys")
         authz = AuthorizationServer(oauth_store, keys, redis, oauth)
+        # Access tokens are checked here with the registry's own keys (no network) and the revocations mirrored
+        # from Redis, so a revoked token is refused within the channel's delay.
+        revoked = RevocationWatcher(redis)
+        background(stack, revoked.run(), "oauth-revocations")
+        # The keys are read from this registry's own store: a kid rotated in elsewhere may be looked up each second.
+        auth.jwt = JwtValidator(
+            oauth.issuer, oauth.audience, keys.jwks, revoked=revoked.is_revoked, jwks_ttl=10.0, min_refresh=1.0
+        )
+    # The services' own clients (their identities), from SERVICE_CLIENT_SECRETS; before serving, so a service
+    # starting next finds its client.
+    await service_clients.apply(oauth_store, settings.service_secrets, authz.revoke_client_tokens if authz else None)
+    if settings.service_secrets and authz is None:
+        log.warning("SERVICE_CLIENT_SECRETS is set but no token can be issued: %s", OFF_REASON)
     server.serve(identity_grpc.add_IdentityServiceServicer_to_server, IdentityServicer(oauth_store, auth, authz))
     if fed.tls is not None:
         creds = peers_lib.server_credentials(fed.tls, require_client_auth=fed.mtls_required)

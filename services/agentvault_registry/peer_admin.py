@@ -16,6 +16,7 @@ from google.protobuf import empty_pb2
 from agentvault.common import agents as agent_rules
 from agentvault.common import pagination
 from agentvault.common.errors import AlreadyExists, NotFound, Unavailable, invalid
+from agentvault.common.principal import FEDERATION_ADMIN, FEDERATION_RESOLVE, HEALTH_REPORT
 from agentvault.common.secretbox import SecretBox
 from agentvault.federation.v1 import federation_service_pb2 as fpb
 from agentvault.federation.v1 import federation_service_pb2_grpc as fpb_grpc
@@ -94,7 +95,7 @@ class PeerServicer(fpb_grpc.PeerServiceServicer):
         return values
 
     async def CreatePeer(self, request: fpb.CreatePeerRequest, context: grpc.aio.ServicerContext) -> fpb.Peer:
-        await self.auth.require_admin(context.invocation_metadata())
+        await self.auth.require_scope(context.invocation_metadata(), FEDERATION_ADMIN)
         values = self.values(request.peer, list(PEER_WRITABLE), creating=True)
         try:
             peer = await self.store.create_peer(values)
@@ -110,7 +111,7 @@ class PeerServicer(fpb_grpc.PeerServiceServicer):
     async def ListPeers(
         self, request: fpb.ListPeersRequest, context: grpc.aio.ServicerContext
     ) -> fpb.ListPeersResponse:
-        await self.auth.require_admin(context.invocation_metadata())
+        await self.auth.require_scope(context.invocation_metadata(), FEDERATION_ADMIN)
         size = pagination.page_size(request.page_size)
         peers, position = await self.store.list_peers(size, pagination.decode(request.page_token, "peers"))
         return fpb.ListPeersResponse(
@@ -119,17 +120,21 @@ class PeerServicer(fpb_grpc.PeerServiceServicer):
         )
 
     async def GetPeer(self, request: fpb.GetPeerRequest, context: grpc.aio.ServicerContext) -> fpb.Peer:
-        await self.auth.require_admin(context.invocation_metadata())
+        await self.auth.require_scope(context.invocation_metadata(), FEDERATION_ADMIN)
         peer = await self.store.get_peer(request.peer_id)
         if peer is None:
             raise NotFound(f"peer {request.peer_id} not found", "PEER_NOT_FOUND", peer_id=request.peer_id)
         return peer_to_proto(peer)
 
     async def UpdatePeer(self, request: fpb.UpdatePeerRequest, context: grpc.aio.ServicerContext) -> fpb.Peer:
-        await self.auth.require_admin(context.invocation_metadata())
+        paths = list(request.update_mask.paths)
+        # The health monitor (health:report) writes back the route it learned from the peer; any other change is
+        # a federation admin's.
+        learned_only = bool(paths) and set(paths) <= {"protocol", "grpc_endpoint"}
+        scope = HEALTH_REPORT if learned_only else FEDERATION_ADMIN
+        await self.auth.require_scope(context.invocation_metadata(), scope)
         if not request.peer.id:
             raise invalid("peer.id", "is required")
-        paths = list(request.update_mask.paths)
         if not paths:
             # PUT: every writable field the request carries; `{"is_active": false}` alone disables the peer.
             paths = [f.name for f, _ in request.peer.ListFields() if f.name not in ("id",)]
@@ -143,7 +148,7 @@ class PeerServicer(fpb_grpc.PeerServiceServicer):
         return peer_to_proto(peer)
 
     async def DeletePeer(self, request: fpb.DeletePeerRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
-        await self.auth.require_admin(context.invocation_metadata())
+        await self.auth.require_scope(context.invocation_metadata(), FEDERATION_ADMIN)
         if not await self.store.delete_peer(request.peer_id):
             raise NotFound(f"peer {request.peer_id} not found", "PEER_NOT_FOUND", peer_id=request.peer_id)
         return empty_pb2.Empty()
@@ -151,7 +156,7 @@ class PeerServicer(fpb_grpc.PeerServiceServicer):
     async def ReportPeerHealth(
         self, request: fpb.ReportPeerHealthRequest, context: grpc.aio.ServicerContext
     ) -> fpb.Peer:
-        await self.auth.require_admin(context.invocation_metadata())
+        await self.auth.require_scope(context.invocation_metadata(), HEALTH_REPORT)
         status = word(PEER_STATUS, request.status, "status", required=True)
         if request.agent_count < 0 or request.consecutive_failures < 0:
             raise invalid("agent_count", "must not be negative")
@@ -171,7 +176,9 @@ class PeerServicer(fpb_grpc.PeerServiceServicer):
     async def ResolvePeers(
         self, request: fpb.ResolvePeersRequest, context: grpc.aio.ServicerContext
     ) -> fpb.ResolvePeersResponse:
-        await self.auth.require_admin(context.invocation_metadata())
+        # What discovery and the health monitor need, with their own identities: the peers and their credentials,
+        # still encrypted (only services holding FEDERATION_ENCRYPTION_KEYS can read them).
+        await self.auth.require_scope(context.invocation_metadata(), FEDERATION_RESOLVE)
         peers: list[PeerRecord] = []
         after = None
         while True:
@@ -186,7 +193,7 @@ class PeerServicer(fpb_grpc.PeerServiceServicer):
     async def CreateFederationCredential(
         self, request: fpb.CreateFederationCredentialRequest, context: grpc.aio.ServicerContext
     ) -> fpb.CreateFederationCredentialResponse:
-        admin = await self.auth.require_admin(context.invocation_metadata())
+        admin = await self.auth.require_scope(context.invocation_metadata(), FEDERATION_ADMIN)
         if not CREDENTIAL_NAME.match(request.name):
             raise invalid("name", "must be 1-128 letters, digits, spaces and ._@-")
         box = self._require_box()
@@ -199,7 +206,7 @@ class PeerServicer(fpb_grpc.PeerServiceServicer):
     async def ListFederationCredentials(
         self, request: fpb.ListFederationCredentialsRequest, context: grpc.aio.ServicerContext
     ) -> fpb.ListFederationCredentialsResponse:
-        await self.auth.require_admin(context.invocation_metadata())
+        await self.auth.require_scope(context.invocation_metadata(), FEDERATION_ADMIN)
         size = pagination.page_size(request.page_size)
         creds, position = await self.store.list_credentials(size, pagination.decode(request.page_token, "creds"))
         return fpb.ListFederationCredentialsResponse(
@@ -210,7 +217,7 @@ class PeerServicer(fpb_grpc.PeerServiceServicer):
     async def RevokeFederationCredential(
         self, request: fpb.RevokeFederationCredentialRequest, context: grpc.aio.ServicerContext
     ) -> fpb.FederationCredential:
-        await self.auth.require_admin(context.invocation_metadata())
+        await self.auth.require_scope(context.invocation_metadata(), FEDERATION_ADMIN)
         if not request.id or len(request.id) > 32:
             raise invalid("id", "is required (at most 32 characters)")
         cred = await self.store.revoke_credential(request.id)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agentvault.common.peers import TlsFiles, tls_files
+from agentvault.common.services import SECRETS_VAR, parse_service_secrets
 from agentvault.common.settings import CommonSettings, Env
 
 
@@ -91,6 +92,8 @@ class RegistrySettings:
     agent_cache_bytes: int
     federation: FederationSettings
     oauth: OAuthSettings
+    # Service name -> the secret of its own OAuth client (SERVICE_CLIENT_SECRETS); upserted at start, hashed.
+    service_secrets: dict[str, str] = field(repr=False, default_factory=dict)
 
     @classmethod
     def load(cls, env: Env | None = None) -> RegistrySettings:
@@ -109,4 +112,5 @@ class RegistrySettings:
             agent_cache_bytes=env.int("REGISTRY_AGENT_CACHE_BYTES", 64 * 1024 * 1024, minimum=1024 * 1024),
             federation=FederationSettings.load(env, common.port),
             oauth=OAuthSettings.load(env),
+            service_secrets=parse_service_secrets(env.str(SECRETS_VAR, "")),
         )

@@ -13,8 +13,8 @@ import asyncpg
 
 from agentvault.common import versions
 from agentvault.common.agents import Agent, AgentQuery, AgentSpec, Capability, Endpoint
-from agentvault.common.auth import Principal
 from agentvault.common.errors import NotFound, invalid
+from agentvault.common.principal import HEALTH_REPORT, Principal
 from agentvault_registry.domain import ApiKey
 
 _COLUMNS = (
@@ -214,7 +214,8 @@ class Store:
             where.append("a.search_vector @@ q")
         if viewer is None:
             where.append("a.sharing <> 'private'")
-        elif not viewer.is_admin:
+        elif not viewer.is_admin and not (query.has_health_check_url and viewer.has_scope(HEALTH_REPORT)):
+            # (The health monitor, health:report, checks every agent with a health-check URL, private ones too.)
             where.append(f"(a.sharing <> 'private' OR a.owner = {param(viewer.id)})")
         if query.agent_type:
             where.append(f"a.agent_type = {param(query.agent_type)}")

@@ -32,7 +32,12 @@ K8S_VERSIONS = ["1.30.0", "1.37.0"]
 OUR_SERVICES = tuple(s.name for s in SERVICES)
 # The gRPC backends: port, the variable that sets it, and the edge's variable that points at it.
 GRPC_BACKENDS = {s.name: (s.default_port, s.port_var, s.addr_var) for s in SERVICES if s.kind == GRPC}
-SECRET_KEYS = {"DATABASE_URL", "REDIS_URL", "AGENTVAULT_ADMIN_TOKEN", "FEDERATION_ENCRYPTION_KEYS"}
+# The stores' credentials and the keys every backend shares (Secret agentvault-secrets).
+SHARED_SECRET_KEYS = {"DATABASE_URL", "REDIS_URL", "FEDERATION_ENCRYPTION_KEYS"}
+SECRET_KEYS = SHARED_SECRET_KEYS | {"AGENTVAULT_ADMIN_TOKEN", "SERVICE_CLIENT_SECRET", "SERVICE_CLIENT_SECRETS"}
+# The services calling others as themselves, each with its own OAuth client and secret.
+IDENTITIES = {s.name: s for s in SERVICES if s.scopes}
+AUTHORIZATION_SERVER = next(s.name for s in SERVICES if s.authorization_server)
 # The seed's federation defaults, shared by the backends in compose and in the ConfigMap.
 FEDERATION_DEFAULTS = {
     "FEDERATION_ENABLED": "true",
@@ -46,7 +51,13 @@ FEDERATION_DEFAULTS = {
 }
 MESH_PODS = {"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "agentvault-mesh"}}}
 # What compose must be given: both are required (`${VAR:?...}`), with no default.
-REQUIRED_ENV = {"AGENTVAULT_ADMIN_TOKEN": "test-admin-token", "FEDERATION_ENCRYPTION_KEYS": "test-encryption-keys"}
+REQUIRED_ENV = {
+    "AGENTVAULT_ADMIN_TOKEN": "test-admin-token",
+    "FEDERATION_ENCRYPTION_KEYS": "test-encryption-keys",
+    **{f"{s.env_prefix}_CLIENT_SECRET": f"test-secret-of-{s.name}" for s in IDENTITIES.values()},
+}
+# Where each of REQUIRED_ENV ends up in compose, by service: the shared keys in every backend, the rest below.
+SHARED_ENV = {"FEDERATION_ENCRYPTION_KEYS"}
 APP_UID = 10001
 
 
@@ -186,8 +197,8 @@ def test_compose_services_are_locked_down(compose_model: dict[str, Any]) -> None
         assert service["environment"]["LOG_FORMAT"] == "json", name
     for name, (port, port_var, _) in GRPC_BACKENDS.items():
         env = services[name]["environment"]
-        for key, value in REQUIRED_ENV.items():
-            assert env[key] == value, f"{name} {key}"
+        for key in SHARED_ENV:
+            assert env[key] == REQUIRED_ENV[key], f"{name} {key}"
         assert env["DATABASE_URL"].startswith("postgresql://"), name
         assert env["DATABASE_URL"].endswith("@postgres:5432/agentvault"), name
         assert env["REDIS_URL"] == "redis://redis:6379/0", name
@@ -201,6 +212,33 @@ def test_compose_services_are_locked_down(compose_model: dict[str, Any]) -> None
             assert env["REGISTRY_ADDR"] == "registry:50051", name
     # Secrets go only where they are needed.
     assert not SECRET_KEYS & set(services["edge"]["environment"])
+
+
+def test_compose_gives_each_service_only_its_own_secret(compose_model: dict[str, Any]) -> None:
+    services = compose_model["services"]
+    for name in OUR_SERVICES:
+        env = services[name]["environment"]
+        values = set(env.values())
+        if name == AUTHORIZATION_SERVER:
+            # The bootstrap admin token (for people) and, as the authorization server, every service's secret.
+            assert env["AGENTVAULT_ADMIN_TOKEN"] == REQUIRED_ENV["AGENTVAULT_ADMIN_TOKEN"]
+            expected = ",".join(
+                f"{s}={REQUIRED_ENV[f'{spec.env_prefix}_CLIENT_SECRET']}" for s, spec in IDENTITIES.items()
+            )
+            assert env["SERVICE_CLIENT_SECRETS"] == expected
+            assert "SERVICE_CLIENT_SECRET" not in env
+            continue
+        assert "AGENTVAULT_ADMIN_TOKEN" not in env, f"{name} holds the bootstrap admin token"
+        assert REQUIRED_ENV["AGENTVAULT_ADMIN_TOKEN"] not in values, name
+        assert "SERVICE_CLIENT_SECRETS" not in env, name
+        for other, spec in IDENTITIES.items():
+            secret = REQUIRED_ENV[f"{spec.env_prefix}_CLIENT_SECRET"]
+            if other == name:
+                assert env["SERVICE_CLIENT_SECRET"] == secret, name
+            else:
+                assert not any(secret in v for v in values), f"{name} holds the secret of {other}"
+        if name not in IDENTITIES:
+            assert "SERVICE_CLIENT_SECRET" not in env, name
 
 
 def test_compose_edge_is_wired_to_every_backend(compose_model: dict[str, Any]) -> None:
@@ -430,7 +468,12 @@ def test_no_secret_in_a_configmap(objects: list[dict[str, Any]]) -> None:
     for deployment in _by_kind(objects, "Deployment"):
         for container in deployment["spec"]["template"]["spec"]["containers"]:
             for env in container.get("env", []):
+                if env["name"] == "SERVICE_CLIENT_SECRETS":
+                    # Made of references to the services' own Secrets, never a literal secret.
+                    assert re.fullmatch(r"([a-z-]+=\$\([A-Z_]+\))(,[a-z-]+=\$\([A-Z_]+\))*", env["value"])
+                    continue
                 assert env["name"] not in SECRET_KEYS or "valueFrom" in env, env["name"]
+                assert not re.search(r"TOKEN|PASSWORD|SECRET", env["name"]) or "valueFrom" in env, env["name"]
 
 
 def test_k8s_backends_and_edge_wiring(objects: list[dict[str, Any]], request: pytest.FixtureRequest) -> None:
@@ -451,7 +494,14 @@ def test_k8s_backends_and_edge_wiring(objects: list[dict[str, Any]], request: py
         return any(s.get("configMapRef", {}).get("name") == config_maps[0]["metadata"]["name"] for s in sources(name))
 
     # The overlays generate the Secret, so its name carries a hash suffix there.
-    secret_name = "agentvault-secrets" if is_base else _by_kind(objects, "Secret")[0]["metadata"]["name"]
+    secret_name = next(
+        (
+            s["metadata"]["name"]
+            for s in _by_kind(objects, "Secret")
+            if _unhashed(s["metadata"]["name"]) == "agentvault-secrets"
+        ),
+        "agentvault-secrets",
+    )
 
     def reads_secret(name: str) -> bool:
         return any(s.get("secretRef", {}).get("name") == secret_name for s in sources(name))
@@ -471,7 +521,7 @@ def test_k8s_backends_and_edge_wiring(objects: list[dict[str, Any]], request: py
         # The edge (and every other service) finds it at <Service name>:<grpc port>.
         assert config[addr_var] == f"{name}:{port}", addr_var
         assert reads_config(name), name
-        assert reads_secret(name), f"{name} needs DATABASE_URL, REDIS_URL, the admin token and the keys"
+        assert reads_secret(name), f"{name} needs DATABASE_URL, REDIS_URL and the keys"
     assert reads_config("edge")
     assert not reads_secret("edge"), "the edge holds no credentials"
 
@@ -481,7 +531,7 @@ def test_k8s_backends_and_edge_wiring(objects: list[dict[str, Any]], request: py
     host, _, port = config["FEDERATION_PUBLIC_GRPC_ENDPOINT"].rpartition(":")
     assert host.endswith(".invalid") and port.isdigit(), config["FEDERATION_PUBLIC_GRPC_ENDPOINT"]
     if not is_base:
-        secret = _by_kind(objects, "Secret")[0]
+        secret = next(s for s in _by_kind(objects, "Secret") if s["metadata"]["name"] == secret_name)
         keys = secret.get("stringData") or {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
         # Placeholders, clearly marked, that fail start-up if left in (not a valid Fernet key).
         assert "CHANGE-ME" in keys["FEDERATION_ENCRYPTION_KEYS"]
@@ -498,9 +548,53 @@ def test_references_resolve(objects: list[dict[str, Any]], request: pytest.Fixtu
                 elif not is_base:  # the base leaves the Secret to its overlays
                     assert ("Secret", source["secretRef"]["name"]) in names
     if not is_base:
-        secrets = _by_kind(objects, "Secret")
-        assert len(secrets) == 1
-        assert set(secrets[0].get("data", {})) | set(secrets[0].get("stringData", {})) == SECRET_KEYS
+        keys = {
+            _unhashed(s["metadata"]["name"]): set(s.get("data", {})) | set(s.get("stringData", {}))
+            for s in _by_kind(objects, "Secret")
+        }
+        assert keys == {
+            "agentvault-secrets": SHARED_SECRET_KEYS,
+            "agentvault-admin": {"AGENTVAULT_ADMIN_TOKEN"},
+            **{f"agentvault-{name}-identity": {"SERVICE_CLIENT_SECRET"} for name in IDENTITIES},
+        }
+
+
+def _unhashed(name: str) -> str:
+    """A generated object's name without kustomize's content-hash suffix."""
+    return re.sub(r"-[a-z0-9]{10}$", "", name)
+
+
+def test_k8s_each_deployment_mounts_only_its_own_secret(objects: list[dict[str, Any]]) -> None:
+    deployments = {d["metadata"]["name"]: d for d in _by_kind(objects, "Deployment")}
+    assert set(deployments) == set(OUR_SERVICES)
+    for name, deployment in deployments.items():
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        whole = {_unhashed(s["secretRef"]["name"]) for s in container.get("envFrom", []) if "secretRef" in s}
+        keyed = {
+            (_unhashed(e["valueFrom"]["secretKeyRef"]["name"]), e["valueFrom"]["secretKeyRef"]["key"])
+            for e in container.get("env", [])
+            if "secretKeyRef" in e.get("valueFrom", {})
+        }
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        if name == AUTHORIZATION_SERVER:
+            # The admin token for people, and each service's secret read from that service's own Secret.
+            assert whole == {"agentvault-secrets", "agentvault-admin"}, name
+            assert keyed == {(f"agentvault-{s}-identity", "SERVICE_CLIENT_SECRET") for s in IDENTITIES}, name
+            by_var = {
+                e["name"]: _unhashed(e["valueFrom"]["secretKeyRef"]["name"])
+                for e in container["env"]
+                if "valueFrom" in e
+            }
+            listed = dict(item.split("=", 1) for item in env["SERVICE_CLIENT_SECRETS"].split(","))
+            assert set(listed) == set(IDENTITIES), name
+            for service_name, ref in listed.items():
+                var = ref.removeprefix("$(").removesuffix(")")
+                assert by_var[var] == f"agentvault-{service_name}-identity", service_name
+        elif name in IDENTITIES:
+            assert whole == {"agentvault-secrets", f"agentvault-{name}-identity"}, name
+            assert not keyed, name
+        else:
+            assert not whole and not keyed, f"{name} holds no credentials"
 
 
 def test_overlays_pin_namespace_and_image(rendered: dict[Path, str]) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from agentvault.common.services import SERVICES, identities, parse_service_secrets
 from agentvault.devserver.embedded import free_port
 
 START_TIMEOUT = 120  # a fresh data folder runs initdb; the machine may be busy with other tests
@@ -250,10 +251,12 @@ def test_ctrl_c_during_first_start_then_after_a_fresh_and_a_reused_data_folder(
     assert dev.finish() == 0, dev.output
     assert not (data / "postgres" / "PG_VERSION").exists()
 
+    secrets_seen: list[dict[str, str]] = []
     for folder in ("fresh", "reused"):
         dev = run_dev(data)
         dev.wait_running()
         assert ("(generated" in dev.output) == (folder == "fresh"), dev.output
+        secrets_seen.append(_service_secrets_given(dev, data))
         assert dev.tree is not None and dev.tree.find("postgres -D"), "an embedded PostgreSQL runs"
         assert http("GET", f"{dev.edge}/api/v1/health") == (200, {"status": "healthy", "agent_count": 0})
         status, ready = http("GET", f"{dev.edge}/readyz")
@@ -261,6 +264,41 @@ def test_ctrl_c_during_first_start_then_after_a_fresh_and_a_reused_data_folder(
         dev.send(signal.SIGINT)
         assert dev.finish() == 0, dev.output
         assert refused(dev.ports["EDGE_PORT"]) and refused(dev.ports["AGENTVAULT_REDIS_PORT"])
+    # Made once in the data folder, then reused: the registry and the services agree across restarts.
+    assert secrets_seen[0] == secrets_seen[1]
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.decode(errors="replace").partition("=")[::2] for item in raw.split(b"\0") if item)
+
+
+def _service_secrets_given(dev: DevServer, data: Path) -> dict[str, str]:
+    """Each service's secret is kept in the data folder (0600) and given to that service and the registry only;
+    the bootstrap admin token to the registry only. Returns the secrets."""
+    assert dev.tree is not None
+    files = {spec.name: data / f"service_secret_{spec.name}" for spec in identities()}
+    secrets = {name: path.read_text().strip() for name, path in files.items()}
+    for name, path in files.items():
+        assert path.stat().st_mode & 0o777 == 0o600, path
+        assert len(secrets[name]) >= 32, name
+    admin_token = (data / "admin_token").read_text().strip()
+    for spec in SERVICES:
+        [pid] = dev.tree.find(f"-m {spec.module}")
+        env = _environ(pid)
+        values = "\n".join(env.values())
+        if spec.authorization_server:
+            assert parse_service_secrets(env["SERVICE_CLIENT_SECRETS"]) == secrets
+            assert env["AGENTVAULT_ADMIN_TOKEN"] == admin_token
+            continue
+        assert admin_token not in values, f"{spec.name} was given the bootstrap admin token"
+        assert "SERVICE_CLIENT_SECRETS" not in env, spec.name
+        for name, secret in secrets.items():
+            if name == spec.name:
+                assert env["SERVICE_CLIENT_SECRET"] == secret, spec.name
+            else:
+                assert secret not in values, f"{spec.name} was given the secret of {name}"
+    return secrets
 
 
 def test_a_taken_port_is_named_and_nothing_starts(data_root: Path, run_dev: Callable[..., DevServer]) -> None:

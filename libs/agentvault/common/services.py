@@ -7,7 +7,11 @@ Adding a service is one entry here, a small `__main__` on `agentvault.common.ser
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+from agentvault.common.principal import AGENTS_READ, FEDERATION_RESOLVE, HEALTH_REPORT
+from agentvault.common.settings import Env, SettingsError
 
 GRPC = "grpc"  # probed with grpc.health.v1
 HTTP = "http"  # probed with GET /healthz
@@ -29,6 +33,17 @@ class ServiceSpec:
     max_replicas: int = 6
     # One line for the deployment files' comments.
     summary: str = ""
+    # The scopes of its own OAuth client (client_credentials, client id `svc-<name>`), with which it calls the
+    # others; empty for a service that calls nobody as itself (the edge forwards its callers' credentials).
+    scopes: tuple[str, ...] = ()
+    # The authorization server: it holds every service client's secret (SERVICE_CLIENT_SECRETS) and recognises
+    # the bootstrap admin token (for people); no other service gets either.
+    authorization_server: bool = False
+
+    @property
+    def client_id(self) -> str:
+        """Its own OAuth client's id, or "" when it has no identity of its own."""
+        return f"svc-{self.name}" if self.scopes else ""
 
     @property
     def env_prefix(self) -> str:
@@ -72,6 +87,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
         ),
         publish_var="REGISTRY_HOST_PORT",
         summary="agents, API keys, federation peers and the peer-facing FederationService",
+        authorization_server=True,
     ),
     ServiceSpec(
         "discovery",
@@ -81,6 +97,9 @@ SERVICES: tuple[ServiceSpec, ...] = (
         proto_services=("agentvault.discovery.v1.DiscoveryService",),
         calls=("registry",),
         summary="the discovery aggregator: local search through the registry plus the federated fan-out to peers",
+        # As itself it only calls ResolvePeers (the active peers and their encrypted keys); local search and
+        # GetCaller go out with the caller's own credential, never the service's.
+        scopes=(FEDERATION_RESOLVE,),
     ),
     ServiceSpec(
         "health-monitor",
@@ -92,6 +111,10 @@ SERVICES: tuple[ServiceSpec, ...] = (
         # Each replica holds HEALTH_MONITOR_DB_POOL_SIZE (10) connections; more replicas than this rarely pay off.
         max_replicas=4,
         summary="checks peers and agents, reports to the registry; replicas share the work through PostgreSQL leases",
+        # ResolvePeers (federation:resolve); ListAgents with has_health_check_url (agents:read); ReportPeerHealth,
+        # ReportAgentHealth and UpdatePeer of a learned protocol/grpc_endpoint only (health:report). GetCaller for
+        # its own callers goes out with their credential.
+        scopes=(AGENTS_READ, FEDERATION_RESOLVE, HEALTH_REPORT),
     ),
     ServiceSpec(
         "edge",
@@ -120,3 +143,73 @@ def service_of_module(module: str) -> ServiceSpec:
         if spec.module == module:
             return spec
     raise KeyError(f"no service with module {module!r} in agentvault.common.services")
+
+
+# A service client's secret: at least this long (secrets.token_urlsafe(32) gives 43 characters).
+MIN_SECRET_LENGTH = 32
+SECRETS_VAR = "SERVICE_CLIENT_SECRETS"
+SECRET_VAR = "SERVICE_CLIENT_SECRET"  # noqa: S105 - a variable name, not a secret
+CLIENT_ID_VAR = "SERVICE_CLIENT_ID"
+
+
+def identities() -> tuple[ServiceSpec, ...]:
+    """The services that call others as themselves, each with its own OAuth client."""
+    return tuple(spec for spec in SERVICES if spec.scopes)
+
+
+def _check_secret(var: str, name: str, secret: str) -> None:
+    if len(secret) < MIN_SECRET_LENGTH:
+        raise SettingsError(f"{var}: the secret of {name} must be at least {MIN_SECRET_LENGTH} characters")
+    if "CHANGE-ME" in secret:
+        raise SettingsError(f"{var}: the secret of {name} is still the deployment files' placeholder")
+    if not secret.isprintable() or any(ch in secret for ch in " ,="):
+        raise SettingsError(f"{var}: the secret of {name} must be printable, without spaces, commas or '='")
+
+
+def format_service_secrets(secrets: Mapping[str, str]) -> str:
+    """The SERVICE_CLIENT_SECRETS form: `discovery=<secret>,health-monitor=<secret>`."""
+    return ",".join(f"{name}={secret}" for name, secret in secrets.items())
+
+
+def parse_service_secrets(value: str, var: str = SECRETS_VAR) -> dict[str, str]:
+    """Service name -> secret from `discovery=<secret>,health-monitor=<secret>`; SettingsError naming the
+    variable (and the service, never the secret) when malformed, unknown, repeated or too short."""
+    known = {spec.name for spec in identities()}
+    found: dict[str, str] = {}
+    for item in value.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, secret = item.partition("=")
+        name = name.strip()
+        if not sep:
+            raise SettingsError(f"{var}: each item must be <service>=<secret>, e.g. discovery=...")
+        if name not in known:
+            raise SettingsError(f"{var}: unknown service {name[:40]!r}; services with an identity: {sorted(known)}")
+        if name in found:
+            raise SettingsError(f"{var}: {name} is given twice")
+        _check_secret(var, name, secret.strip())
+        found[name] = secret.strip()
+    return found
+
+
+@dataclass(frozen=True)
+class ServiceCredentials:
+    """A service's own OAuth client: its id and secret, for client_credentials at the registry."""
+
+    client_id: str
+    client_secret: str
+
+    def __repr__(self) -> str:
+        # Never the secret.
+        return f"ServiceCredentials(client_id={self.client_id!r})"
+
+    @classmethod
+    def load(cls, name: str, env: Env) -> ServiceCredentials:
+        """SERVICE_CLIENT_ID (default `svc-<name>`) and SERVICE_CLIENT_SECRET (required) of service `name`."""
+        spec = service(name)
+        if not spec.scopes:
+            raise KeyError(f"{name} has no identity of its own in agentvault.common.services")
+        secret = env.str(SECRET_VAR, required=True).strip()
+        _check_secret(SECRET_VAR, name, secret)
+        return cls(env.str(CLIENT_ID_VAR, spec.client_id).strip()[:128], secret)

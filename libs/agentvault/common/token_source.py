@@ -16,6 +16,7 @@ import grpc
 
 from agentvault.common.auth import AUTHORIZATION_KEY
 from agentvault.common.errors import Unavailable
+from agentvault.identity.v1 import identity_service_pb2 as ipb
 
 log = logging.getLogger(__name__)
 
@@ -168,13 +169,11 @@ class TokenSource:
                 self._refresh_token = None
         return await self._request(None)
 
-    async def _request(self, refresh_token: str | None) -> str:
+    async def _exchange(self, form: dict[str, str], headers: dict[str, str]) -> tuple[int, bytes]:
+        """POSTs the form to the token endpoint: its HTTP status and (bounded) body."""
         url = _safe_url(self.token_url)
         if self._session is None:
             self._session = aiohttp.ClientSession()
-        form, headers = self._form_and_headers(refresh_token)
-        self.fetches += 1
-        started = self.clock()
         try:
             async with self._session.post(
                 self.token_url,
@@ -183,12 +182,18 @@ class TokenSource:
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
             ) as response:
-                body = await _read_bounded(response, url)
-                status = response.status
+                return response.status, await _read_bounded(response, url)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise TokenFetchFailed(
                 f"cannot reach the token endpoint {url}: {type(exc).__name__}", token_url=url
             ) from None
+
+    async def _request(self, refresh_token: str | None) -> str:
+        url = _safe_url(self.token_url)
+        form, headers = self._form_and_headers(refresh_token)
+        self.fetches += 1
+        started = self.clock()
+        status, body = await self._exchange(form, headers)
         try:
             reply = json.loads(body)
         except ValueError:
@@ -237,6 +242,60 @@ async def _read_bounded(response: aiohttp.ClientResponse, url: str) -> bytes:
     if len(body) > MAX_RESPONSE_BYTES:
         raise TokenFetchFailed(f"the token endpoint {url} answered more than {MAX_RESPONSE_BYTES} bytes", token_url=url)
     return body
+
+
+TOKEN_METHOD = "/agentvault.identity.v1.IdentityService/Token"  # noqa: S105 - an RPC name, not a secret
+
+
+class GrpcTokenSource(TokenSource):
+    """The same client, asking the registry's IdentityService.Token over a gRPC channel the service already has:
+    a mesh service gets its own token without depending on the edge's HTTP endpoint. The channel must not carry
+    a BearerInterceptor of this source (the token call would need a token)."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        address: str,
+        client_id: str,
+        client_secret: str,
+        *,
+        scopes: Iterable[str] = (),
+        audience: str = "",
+        timeout: float = TIMEOUT_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        # The URL only names the endpoint in messages and logs.
+        super().__init__(
+            f"http://{address}{TOKEN_METHOD}",
+            client_id,
+            client_secret,
+            scopes=scopes,
+            audience=audience,
+            timeout=timeout,
+            clock=clock,
+        )
+        self._token_call = channel.unary_unary(
+            TOKEN_METHOD,
+            request_serializer=ipb.TokenRequest.SerializeToString,
+            response_deserializer=ipb.OAuthReply.FromString,
+        )
+
+    def __repr__(self) -> str:
+        return f"GrpcTokenSource({_safe_url(self.token_url)!r}, client_id={self.client_id!r})"
+
+    async def _exchange(self, form: dict[str, str], headers: dict[str, str]) -> tuple[int, bytes]:
+        url = _safe_url(self.token_url)
+        request = ipb.TokenRequest(form=form, authorization_header=headers.get("Authorization", ""))
+        try:
+            reply = await self._token_call(request, timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise TokenFetchFailed(f"cannot reach the token endpoint {url}: {exc.code().name}", token_url=url) from None
+        body = reply.json_body.encode()
+        if len(body) > MAX_RESPONSE_BYTES:
+            raise TokenFetchFailed(
+                f"the token endpoint {url} answered more than {MAX_RESPONSE_BYTES} bytes", token_url=url
+            )
+        return reply.http_status, body
 
 
 class BearerInterceptor(grpc.aio.UnaryUnaryClientInterceptor):

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from agentvault.common.services import SECRETS_VAR, format_service_secrets, parse_service_secrets
 from agentvault.common.settings import Env, SettingsError
 from agentvault.devserver.embedded import (
     EmbeddedPostgres,
@@ -41,6 +42,7 @@ from agentvault.devserver.embedded import (
     InUse,
     ensure_admin_token,
     ensure_encryption_key,
+    ensure_service_secrets,
     free_port,
     port_in_use,
 )
@@ -219,6 +221,8 @@ def run() -> int:
     env = Env()
     try:
         plan = Plan.load(env)
+        # Secrets given in the environment win over the data folder's (checked before anything starts).
+        given_secrets = parse_service_secrets(env.str(SECRETS_VAR, ""))
     except SettingsError as exc:
         say(str(exc))
         return EXIT_NOT_STARTED
@@ -255,6 +259,8 @@ def run() -> int:
             "DATABASE_URL": database_url,
             "REDIS_URL": redis_url,
             "AGENTVAULT_ADMIN_TOKEN": admin_token,
+            # Every service's own secret, from the data folder; the mesh gives each service only its own.
+            SECRETS_VAR: format_service_secrets({**ensure_service_secrets(plan.data_dir), **given_secrets}),
             "FEDERATION_ENCRYPTION_KEYS": env.optional("FEDERATION_ENCRYPTION_KEYS")
             or ensure_encryption_key(plan.data_dir),
             "LOG_FORMAT": os.environ.get("LOG_FORMAT", "text"),

@@ -1,4 +1,5 @@
-"""Secrets of a local mesh kept in its data folder: the bootstrap admin token and the encryption key."""
+"""Secrets of a local mesh kept in its data folder: the bootstrap admin token, the encryption key and each
+service's own OAuth client secret."""
 
 from __future__ import annotations
 
@@ -32,3 +33,21 @@ def ensure_encryption_key(data_dir: Path) -> str:
     from agentvault.common.secretbox import SecretBox
 
     return ensure_secret(data_dir, "federation_encryption_key", SecretBox.generate_key)[0]
+
+
+def new_service_secret() -> str:
+    """A service client's secret: 43 URL-safe characters (never ',' or '=', the list's separators)."""
+    import secrets
+
+    return secrets.token_urlsafe(32)
+
+
+def ensure_service_secrets(data_dir: Path) -> dict[str, str]:
+    """Each service's own client secret (`service_secret_<name>`, mode 0600), made on first use and then reused,
+    so the registry and the services agree across restarts."""
+    from agentvault.common.services import identities
+
+    return {
+        spec.name: ensure_secret(data_dir, f"service_secret_{spec.name}", new_service_secret)[0]
+        for spec in identities()
+    }

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from agentvault.devserver.credentials import ensure_admin_token, ensure_encryption_key, ensure_secret
+from agentvault.devserver.credentials import (
+    ensure_admin_token,
+    ensure_encryption_key,
+    ensure_secret,
+    ensure_service_secrets,
+)
 from agentvault.devserver.postgres import EmbeddedPostgres
 from agentvault.devserver.processes import (
     Interrupted,
@@ -23,6 +28,7 @@ __all__ = [
     "ensure_admin_token",
     "ensure_encryption_key",
     "ensure_secret",
+    "ensure_service_secrets",
     "free_port",
     "listens_on",
     "port_in_use",

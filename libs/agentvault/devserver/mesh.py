@@ -18,10 +18,22 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agentvault.common.services import GRPC, SERVICES, ServiceSpec
+from agentvault.common.services import (
+    GRPC,
+    SECRET_VAR,
+    SECRETS_VAR,
+    SERVICES,
+    ServiceSpec,
+    format_service_secrets,
+    identities,
+    parse_service_secrets,
+)
+from agentvault.devserver.credentials import new_service_secret
 from agentvault.devserver.embedded import Interrupted, free_port, listens_on, terminate
 
 __all__ = ["SERVICES", "Mesh", "ServiceSpec", "grpc_serving", "http_ok"]
+
+ADMIN_TOKEN_VAR = "AGENTVAULT_ADMIN_TOKEN"  # noqa: S105 - a variable name, not a secret
 
 
 def grpc_serving(address: str, timeout: float = 1.0) -> bool:
@@ -68,6 +80,25 @@ class Mesh:
         for spec in self.services:
             if not self.env.get(spec.port_var):
                 self.env[spec.port_var] = str(free_port())
+        if not self.env.get(SECRETS_VAR):
+            # Kept in env, so a replica started from a copy of it (tests, benches) joins with the same identities.
+            self.env[SECRETS_VAR] = format_service_secrets({s.name: new_service_secret() for s in identities()})
+
+    def service_env(self, spec: ServiceSpec) -> dict[str, str]:
+        """The environment of one service: each gets only its own secret. The registry, as the authorization
+        server, gets every service's secret and the bootstrap admin token (for people); a service with an identity
+        gets its own SERVICE_CLIENT_SECRET; none gets another's."""
+        env = {**os.environ, **self.env}
+        own = parse_service_secrets(env.pop(SECRETS_VAR, ""))
+        env.pop(SECRET_VAR, None)
+        admin_token = env.pop(ADMIN_TOKEN_VAR, None)
+        if spec.authorization_server:
+            env[SECRETS_VAR] = format_service_secrets(own)
+            if admin_token:
+                env[ADMIN_TOKEN_VAR] = admin_token
+        elif spec.name in own:
+            env[SECRET_VAR] = own[spec.name]
+        return env
 
     def port(self, name: str) -> int:
         return int(self.env[self.spec(name).port_var])
@@ -87,7 +118,7 @@ class Mesh:
 
     def start_service(self, name: str, timeout: float = 60) -> None:
         spec = self.spec(name)
-        env = {**os.environ, **self.env}
+        env = self.service_env(spec)
         stdout: IO[bytes] | None = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
