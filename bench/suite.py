@@ -178,26 +178,45 @@ class Runner:
 # Echo ceiling ------------------------------------------------------------------------------------------------
 
 
-def run_echo(config: Config, runner: Runner) -> Figure:
-    port = free_port()
-    with pinned(set(config.server_cpus or ())):
-        process = subprocess.Popen([sys.executable, "-m", "bench.echo", str(port)], cwd=REPO, stdin=subprocess.DEVNULL)
-    try:
-        wait_for_port("127.0.0.1", port, 30, process)
-        address = f"127.0.0.1:{port}"
-        requests = tuple(pb.GetAgentRequest(id=str(uuid.uuid4())).SerializeToString() for _ in range(64))
-        groups = {"server": [process.pid]}
-        ceiling = runner.measure(
-            "ceiling",
-            f"echo c={config.concurrency}",
-            runner.grpc_job(address, echo.METHOD, requests, config.concurrency),
-            groups,
+class Ceilings:
+    """The bare gRPC echo and the bare HTTP server, alive for the whole run and measured again right before each
+    population's figures: on a shared machine the speed of a core drifts during a run, so a ratio is only honest
+    against a ceiling taken under the same conditions."""
+
+    def __init__(self, config: Config, runner: Runner) -> None:
+        self.config = config
+        self.runner = runner
+        self.grpc_port, self.http_port = free_port(), free_port()
+        with pinned(set(config.server_cpus or ())):
+            self.grpc = subprocess.Popen(
+                [sys.executable, "-m", "bench.echo", str(self.grpc_port)], cwd=REPO, stdin=subprocess.DEVNULL
+            )
+            self.http = subprocess.Popen(
+                [sys.executable, "-m", "bench.http_echo", str(self.http_port)], cwd=REPO, stdin=subprocess.DEVNULL
+            )
+        wait_for_port("127.0.0.1", self.grpc_port, 30, self.grpc)
+        wait_for_port("127.0.0.1", self.http_port, 30, self.http)
+        self.requests = tuple(pb.GetAgentRequest(id=str(uuid.uuid4())).SerializeToString() for _ in range(64))
+
+    def echo(self, section: str, concurrency: int | None = None) -> Figure:
+        c = concurrency or self.config.concurrency
+        job = self.runner.grpc_job(f"127.0.0.1:{self.grpc_port}", echo.METHOD, self.requests, c)
+        return self.runner.measure(section, f"ceiling: gRPC echo c={c}", job, {"server": [self.grpc.pid]})
+
+    def http_floor(self, section: str) -> Figure:
+        job = self.runner.http_job(f"http://127.0.0.1:{self.http_port}", ("/api/v1/agents/x",))
+        figure = self.runner.measure(
+            section, f"floor: bare aiohttp GET c={self.config.concurrency}", job, {"server": [self.http.pid]}
         )
-        runner.measure("ceiling", "echo c=1", runner.grpc_job(address, echo.METHOD, requests, 1), groups)
-        return ceiling
-    finally:
-        process.terminate()
-        process.wait(10)
+        if figure.throughput:
+            figure.extra["cpu_ms_per_request"] = figure.cpu.get("server", 0.0) / 100 / figure.throughput * 1000
+        return figure
+
+    def close(self) -> None:
+        for process in (self.grpc, self.http):
+            process.terminate()
+        for process in (self.grpc, self.http):
+            process.wait(10)
 
 
 # Database ----------------------------------------------------------------------------------------------------
@@ -375,15 +394,23 @@ def start_edge(config: Config, mesh: Mesh, sample_path: str) -> str:
 
 
 def run_edge(
-    runner: Runner, mesh: Mesh, section: str, workloads: Workloads, groups: dict[str, list[int]], expand: dict[str, int]
-) -> None:
+    runner: Runner, mesh: Mesh, section: str, workloads: Workloads, groups: dict[str, list[int]],
+    expand: dict[str, int], floor: Figure, echo_ceiling: Figure,
+) -> None:  # fmt: skip
     base = mesh.url()
     with_edge = {**groups, "edge": [mesh.processes["edge"].pid]}
     c = runner.config.concurrency
     get = runner.measure(
         section, f"GET /agents/{{id}} c={c}", runner.http_job(base, workloads.http_get), with_edge, expand
     )
+    # The least a request through an HTTP edge in front of a gRPC service costs in this stack: a bare aiohttp
+    # answer plus a bare grpc.aio echo, each measured just before (client side of the gRPC call not included).
+    least = floor.extra.get("cpu_ms_per_request", 0.0)
+    if echo_ceiling.throughput:
+        least += echo_ceiling.cpu.get("server", 0.0) / 100 / echo_ceiling.throughput * 1000
+    print(f"    floor: a bare aiohttp answer + a bare gRPC echo cost {least:.3f} ms of CPU per request", flush=True)
     judge_cpu_per_request(get, EDGE_GET_CPU_MS, "a get")
+    get.extra["floor_cpu_ms"] = least
     search = runner.measure(
         section, f"GET /agents?search=&page_size=10 c={c}", runner.http_job(base, workloads.http_search), with_edge,
         expand,
@@ -467,8 +494,10 @@ def run(config: Config) -> int:
     client = LoadClient(set(config.client_cpus) if config.client_cpus else None)
     runner = Runner(config, client)
     started = time.monotonic()
+    ceilings = Ceilings(config, runner)
     try:
-        ceiling = run_echo(config, runner)
+        ceilings.echo("ceiling")
+        ceilings.echo("ceiling", 1)
         with tempfile.TemporaryDirectory(prefix="agentvault-bench-") as tmp, infrastructure(Path(tmp)) as infra:
             postgres, redis_url = infra
             payload["postgres_version"] = asyncio.run(_create_database(postgres.uri(), "bench"))
@@ -485,11 +514,12 @@ def run(config: Config) -> int:
             }
             mesh = Mesh(env, log_dir=Path(tmp) / "logs", services=SERVICES)
             try:
-                _run_sizes(config, runner, mesh, dsn, ceiling, payload, f"http://127.0.0.1:{metrics_port}/metrics",
+                _run_sizes(config, runner, mesh, dsn, ceilings, payload, f"http://127.0.0.1:{metrics_port}/metrics",
                            postmaster_pid(Path(tmp) / "pg"))  # fmt: skip
             finally:
                 mesh.stop()
     finally:
+        ceilings.close()
         client.close()
     payload["wall_s"] = round(time.monotonic() - started, 1)
     print("\n" + table(runner.figures))
@@ -499,8 +529,8 @@ def run(config: Config) -> int:
 
 
 def _run_sizes(
-    config: Config, runner: Runner, mesh: Mesh, dsn: str, ceiling: Figure, payload: dict[str, Any], metrics_url: str,
-    postmaster: int | None,
+    config: Config, runner: Runner, mesh: Mesh, dsn: str, ceilings: Ceilings, payload: dict[str, Any],
+    metrics_url: str, postmaster: int | None,
 ) -> None:  # fmt: skip
     with pinned(set(config.server_cpus or ())):
         mesh.start_service("registry", timeout=60)
@@ -530,6 +560,7 @@ def _run_sizes(
               f"visible agents; agents per page {info['agents_per_page']}", flush=True)  # fmt: skip
 
         section = f"registry {label}"
+        ceiling = ceilings.echo(section)
         figures = run_registry(config, runner, mesh, section, workloads, groups, expand, metrics_url)
         judge_registry(figures, ceiling, size)
 
@@ -565,4 +596,5 @@ def _run_sizes(
             runner.figures.append(Figure(f"edge {label}", "edge: not available", note=edge_reason))
             print(f"  edge: not available ({edge_reason})", flush=True)
             continue
-        run_edge(runner, mesh, f"edge {label}", workloads, groups, expand)
+        floor = ceilings.http_floor(f"edge {label}")
+        run_edge(runner, mesh, f"edge {label}", workloads, groups, expand, floor, ceiling)
