@@ -11,6 +11,7 @@ import grpc
 from aiohttp import web
 
 from agentvault.common.logs import request_id_var
+from agentvault.common.oauth import OAuthError
 from agentvault.identity.v1 import identity_service_pb2 as ipb
 from agentvault.identity.v1 import identity_service_pb2_grpc as ipb_grpc
 from agentvault_edge import errors
@@ -45,17 +46,6 @@ _ERROR_CODES = {429: "temporarily_unavailable", 503: "temporarily_unavailable", 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class OAuthRefusal(Exception):
-    """A request refused at the edge, before the registry sees it, in the RFC 6749 5.2 shape."""
-
-    def __init__(self, error: str, description: str, status: int = 400, headers: Mapping[str, str] | None = None):
-        super().__init__(description)
-        self.error = error
-        self.description = description
-        self.status = status
-        self.headers = dict(headers or {})
-
-
 def oauth_error(
     error: str, description: str, status: int = 400, headers: Mapping[str, str] | None = None
 ) -> web.Response:
@@ -86,14 +76,14 @@ def parse_form(request: web.Request, raw: bytes) -> dict[str, str]:
     """The form fields: application/x-www-form-urlencoded UTF-8 only, each name at most once (RFC 6749 3.1)."""
     mime, _, params = request.headers.get("Content-Type", "").partition(";")
     if mime.strip().lower() != FORM_TYPE:
-        raise OAuthRefusal("invalid_request", f"the request body must be {FORM_TYPE}")
+        raise OAuthError("invalid_request", f"the request body must be {FORM_TYPE}")
     charset = "utf-8"
     for param in params.split(";"):
         key, _, value = param.partition("=")
         if key.strip().lower() == "charset":
             charset = value.strip().strip('"').lower()
     if charset not in ("utf-8", "utf8"):
-        raise OAuthRefusal("invalid_request", "the form must be encoded in UTF-8")
+        raise OAuthError("invalid_request", "the form must be encoded in UTF-8")
     try:
         fields = parse_qsl(
             raw.decode("utf-8"),
@@ -104,11 +94,11 @@ def parse_form(request: web.Request, raw: bytes) -> dict[str, str]:
             max_num_fields=MAX_FORM_FIELDS,
         )
     except ValueError:  # UnicodeDecodeError included
-        raise OAuthRefusal("invalid_request", "the form is malformed, not UTF-8 or has too many fields") from None
+        raise OAuthError("invalid_request", "the form is malformed, not UTF-8 or has too many fields") from None
     form: dict[str, str] = {}
     for name, value in fields:
         if name in form:
-            raise OAuthRefusal("invalid_request", f"parameter {name!r} appears more than once")
+            raise OAuthError("invalid_request", f"parameter {name!r} appears more than once")
         form[name] = value
     return form
 
@@ -135,7 +125,7 @@ class OAuthRoutes:
 
     def _stub(self) -> ipb_grpc.IdentityServiceAsyncStub:
         if self.address is None:
-            raise OAuthRefusal("temporarily_unavailable", "no authorization server is configured", 503)
+            raise OAuthError("temporarily_unavailable", "no authorization server is configured", 503)
         # Backends keeps one channel per address; the stub is rebuilt only if that channel was replaced.
         channel = self.backends.channel(self.address)
         if self._stub_cache is None or self._stub_cache[0] is not channel:
@@ -152,7 +142,7 @@ class OAuthRoutes:
             return oauth_error("invalid_request", f"use {method}", 405, {"Allow": method})
         try:
             return await handler(request)
-        except OAuthRefusal as exc:
+        except OAuthError as exc:
             return oauth_error(exc.error, exc.description, exc.status, exc.headers)
         except errors.EdgeError as exc:  # the edge's own bounds: body size and time
             return from_edge_error(exc)
@@ -180,16 +170,16 @@ class OAuthRoutes:
     async def _form(self, request: web.Request) -> tuple[dict[str, str], str, str]:
         if request.rel_url.raw_query_string:
             # Credentials in a URL end up in proxies' and servers' logs; RFC 6749 2.3.1 forbids them there.
-            raise OAuthRefusal("invalid_request", "parameters go in the form body, not the query string")
+            raise OAuthError("invalid_request", "parameters go in the form body, not the query string")
         limit = min(MAX_FORM_BYTES, self.settings.max_body_bytes)
         raw = await read_body(request, limit, self.settings.body_timeout)
         form = parse_form(request, raw)
         authorization = request.headers.getall("Authorization", [])
         if len(authorization) > 1:
-            raise OAuthRefusal("invalid_request", "more than one Authorization header")
+            raise OAuthError("invalid_request", "more than one Authorization header")
         header = authorization[0] if authorization else ""
         if not is_metadata_text(header):
-            raise OAuthRefusal("invalid_request", "the Authorization header must be printable ASCII")
+            raise OAuthError("invalid_request", "the Authorization header must be printable ASCII")
         # No trusted-proxy handling at the edge: the peer address is the source (the registry's rate-limit key).
         return form, header, request.remote or ""
 

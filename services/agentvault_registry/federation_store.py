@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 from prometheus_client import Counter
 
+from agentvault.common import pagination
 from agentvault.common.errors import invalid
 
 # Every read of a federation credential from the database: a peer's call the credential cache did not answer.
@@ -217,12 +218,7 @@ class FederationStore:
         params: list[Any] = [limit + 1]
         where = ""
         if after is not None:
-            if len(after) != 2:
-                raise invalid("page_token", "is not a valid page token")
-            try:
-                params += [datetime.fromisoformat(str(after[0])), str(after[1])]
-            except ValueError:
-                raise invalid("page_token", "is not a valid page token") from None
+            params += list(pagination.time_and_id(after))
             where = "WHERE (created_at, id) < ($2, $3)"
         rows = await self.pool.fetch(
             f"""SELECT {_CREDENTIAL_COLUMNS} FROM federation_credentials {where}

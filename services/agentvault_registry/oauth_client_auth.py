@@ -19,7 +19,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
 from agentvault.common.jwt_auth import JwtValidator
-from agentvault.common.oauth import PRIVATE_KEY_JWT, SECRET_BASIC, SECRET_POST
+from agentvault.common.oauth import PRIVATE_KEY_JWT, SECRET_BASIC, SECRET_POST, OAuthError
 from agentvault.common.ratelimit import MinuteWindow
 from agentvault.identity.v1 import identity_service_pb2 as ipb
 from agentvault_registry.oauth_keys import SigningKeys
@@ -42,17 +42,6 @@ DUMMY_HASH = b"\0" * 32
 
 def hash_secret(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
-
-
-class OAuthError(Exception):
-    """An RFC 6749 5.2 error: the error code, a description safe to show, the HTTP status and extra headers."""
-
-    def __init__(self, error: str, description: str, status: int = 400, headers: Mapping[str, str] | None = None):
-        super().__init__(description)
-        self.error = error
-        self.description = description
-        self.status = status
-        self.headers = dict(headers or {})
 
 
 def invalid_client(description: str = "client authentication failed") -> OAuthError:

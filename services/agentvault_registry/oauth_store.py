@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 
-from agentvault.common.errors import invalid
+from agentvault.common import pagination
 
 _CLIENT_COLUMNS = (
     "client_id, name, scopes, grant_types, token_endpoint_auth_method, agent_id, jwks, owner_principal_id, kind, "
@@ -135,12 +135,7 @@ class OAuthStore:
         params: list[Any] = [limit + 1]
         where = ""
         if after is not None:
-            if len(after) != 2:
-                raise invalid("page_token", "is not a valid page token")
-            try:
-                params += [datetime.fromisoformat(str(after[0])), str(after[1])]
-            except ValueError:
-                raise invalid("page_token", "is not a valid page token") from None
+            params += list(pagination.time_and_id(after))
             where = "WHERE (created_at, client_id) < ($2, $3)"
         rows = await self.pool.fetch(
             f"""SELECT {_CLIENT_COLUMNS} FROM oauth_clients {where}

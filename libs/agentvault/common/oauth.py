@@ -3,6 +3,8 @@ methods and the scopes a client may be registered with."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from agentvault.common import principal
 
 CLIENT_CREDENTIALS = "client_credentials"
@@ -30,3 +32,14 @@ KNOWN_SCOPES = (
 # Bounds of a client's registration.
 MAX_CLIENT_NAME = 128
 MAX_JWKS_BYTES = 8192
+
+
+class OAuthError(Exception):
+    """An RFC 6749 5.2 error: the error code, a description safe to show, the HTTP status and extra headers."""
+
+    def __init__(self, error: str, description: str, status: int = 400, headers: Mapping[str, str] | None = None):
+        super().__init__(description)
+        self.error = error
+        self.description = description
+        self.status = status
+        self.headers = dict(headers or {})

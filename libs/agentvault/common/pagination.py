@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from datetime import datetime
 from typing import Any
 
 from agentvault.common.errors import invalid
@@ -46,3 +47,14 @@ def decode(token: str, query_fingerprint: str) -> list[Any] | None:
     if bound != _bind(query_fingerprint) or not isinstance(position, list):
         raise invalid("page_token", "belongs to a different query; keep the other parameters unchanged")
     return position
+
+
+def time_and_id(after: list[Any]) -> tuple[datetime, str]:
+    """The (created_at, id) keyset position of a decoded page token, for lists ordered newest first; a token
+    whose position is not one is INVALID_ARGUMENT, like any other bad token."""
+    if len(after) != 2:
+        raise invalid("page_token", "is not a valid page token")
+    try:
+        return datetime.fromisoformat(str(after[0])), str(after[1])
+    except ValueError:
+        raise invalid("page_token", "is not a valid page token") from None
