@@ -10,6 +10,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+from google.api import field_behavior_pb2
 from google.protobuf import descriptor_pool, json_format, message, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
@@ -99,8 +100,13 @@ def _encoder_of(desc: Descriptor) -> _Encoder:
     return encoder
 
 
+def _input_only(fd: FieldDescriptor) -> bool:
+    """Fields marked INPUT_ONLY (e.g. a peer's api_key) are never part of an answer, even when empty."""
+    return field_behavior_pb2.INPUT_ONLY in fd.GetOptions().Extensions[field_behavior_pb2.field_behavior]
+
+
 def _compile(desc: Descriptor) -> Callable[[Any], dict[str, Any]]:
-    fields = list(desc.fields)
+    fields = [fd for fd in desc.fields if not _input_only(fd)]
     if not fields:
         return lambda msg: {}
     env: dict[str, Any] = {"read": operator.attrgetter(*(fd.name for fd in fields))}

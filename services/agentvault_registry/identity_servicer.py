@@ -15,7 +15,7 @@ from joserfc.jwk import KeySet
 
 from agentvault.common import agents as agent_rules
 from agentvault.common import pagination
-from agentvault.common.errors import FailedPrecondition, NotFound, Unavailable, invalid
+from agentvault.common.errors import FailedPrecondition, NotFound, PermissionDenied, Unavailable, invalid
 from agentvault.common.oauth import (
     AUTH_METHODS,
     GRANT_TYPES,
@@ -30,6 +30,7 @@ from agentvault.identity.v1 import identity_service_pb2_grpc as ipb_grpc
 from agentvault_registry.auth import Authenticator
 from agentvault_registry.oauth_grants import AuthorizationServer, hash_secret, reply
 from agentvault_registry.oauth_store import OAuthClientRecord, OAuthStore
+from agentvault_registry.service_clients import SERVICE_PRINCIPAL_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,21 @@ class IdentityServicer(ipb_grpc.IdentityServiceServicer):
             raise NotFound(f"OAuth client {client_id[:128]} not found", "OAUTH_CLIENT_NOT_FOUND", id=client_id[:128])
         return client
 
+    async def _changeable(self, client_id: str) -> OAuthClientRecord:
+        """A client an admin may rotate, disable, enable or delete: not one of the mesh services' own, which
+        SERVICE_CLIENT_SECRETS defines (changing them here would silently cut a service off, and the next start
+        would undo it)."""
+        client = await self._client(client_id)
+        if client.owner_principal_id.startswith(SERVICE_PRINCIPAL_PREFIX):
+            # Not even an admin may: the configuration owns these clients (403, like any other refused right).
+            raise PermissionDenied(
+                f"OAuth client {client.client_id} is a mesh service's own identity: change its secret in "
+                "SERVICE_CLIENT_SECRETS (and the service's SERVICE_CLIENT_SECRET), or remove it there, and restart",
+                "SERVICE_CLIENT_MANAGED",
+                id=client.client_id,
+            )
+        return client
+
     # Client management -------------------------------------------------------------------------------
 
     async def CreateOAuthClient(
@@ -188,7 +204,7 @@ class IdentityServicer(ipb_grpc.IdentityServiceServicer):
         self, request: ipb.RotateOAuthClientSecretRequest, context: grpc.aio.ServicerContext
     ) -> ipb.RotateOAuthClientSecretResponse:
         await self._admin(context)
-        client = await self._client(request.client_id)
+        client = await self._changeable(request.client_id)
         if client.token_endpoint_auth_method == PRIVATE_KEY_JWT:
             raise FailedPrecondition("a private_key_jwt client has no secret", "OAUTH_CLIENT_HAS_NO_SECRET")
         secret = new_client_secret()
@@ -202,7 +218,7 @@ class IdentityServicer(ipb_grpc.IdentityServiceServicer):
         self, request: ipb.DisableOAuthClientRequest, context: grpc.aio.ServicerContext
     ) -> ipb.OAuthClient:
         await self._admin(context)
-        client = await self._client(request.client_id)
+        client = await self._changeable(request.client_id)
         updated = await self.store.set_disabled(client.client_id, True)
         if updated is None:
             raise NotFound(f"OAuth client {client.client_id} not found", "OAUTH_CLIENT_NOT_FOUND", id=client.client_id)
@@ -217,7 +233,7 @@ class IdentityServicer(ipb_grpc.IdentityServiceServicer):
         self, request: ipb.EnableOAuthClientRequest, context: grpc.aio.ServicerContext
     ) -> ipb.OAuthClient:
         await self._admin(context)
-        client = await self._client(request.client_id)
+        client = await self._changeable(request.client_id)
         updated = await self.store.set_disabled(client.client_id, False)
         if updated is None:
             raise NotFound(f"OAuth client {client.client_id} not found", "OAUTH_CLIENT_NOT_FOUND", id=client.client_id)
@@ -228,7 +244,7 @@ class IdentityServicer(ipb_grpc.IdentityServiceServicer):
         self, request: ipb.DeleteOAuthClientRequest, context: grpc.aio.ServicerContext
     ) -> empty_pb2.Empty:
         await self._admin(context)
-        client = await self._client(request.client_id)
+        client = await self._changeable(request.client_id)
         try:
             live = await self.store.delete_client(client.client_id)
         except LookupError:

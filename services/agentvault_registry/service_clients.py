@@ -13,9 +13,13 @@ from agentvault_registry.oauth_store import OAuthStore
 log = logging.getLogger(__name__)
 
 
+# The principals of the mesh services' own clients; no API key or admin-made client gets one.
+SERVICE_PRINCIPAL_PREFIX = "prn_service_"
+
+
 def service_principal_id(name: str) -> str:
     """The principal a service's tokens act as: its own, reserved like the bootstrap admin's."""
-    return f"prn_service_{name}"
+    return f"{SERVICE_PRINCIPAL_PREFIX}{name}"
 
 
 async def apply(

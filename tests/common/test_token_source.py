@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from agentvault.common import jose_keys
+from agentvault.common.errors import Unavailable
 from agentvault.common.jwt_auth import JwtValidator
 from agentvault.common.token_source import (
     CLIENT_SECRET_POST,
@@ -342,3 +343,19 @@ async def test_call_credentials_carry_the_token_on_a_secure_channel(server: Toke
         await grpc_server.stop(None)
     assert seen == [f"Bearer {await tokens.token()}"] * 2
     assert server.requests == 1
+
+
+async def test_the_interceptor_tells_callers_no_token_endpoint_details(server: TokenServer) -> None:
+    # The error a service's caller sees when the service cannot get its own token names neither the token
+    # endpoint nor the client: that is in the service's log, for its operator.
+    tokens = TokenSource(server.url, CLIENT_ID, "wrong-secret", scopes=["agents:read"])
+    try:
+        async with grpc.aio.insecure_channel("127.0.0.1:9", interceptors=[BearerInterceptor(tokens)]) as channel:
+            with pytest.raises(Unavailable) as err:
+                await channel.unary_unary("/test.Echo/Call")(b"hello", timeout=10)
+    finally:
+        await tokens.close()
+    assert err.value.reason == "SERVICE_TOKEN_UNAVAILABLE"
+    assert not isinstance(err.value, TokenFetchFailed)
+    shown = err.value.message + repr(dict(err.value.metadata))
+    assert server.url.split("//")[1] not in shown and CLIENT_ID not in shown

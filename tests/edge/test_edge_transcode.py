@@ -9,6 +9,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2
 
 from agentvault.common.settings import Env
+from agentvault.federation.v1 import federation_service_pb2 as fpb
 from agentvault.registry.v1 import registry_service_pb2 as pb
 from agentvault_edge.http_request import HttpRequestParts, build_request
 from agentvault_edge.json_in import json_to_message, parse_field_mask
@@ -358,3 +359,12 @@ def test_timestamps_print_as_rfc3339_or_null_when_out_of_range(seconds: int, nan
     key = pb.ApiKey()
     key.create_time.seconds, key.create_time.nanos = seconds, nanos
     assert message_to_json(key)["create_time"] == expected
+
+
+def test_input_only_fields_are_never_printed() -> None:
+    # A peer's api_key is INPUT_ONLY: the OpenAPI document forbids it in answers, so even empty it must not appear.
+    for peer in (fpb.Peer(name="p", api_key="avf_secret"), fpb.Peer(name="p")):
+        printed = message_to_json(peer)
+        assert "api_key" not in printed and printed["name"] == "p"
+    listed = message_to_json(fpb.ListPeersResponse(peers=[fpb.Peer(name="p", api_key="k")]))
+    assert "api_key" not in listed["peers"][0]

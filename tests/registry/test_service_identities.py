@@ -308,3 +308,28 @@ async def test_the_health_monitor_may_write_a_learned_route_and_no_other_peer_fi
             )
         )
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED, (paths, err.details())
+
+
+async def test_an_admin_cannot_change_a_services_own_client_through_the_api(
+    mesh: MeshHandle, identity: Callable[[str], Identity]
+) -> None:
+    # SERVICE_CLIENT_SECRETS is the truth for these clients: a rotation, disable or delete through the API would
+    # cut a service off until the next start undid it. An admin sees them, and changes them in the configuration.
+    async with grpc.aio.insecure_channel(mesh.address("registry")) as channel:
+        admin = ipb_grpc.IdentityServiceStub(channel)
+        md = bearer(mesh.admin_token)
+        listed = await admin.ListOAuthClients(ipb.ListOAuthClientsRequest(page_size=100), metadata=md, timeout=10)
+        assert {"svc-discovery", "svc-health-monitor"} <= {c.client_id for c in listed.clients}
+        for call in (
+            admin.RotateOAuthClientSecret(ipb.RotateOAuthClientSecretRequest(client_id="svc-discovery"), metadata=md),
+            admin.DisableOAuthClient(ipb.DisableOAuthClientRequest(client_id="svc-health-monitor"), metadata=md),
+            admin.EnableOAuthClient(ipb.EnableOAuthClientRequest(client_id="svc-health-monitor"), metadata=md),
+            admin.DeleteOAuthClient(ipb.DeleteOAuthClientRequest(client_id="svc-discovery"), metadata=md),
+        ):
+            err = await _refused(call)
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "SERVICE_CLIENT_SECRETS" in (err.details() or "")
+    # Both services still get their tokens.
+    for name in ("discovery", "health-monitor"):
+        me = identity(name)
+        assert await me.source.token()

@@ -305,7 +305,7 @@ class BearerInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
         self.source = source
 
     async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        token = await self.source.token()
+        token = await self._token()
         call = await continuation(self._with_token(client_call_details, token), request)
         try:
             await call
@@ -313,9 +313,21 @@ class BearerInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
             if exc.code() != grpc.StatusCode.UNAUTHENTICATED:
                 raise
             self.source.invalidate(token)
-            fresh = await self.source.token()
+            fresh = await self._token()
             return await continuation(self._with_token(client_call_details, fresh), request)
         return call
+
+    async def _token(self) -> str:
+        """The token; a failure is logged in full here, and the caller of the RPC being served learns only that
+        this service cannot authenticate now (the token endpoint's address is the operator's business)."""
+        try:
+            return await self.source.token()
+        except TokenFetchFailed as exc:
+            log.warning("cannot get this service's access token: %s", exc.message)
+            raise Unavailable(
+                "this service cannot authenticate to the services it calls now; its log says why",
+                "SERVICE_TOKEN_UNAVAILABLE",
+            ) from None
 
     @staticmethod
     def _with_token(details: Any, token: str) -> grpc.aio.ClientCallDetails:
