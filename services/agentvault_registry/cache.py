@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
 
 from agentvault.common.lru import Lru
+from agentvault.common.redis import raise_if_cancelling
 from agentvault.registry.v1.registry_service_pb2 import Agent as AgentPb
 from agentvault_registry.answers import SharedAnswer
 from agentvault_registry.convert import MEMORY_PER_WIRE_BYTE
@@ -223,7 +224,7 @@ class AgentCache:
                     # A bounded wait, then a look at our own cancellation: redis-py can swallow a cancellation
                     # that lands while it reads, after which a blocking listen() never returned and shutdown hung.
                     message = await pubsub.get_message(timeout=LISTEN_POLL_SECONDS)
-                    _raise_if_cancelling()
+                    raise_if_cancelling()
                     if message is None:
                         continue
                     kind = message.get("type")
@@ -240,7 +241,7 @@ class AgentCache:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                _raise_if_cancelling()
+                raise_if_cancelling()
                 log.warning("cache invalidation channel lost (%s); caches off until resubscribed", exc)
             finally:
                 self.subscribed = False
@@ -248,12 +249,6 @@ class AgentCache:
                 await pubsub.aclose()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
-
-
-def _raise_if_cancelling() -> None:
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 def _generation_start() -> int:

@@ -23,7 +23,7 @@ from agentvault_registry.oauth_client_auth import (
 from agentvault_registry.oauth_client_auth import hash_secret as hash_secret  # imported from here by others
 from agentvault_registry.oauth_grant_types import TokenGrants
 from agentvault_registry.oauth_keys import SigningKeys
-from agentvault_registry.oauth_store import OAuthStore
+from agentvault_registry.oauth_store import OAuthClientRecord, OAuthStore
 from agentvault_registry.settings import OAuthSettings
 
 log = logging.getLogger(__name__)
@@ -89,28 +89,30 @@ class AuthorizationServer(TokenGrants):
 
     async def introspect(self, form: Mapping[str, str], authorization: str, source: str) -> ipb.OAuthReply:
         try:
-            check_form(form, authorization)
-            presented = presented_credentials(form, authorization)
-            await self._rate_limit(presented.client_id, source)
-            client = await self._authenticate(presented)
-            token = form.get("token", "")
-            if not token:
-                raise OAuthError("invalid_request", "token is required")
+            client, token = await self._client_and_token(form, authorization, source)
         except OAuthError as exc:
             return error_reply(exc)
         return reply(200, await self._introspect(client, token))
 
     async def revoke(self, form: Mapping[str, str], authorization: str, source: str) -> ipb.OAuthReply:
         try:
-            check_form(form, authorization)
-            presented = presented_credentials(form, authorization)
-            await self._rate_limit(presented.client_id, source)
-            client = await self._authenticate(presented)
-            token = form.get("token", "")
-            if not token:
-                raise OAuthError("invalid_request", "token is required")
+            client, token = await self._client_and_token(form, authorization, source)
         except OAuthError as exc:
             return error_reply(exc)
         await self._revoke(client, token)
         # RFC 7009 2.2: 200 whether or not the token was known, so nothing is learned from the answer.
         return reply(200, None)
+
+    async def _client_and_token(
+        self, form: Mapping[str, str], authorization: str, source: str
+    ) -> tuple[OAuthClientRecord, str]:
+        """What introspection (RFC 7662 2.1) and revocation (RFC 7009 2.1) both take: an authenticated, rate-limited
+        client and the `token` it asks about."""
+        check_form(form, authorization)
+        presented = presented_credentials(form, authorization)
+        await self._rate_limit(presented.client_id, source)
+        client = await self._authenticate(presented)
+        token = form.get("token", "")
+        if not token:
+            raise OAuthError("invalid_request", "token is required")
+        return client, token

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import redis.asyncio as aioredis
 
 
@@ -13,3 +15,11 @@ def create_redis(url: str, *, timeout: float = 5) -> aioredis.Redis:
         health_check_interval=30,
         retry_on_timeout=True,
     )
+
+
+def raise_if_cancelling() -> None:
+    """Re-raises a cancellation redis-py swallowed: its pub/sub reads can turn CancelledError into a connection
+    error, and a listener that loops on errors would then never stop."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

@@ -13,6 +13,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from agentvault.common.errors import Unavailable
+from agentvault.common.redis import raise_if_cancelling
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ class RevocationWatcher:
                 while True:
                     # A bounded wait, then a look at our own cancellation (redis-py can swallow one while it reads).
                     message = await pubsub.get_message(timeout=LISTEN_POLL_SECONDS)
-                    _raise_if_cancelling()
+                    raise_if_cancelling()
                     self._prune(self.clock())
                     if message is None:
                         continue
@@ -198,16 +199,10 @@ class RevocationWatcher:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                _raise_if_cancelling()
+                raise_if_cancelling()
                 log.warning("revocation channel lost (%s); asking Redis directly until resubscribed", exc)
             finally:
                 self.synced.clear()
                 await pubsub.aclose()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
-
-
-def _raise_if_cancelling() -> None:
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
