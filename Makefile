@@ -92,6 +92,7 @@ bench: $(STAMP)
 	$(PY) -m bench
 	$(PY) -m bench.healthmonitor_bench
 	$(PY) -m bench.federation_bench
+	$(PY) -m bench.identity_bench
 
 clean:
 	rm -rf .build .pytest_cache .mypy_cache .ruff_cache

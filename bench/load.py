@@ -37,17 +37,23 @@ class GrpcJob:
     channels: int
     warmup: float
     duration: float
+    # Metadata sent with each request (cycled with the requests, e.g. one credential per caller); none when empty.
+    metadata: tuple[tuple[tuple[str, str], ...], ...] = ()
 
 
 @dataclass(frozen=True)
 class HttpJob:
-    """GET requests, cycling through `paths` under `base_url`."""
+    """Requests (GET unless `method` says otherwise), cycling through `paths` under `base_url`, with `bodies` and
+    `headers` cycled alongside when given."""
 
     base_url: str
     paths: tuple[str, ...]
     concurrency: int
     warmup: float
     duration: float
+    method: str = "GET"
+    bodies: tuple[bytes, ...] = ()
+    headers: tuple[tuple[tuple[str, str], ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -137,10 +143,12 @@ async def run_grpc(job: GrpcJob) -> LoadResult:
             ch.unary_unary(job.method, request_serializer=None, response_deserializer=None) for ch in channels
         ]
         requests = job.requests
+        metadata = job.metadata
 
         async def call(i: int) -> tuple[int, str]:
             try:
-                reply = await stubs[i % len(stubs)](requests[i], timeout=CALL_TIMEOUT)
+                md = metadata[i % len(metadata)] if metadata else None
+                reply = await stubs[i % len(stubs)](requests[i], timeout=CALL_TIMEOUT, metadata=md)
             except grpc.aio.AioRpcError as exc:
                 return 0, f"{exc.code().name}: {exc.details()}"
             return len(reply), ""
@@ -157,11 +165,14 @@ async def run_http(job: HttpJob) -> LoadResult:
     connector = aiohttp.TCPConnector(limit=job.concurrency, force_close=False)
     timeout = aiohttp.ClientTimeout(total=CALL_TIMEOUT)
     async with aiohttp.ClientSession(job.base_url, connector=connector, timeout=timeout) as session:
-        paths = job.paths
+        paths, method, bodies, headers = job.paths, job.method, job.bodies, job.headers
+        count = max(len(paths), len(bodies), len(headers))
 
         async def call(i: int) -> tuple[int, str]:
             try:
-                async with session.get(paths[i]) as response:
+                body = bodies[i % len(bodies)] if bodies else None
+                head = dict(headers[i % len(headers)]) if headers else None
+                async with session.request(method, paths[i % len(paths)], data=body, headers=head) as response:
                     body = await response.read()
                     if response.status != 200:
                         return 0, f"HTTP {response.status}: {body[:200]!r}"
@@ -169,7 +180,7 @@ async def run_http(job: HttpJob) -> LoadResult:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 return 0, f"{type(exc).__name__}: {exc}"
 
-        return await drive(call, len(paths), job.concurrency, job.warmup, job.duration)
+        return await drive(call, count, job.concurrency, job.warmup, job.duration)
 
 
 def _serve(conn: Connection, cpus: set[int] | None) -> None:

@@ -17,11 +17,12 @@ import redis.asyncio as aioredis
 from agentvault.common import jose_keys
 from agentvault.common.auth import Role
 from agentvault.common.errors import PermissionDenied, Unauthenticated
-from agentvault.common.jwt_auth import JwtValidator, looks_like_jwt
+from agentvault.common.jwt_auth import JwtValidator, clock_skew, looks_like_jwt
 from agentvault.common.principal import Kind, Principal, peer, person, require_scope
 from agentvault.common.revocations import RevocationWatcher, revoke
+from agentvault.common.settings import SettingsError
 
-from ..conftest import Infra
+from ..conftest import Infra, eventually
 
 ISSUER = "https://mesh.example"
 AUDIENCE = "agentvault"
@@ -323,3 +324,93 @@ def test_peers_own_nothing_and_are_never_admins() -> None:
         Principal(Kind.PEER, "peer_b", scopes=frozenset({"admin"}))
     with pytest.raises(ValueError, match="stable id"):
         Principal(Kind.SERVICE, "")
+
+
+# A verified token is remembered -----------------------------------------------------------------------------
+
+
+async def test_a_verified_token_is_remembered_so_its_signature_is_checked_once(key: Any) -> None:
+    check = validator(Jwks(key))
+    signed = issue(key)
+    first = await check.validate(signed.token)
+    assert check.cache_hits == 0
+    assert await check.validate(signed.token) == first and check.cache_hits == 1
+    # The same token with one byte of its signature changed is other bytes: checked in full, and refused.
+    header, payload, signature = signed.token.split(".")
+    forged = f"{header}.{payload}.{signature[:-2]}{'A' if signature[-2] != 'A' else 'B'}{signature[-1]}"
+    assert (await refusal(check, forged)).reason == "TOKEN_SIGNATURE" and check.cache_hits == 1
+    # Callers get their own copy of the claims: changing it changes nothing for the next caller.
+    (await check.claims(signed.token))["scope"] = "admin"
+    assert (await check.claims(signed.token))["scope"] == "agents:read federation:resolve"
+
+
+async def test_a_remembered_token_that_gets_revoked_is_refused(key: Any, infra: Infra) -> None:
+    redis: aioredis.Redis = aioredis.Redis.from_url(f"{infra.redis_base}/0")
+    scope = "t" + secrets.token_hex(6)
+    watcher = RevocationWatcher(redis, key=f"{scope}:revoked", channel=f"{scope}:revocations")
+    check = validator(Jwks(key), revoked=watcher.is_revoked)
+    try:
+        signed = issue(key)
+        await check.validate(signed.token)
+        await check.validate(signed.token)
+        assert check.cache_hits == 1
+        await revoke(redis, signed.jti, signed.expires_at, key=watcher.key, channel=watcher.channel)
+        assert (await refusal(check, signed.token)).reason == "TOKEN_REVOKED"
+        assert (await refusal(check, signed.token)).reason == "TOKEN_REVOKED"
+    finally:
+        await redis.delete(watcher.key)
+        await redis.aclose()
+
+
+async def test_a_remembered_token_is_refused_once_it_expires(key: Any) -> None:
+    check = validator(Jwks(key), leeway=0)
+    now = int(time.time())
+    token = es256(key, claims_of(key, iat=now, nbf=now, exp=now + 2))
+    await check.validate(token)
+    await check.validate(token)
+    assert check.cache_hits == 1
+
+    async def expired() -> None:
+        reason = ""
+        try:
+            await check.validate(token)
+        except Unauthenticated as err:
+            reason = err.reason
+        assert reason == "TOKEN_EXPIRED", "the token is still accepted"
+
+    await eventually(expired, seconds=10)
+    assert time.time() >= now + 2
+
+
+async def test_a_remembered_token_is_refused_once_its_key_leaves_the_jwks(key: Any) -> None:
+    source = Jwks(key)
+    check = validator(source, jwks_ttl=0, min_refresh=0)
+    signed = issue(key)
+    await check.validate(signed.token)
+    source.keys = [jose_keys.generate_key()]
+    assert (await refusal(check, signed.token)).reason == "TOKEN_KEY_UNKNOWN"
+
+
+async def test_remembered_tokens_are_bounded_in_bytes(key: Any) -> None:
+    budget = 16 * 1024
+    check = validator(Jwks(key), cache_bytes=budget)
+    tokens = [issue(key).token for _ in range(40)]
+    for token in tokens:
+        await check.validate(token)
+    assert 0 < check.cached_bytes <= budget
+    await check.validate(tokens[-1])
+    assert check.cache_hits == 1
+    # Off: every call checks the signature.
+    cold = validator(Jwks(key), cache_bytes=0)
+    for _ in range(3):
+        await cold.validate(tokens[0])
+    assert cold.cache_hits == 0 and cold.cached_bytes == 0
+
+
+def test_the_clock_skew_is_configurable_and_bounded() -> None:
+    assert clock_skew({}) == 30
+    assert clock_skew({"OAUTH_CLOCK_SKEW_SECONDS": "2"}) == 2
+    assert clock_skew({"OAUTH_CLOCK_SKEW_SECONDS": "0"}) == 0
+    for bad in ("301", "-1", "ten"):
+        with pytest.raises(SettingsError, match="OAUTH_CLOCK_SKEW_SECONDS"):
+            clock_skew({"OAUTH_CLOCK_SKEW_SECONDS": bad})
