@@ -9,7 +9,7 @@ from google.api import field_behavior_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from agentvault.common.enums import enum_words
-from agentvault_edge.openapi_rules import AGENT_EXAMPLE, REGISTRY, constraints, endpoint_variants
+from agentvault_edge.openapi_rules import AGENT_EXAMPLE, REGISTRY, auth_variants, constraints, endpoint_variants
 from agentvault_edge.proto_comments import comments, field_description
 from agentvault_edge.routes import Route, RouteTable
 from agentvault_edge.transcode import (
@@ -105,6 +105,9 @@ class _SchemaBuilder:
             schema_obj["required"] = required
         if desc.full_name == REGISTRY + "Endpoint":
             schema_obj["anyOf"] = endpoint_variants()
+        if desc.full_name == REGISTRY + "AgentAuth" and self.request:
+            # Answers carry no secrets; only a request must bring its kind's.
+            schema_obj["anyOf"] = auth_variants()
         if desc.full_name == REGISTRY + "Agent":
             schema_obj["examples"] = [AGENT_EXAMPLE]
         text = comments().get(desc.full_name, "")

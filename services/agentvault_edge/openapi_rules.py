@@ -10,7 +10,7 @@ import re
 from typing import Any
 
 from agentvault.common import agents as rules
-from agentvault.common import oauth, versions
+from agentvault.common import invitations, oauth, versions
 
 # Characters str.isspace() counts that are not control characters (those are refused anyway): what str.strip()
 # removes from a required text, spelled out because a fuzzer may read `\s` as ASCII only.
@@ -138,6 +138,10 @@ def constraints() -> dict[tuple[str, str], dict[str, Any]]:
         (_FED + "DeletePeerRequest", "peer_id"): _UUID,
         (_FED + "ListPeersRequest", "page_size"): _page_size(),
         (_FED + "ListFederationCredentialsRequest", "page_size"): _page_size(),
+        (_FED + "CreateFederationInvitationRequest", "name"): {"minLength": 1, "pattern": whole(invitations.NAME)},
+        (_FED + "CreateFederationInvitationRequest", "ttl_seconds"): {"minimum": 0, "maximum": invitations.MAX_TTL},
+        (_FED + "ListFederationInvitationsRequest", "page_size"): _page_size(),
+        (_FED + "DeleteFederationInvitationRequest", "id"): _UUID,
         (_DISC + "ClearPeerCacheRequest", "peer_id"): _UUID,
         (_HEALTH + "GetPeerHealthHistoryRequest", "peer_id"): _UUID,
         # The health monitor's own checks: 0 means its default, larger values are coerced to its maximum.
@@ -155,10 +159,77 @@ def constraints() -> dict[tuple[str, str], dict[str, Any]]:
         },
         (_ID + "ListOAuthClientsRequest", "page_size"): _page_size(),
     }
+    found.update(_auth_constraints())
     found.update(_filters(REGISTRY + "ListAgentsRequest"))
     found.update(_filters(_DISC + "SearchAgentsRequest"))
     found.update(_filters(_FED + "SearchAgentsRequest"))
     return found
+
+
+def _any_case(word: str) -> str:
+    """`host` -> `[Hh][Oo][Ss][Tt]`: ECMA-262 patterns have no inline case-insensitive flag."""
+    # Header names are letters, digits and "-", which needs no escape outside a class.
+    return "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in word)
+
+
+def _header_name() -> str:
+    """agents.HEADER_NAME without the headers the HTTP client owns (agents.RESERVED_HEADERS, proxy-*)."""
+    reserved = "|".join(_any_case(h) for h in sorted(rules.RESERVED_HEADERS))
+    return f"^(?:(?!(?:{reserved}){_END}|{_any_case('proxy-')}){_inner(rules.HEADER_NAME)})?{_END}"
+
+
+# A token URL as agents.validate_auth takes it: https to a host name (a subset: IP literals, which the check
+# refuses in part, are left out), or http to 127.0.0.1 or localhost (egress refuses [::1], a reserved range);
+# no user info, no fragment.
+_TOKEN_URL_TAIL = f"(?::{_PORT})?(?:[/?][^#{SPACES}{rules.CONTROL_CHARS}\\t\\n\\v\\f\\r]*)?"
+_TOKEN_URL = (
+    f"^(?:https://(?:[A-Za-z0-9-]+\\.)*[A-Za-z][A-Za-z0-9-]*{_TOKEN_URL_TAIL}"
+    f"|http://(?:127\\.0\\.0\\.1|localhost){_TOKEN_URL_TAIL})?{_END}"
+)
+
+
+def _auth_constraints() -> dict[tuple[str, str], dict[str, Any]]:
+    auth = REGISTRY + "AgentAuth"
+    return {
+        (auth, "api_key_header"): {"maxLength": 64, "pattern": _header_name()},
+        (auth, "api_key"): {"maxLength": rules.MAX_SECRET, "pattern": optional(rules.HEADER_SECRET)},
+        (auth, "bearer_token"): {"maxLength": rules.MAX_SECRET, "pattern": optional(rules.HEADER_SECRET)},
+        (auth, "client_secret"): {"maxLength": rules.MAX_SECRET, "pattern": optional(rules.VSCHAR)},
+        (auth, "client_id"): {"maxLength": rules.MAX_CLIENT_ID, "pattern": optional(rules.VSCHAR)},
+        (auth, "token_url"): {"maxLength": rules.MAX_URL, "pattern": _TOKEN_URL},
+        (auth, "scopes"): {"maxItems": rules.MAX_AUTH_SCOPES},
+        (auth, "scopes[]"): {"pattern": whole(rules.SCOPE_TOKEN)},
+        (auth, "audience"): text_schema(rules.MAX_AUDIENCE),
+        (auth, "token_endpoint_auth_method"): {"enum": ["", *rules.TOKEN_AUTH_METHODS]},
+        (auth, "ca_pem"): {
+            "maxLength": rules.MAX_CA_PEM,
+            "description": "PEM certificates (-----BEGIN CERTIFICATE-----) that must parse; at most 16 KiB.",
+        },
+    }
+
+
+def auth_variants() -> list[dict[str, Any]]:
+    """An AgentAuth request by kind (agents.AUTH_KIND_FIELDS): the fields its kind uses, its secret required, the
+    others empty. (On an update the server also takes a kind's secret left out when it keeps the stored one.)"""
+    variants = []
+    for kind in rules.AUTH_KINDS:
+        used = rules.AUTH_KIND_FIELDS[kind]
+        properties: dict[str, Any] = {
+            "kind": {"enum": [kind, "unspecified", None]} if kind == rules.AUTH_NONE else {"const": kind}
+        }
+        for name in rules.AUTH_FIELDS:
+            if name not in used:
+                properties[name] = {"maxItems": 0} if name == "scopes" else {"maxLength": 0}
+        required = [] if kind == rules.AUTH_NONE else ["kind"]
+        secret = rules.AUTH_SECRET_FIELDS.get(kind)
+        needed = [secret] if secret else []
+        if kind == rules.AUTH_OAUTH2:
+            needed += ["token_url", "client_id"]
+        for name in needed:
+            properties[name] = {"type": "string", "minLength": 1}
+            required.append(name)
+        variants.append({"properties": properties, "required": required})
+    return variants
 
 
 def endpoint_variants() -> list[dict[str, Any]]:

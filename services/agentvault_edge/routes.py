@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote
 
-from google.api import annotations_pb2, http_pb2
+from google.api import annotations_pb2, field_behavior_pb2, http_pb2
 from google.protobuf import message, message_factory
 from google.protobuf.descriptor import Descriptor, MethodDescriptor, ServiceDescriptor
 
@@ -305,6 +305,10 @@ def secret_fields(desc: Descriptor, seen: set[str] | None = None) -> list[str]:
     seen.add(desc.full_name)
     found: list[str] = []
     for fd in desc.fields:
+        # INPUT_ONLY fields (an agent's client_secret as its owner sends it) are never printed in an answer.
+        input_only = field_behavior_pb2.INPUT_ONLY in fd.GetOptions().Extensions[field_behavior_pb2.field_behavior]
+        if input_only:
+            continue
         if _SECRET_FIELD.fullmatch(fd.name) and f"{desc.full_name}.{fd.name}" not in _ISSUED_ONCE:
             found.append(f"{desc.full_name}.{fd.name}")
         if fd.message_type is not None:

@@ -37,7 +37,8 @@ async def build(settings: HealthMonitorSettings, server: GrpcServer, stack: cont
     stack.push_async_callback(hub.close)
     # Two channels to the registry: a plain one for the token calls and for resolving this service's own callers
     # (with their credential), and RegistryClient's, where every call carries this service's token
-    # (svc-health-monitor: agents:read, federation:resolve, health:report), never the bootstrap admin token.
+    # (svc-health-monitor: agents:read, agents:connect, federation:resolve, health:report), never the bootstrap
+    # admin token.
     plain = grpc.aio.insecure_channel(settings.registry_addr)
     stack.push_async_callback(plain.close)
     identity = GrpcTokenSource(
@@ -47,7 +48,13 @@ async def build(settings: HealthMonitorSettings, server: GrpcServer, stack: cont
     stack.push_async_callback(registry.close)
     tls = client_credentials(settings.tls) if settings.tls else None
     prober = Prober(
-        settings.check_timeout, settings.discovery_ttl, tls, settings.concurrency, settings.block_private_agent_urls
+        settings.check_timeout,
+        settings.discovery_ttl,
+        tls,
+        settings.concurrency,
+        settings.block_private_agent_urls,
+        agent_tls=settings.tls,
+        resolve_auth=registry.agent_auth,
     )
     stack.push_async_callback(prober.close)
     monitor = Monitor(settings, store, prober, registry, hub)

@@ -9,7 +9,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,8 +17,10 @@ import aiohttp
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agentvault.common import egress, peers
+from agentvault.common import agent_auth, egress, peers
+from agentvault.common import agents as agent_rules
 from agentvault.common.enums import enum_words
+from agentvault.common.errors import Unavailable
 from agentvault.federation.v1 import federation_service_pb2 as fed_pb
 from agentvault.federation.v1 import federation_service_pb2_grpc as fed_grpc
 from agentvault.registry.v1 import registry_service_pb2 as reg_pb
@@ -69,6 +71,8 @@ class Prober:
         tls: grpc.ChannelCredentials | None,
         max_connections: int,
         block_private_agent_urls: bool = False,
+        agent_tls: peers.TlsFiles | None = None,
+        resolve_auth: Callable[[str], Awaitable[tuple[agent_rules.AgentAuth, str]]] | None = None,
     ) -> None:
         self.timeout = timeout
         self.discovery_ttl = discovery_ttl
@@ -85,6 +89,12 @@ class Prober:
             headers={"User-Agent": "agentvault-health/1"},
         )
         self._routes: dict[tuple[str, str], _Route] = {}
+        # How to authenticate to agents whose registration asks for it: resolved from the registry once per
+        # version of the agent, the mesh's client certificate (FEDERATION_TLS_*) for those that want mTLS.
+        self.connector = agent_auth.AgentConnector(
+            self.agent_session, agent_tls, block_private=block_private_agent_urls
+        )
+        self.resolve_auth = resolve_auth
 
     async def close(self) -> None:
         await self.session.close()
@@ -201,12 +211,24 @@ class Prober:
                 status, error = ERROR, "health_check_url must be http or https"
             else:
                 egress.check_url(agent.url, self.block_private_agent_urls)
-                # No redirects: an agent's URL is user input, and following it elsewhere widens what we fetch.
-                async with self.agent_session.get(
-                    agent.url, timeout=aiohttp.ClientTimeout(total=self.timeout), allow_redirects=False
-                ) as response:
-                    ok = 200 <= response.status < 300
-                    status, error = (HEALTHY, "") if ok else (UNHEALTHY, f"HTTP {response.status}")
+                async with asyncio.timeout(self.timeout):
+                    auth = await self._agent_auth(agent)
+                    # No redirects (call's default): an agent's URL is user input, and following it elsewhere
+                    # widens what we fetch and where its credentials go.
+                    answer = await agent_auth.call(
+                        self.agent_session,
+                        "GET",
+                        agent.url,
+                        auth,
+                        max_body=0,
+                        timeout=aiohttp.ClientTimeout(total=self.timeout),
+                    )
+                ok = 200 <= answer.status < 300
+                status, error = (HEALTHY, "") if ok else (UNHEALTHY, f"HTTP {answer.status}")
+        except Unavailable as exc:  # no token, no key ring, no client certificate
+            status, error = ERROR, f"auth: {exc.message}"
+        except grpc.aio.AioRpcError as exc:
+            status, error = ERROR, f"auth: cannot resolve the agent's credentials: {exc.code().name}"
         except TimeoutError:
             status, error = TIMEOUT, f"no answer within {self.timeout:g}s"
         except egress.EgressRefused as exc:
@@ -221,6 +243,15 @@ class Prober:
             status, error = ERROR, f"{type(exc).__name__}: {exc}"
         elapsed = (time.perf_counter() - started) * 1000
         return CheckResult(status, round(elapsed, 3), error)
+
+    async def _agent_auth(self, agent: AgentSubject) -> agent_auth.PreparedAuth:
+        if agent.auth_kind in (reg_pb.AGENT_AUTH_KIND_UNSPECIFIED, reg_pb.AGENT_AUTH_KIND_NONE):
+            self.connector.forget(agent.id)
+            return agent_auth.NO_AUTH
+        if self.resolve_auth is None:
+            raise agent_auth.AgentAuthUnavailable("this prober cannot resolve agents' credentials")
+        resolve = self.resolve_auth
+        return await self.connector.for_agent(agent.id, agent.version, lambda: resolve(agent.id))
 
 
 def _rpc_failure(exc: grpc.aio.AioRpcError) -> tuple[str, str, int | None]:

@@ -144,3 +144,7 @@ class AgentSubject:
     name: str
     url: str
     registry_health: int  # registry.v1.HealthStatus
+    # Whether the mesh authenticates to it (registry.v1.AgentAuthKind; 0 and NONE: no), and the registration's
+    # version (its update time): resolved credentials are reused while it stays the same.
+    auth_kind: int = 0
+    version: str = ""

@@ -102,6 +102,8 @@ class Monitor:
         if self.settings.check_agents:
             agents = {a.id: a for a in await self.registry.agents()}
             await self.store.sync_subjects(AGENT, list(agents))
+            for gone in self.agents.keys() - agents.keys():
+                self.prober.connector.forget(gone)  # its credentials (and cached token) go with it
             self.agents = agents
         await self._refresh_gauges()
 
@@ -217,7 +219,7 @@ class Monitor:
                 # Written only when it differs from what the registry shows, which every sync re-reads.
                 if health is not None and health != subject.registry_health:
                     await self.registry.report_agent(subject_id, health)
-                    self.agents[subject_id] = AgentSubject(subject.id, subject.name, subject.url, health)
+                    self.agents[subject_id] = replace(subject, registry_health=health)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:  # deleted meanwhile: nothing to report to
                 log.warning("cannot report %s %s health to the registry: %s", kind, subject.name, exc.code().name)

@@ -49,10 +49,11 @@ async def build(settings: RegistrySettings, server: GrpcServer, stack: contextli
     await db.migrate(pool, "registry", files("agentvault_registry") / "migrations")
     redis = create_redis(settings.redis_url)
     stack.push_async_callback(redis.aclose)
-    store = Store(pool)
-    auth = Authenticator(store, settings.admin_token)
     fed = settings.federation
     box = SecretBox([k.strip() for k in fed.encryption_keys.split(",") if k.strip()]) if fed.encryption_keys else None
+    # The box also encrypts the secrets with which the mesh authenticates to agents.
+    store = Store(pool, box)
+    auth = Authenticator(store, settings.admin_token)
     if box is None:
         log.warning("FEDERATION_ENCRYPTION_KEYS is not set: peers and federation credentials are unavailable")
     fed_store = FederationStore(pool)
@@ -61,6 +62,8 @@ async def build(settings: RegistrySettings, server: GrpcServer, stack: contextli
         # which the old keys can be removed from FEDERATION_ENCRYPTION_KEYS.
         rotated = await fed_store.rotate_secrets(box.rotate_if_needed)
         log.info("federation secrets re-encrypted under the primary key", extra={"rotated": rotated})
+        rotated = await store.rotate_agent_secrets(box.rotate_if_needed)
+        log.info("agents' auth secrets re-encrypted under the primary key", extra={"rotated": rotated})
     cache = AgentCache(redis, settings.agent_cache_ttl, settings.agent_cache_size, settings.agent_cache_bytes)
     background(stack, cache.run(), "agent-cache")
     gate = FederationGate(fed_store, box, redis, fed, cache)
@@ -70,7 +73,7 @@ async def build(settings: RegistrySettings, server: GrpcServer, stack: contextli
     # query logged so far is written while the pool is still open.
     stack.push_async_callback(federation.inbound_log.stop)
     registry = RegistryServicer(store, auth, redis.ping, cache, federation)
-    peers = PeerServicer(fed_store, auth, box, cache)
+    peers = PeerServicer(fed_store, auth, box, cache, fed)
     if fed.peers_file:
         await declared_peers.apply(fed.peers_file, os.environ, fed_store, peers)
     server.serve(registry_service_pb2_grpc.add_RegistryServiceServicer_to_server, registry)

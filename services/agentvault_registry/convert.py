@@ -21,6 +21,7 @@ KIND = enum_words(pb.CapabilityKind.DESCRIPTOR)
 PROTOCOL = enum_words(pb.Protocol.DESCRIPTOR)
 HEALTH = enum_words(pb.HealthStatus.DESCRIPTOR)
 ROLE = enum_words(pb.Role.DESCRIPTOR)
+AUTH_KIND = enum_words(pb.AgentAuthKind.DESCRIPTOR)
 PEER_STATUS = enum_words(fpb.PeerStatus.DESCRIPTOR)
 # A peer's protocol as stored: the enum's words, except that "not set" is stored as "auto" (probe the peer).
 PEER_PROTOCOL: dict[int, str] = {
@@ -90,9 +91,47 @@ def spec_from_proto(agent: AgentPb, prefix: str = "agent") -> agent_rules.AgentS
         tags=tuple(agent.tags[: agent_rules.MAX_TAGS + 1]),
         sharing=checked(SHARING, agent.sharing, f"{prefix}.sharing"),
         health_check_url=agent.health_check_url,
+        auth=auth_from_proto(agent.auth, f"{prefix}.auth", violations)
+        if agent.HasField("auth")
+        else agent_rules.AgentAuth(),
     )
     violations.raise_if_any()
     return spec
+
+
+def auth_from_proto(auth: pb.AgentAuth, path: str, violations: agent_rules.Violations) -> agent_rules.AgentAuth:
+    """Shape only, like spec_from_proto; secret_set is output only and never read from a request."""
+    kind = AUTH_KIND.word(auth.kind) if auth.kind else agent_rules.AUTH_NONE
+    if not kind:
+        violations.add(f"{path}.kind", f"unknown value {auth.kind}")
+    return agent_rules.AgentAuth(
+        kind=kind or agent_rules.AUTH_NONE,
+        api_key_header=auth.api_key_header,
+        token_url=auth.token_url,
+        client_id=auth.client_id,
+        scopes=tuple(auth.scopes[: agent_rules.MAX_AUTH_SCOPES + 1]),
+        audience=auth.audience,
+        token_endpoint_auth_method=auth.token_endpoint_auth_method,
+        ca_pem=auth.ca_pem,
+        api_key=auth.api_key,
+        bearer_token=auth.bearer_token,
+        client_secret=auth.client_secret,
+    )
+
+
+def auth_to_proto(auth: agent_rules.AgentAuth) -> pb.AgentAuth:
+    """The configuration without any secret: only whether one is stored."""
+    return pb.AgentAuth(
+        kind=number(AUTH_KIND, auth.kind),
+        api_key_header=auth.api_key_header,
+        token_url=auth.token_url,
+        client_id=auth.client_id,
+        scopes=auth.scopes,
+        audience=auth.audience,
+        token_endpoint_auth_method=auth.token_endpoint_auth_method,
+        ca_pem=auth.ca_pem,
+        secret_set=auth.secret_set,
+    )
 
 
 def agent_to_proto(agent: agent_rules.Agent) -> AgentPb:
@@ -116,14 +155,17 @@ def agent_to_proto(agent: agent_rules.Agent) -> AgentPb:
         health_status=number(HEALTH, agent.health_status),
         create_time=to_timestamp(agent.created_at),
         update_time=to_timestamp(agent.updated_at),
+        # Absent for none: agents without it read exactly as before.
+        auth=auth_to_proto(s.auth) if s.auth.kind != agent_rules.AUTH_NONE else None,
     )
 
 
 def shareable(agent: agent_rules.Agent) -> AgentPb:
-    """What a peer may see of an agent: no owner identity, no internal health-check address."""
+    """What a peer may see of an agent: no owner identity, no internal health-check address, no auth."""
     proto = agent_to_proto(agent)
     proto.owner = ""
     proto.health_check_url = ""
+    proto.ClearField("auth")
     return proto
 
 

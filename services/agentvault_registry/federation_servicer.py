@@ -10,6 +10,7 @@ from agentvault.federation.v1 import federation_service_pb2_grpc as fpb_grpc
 from agentvault_registry.cache import AgentCache
 from agentvault_registry.federation_gate import FederationGate
 from agentvault_registry.federation_store import FederationStore, InboundLogRow
+from agentvault_registry.invitations import Invitations, source_of
 from agentvault_registry.peer_listing import GENERATION_METHOD, PeerListing
 from agentvault_registry.settings import FederationSettings
 from agentvault_registry.store import Store
@@ -29,6 +30,7 @@ class FederationServicer(fpb_grpc.FederationServiceServicer):
         self.settings = settings
         # What peers may list; RegistryService.ListAgents hands peers' calls to the same listing.
         self.listing = PeerListing(store, fed_store, gate, settings, cache)
+        self.invitations = Invitations(fed_store, gate.box, settings, gate.requests.redis)
 
     @property
     def inbound_log(self) -> BatchWriter[InboundLogRow]:
@@ -56,3 +58,9 @@ class FederationServicer(fpb_grpc.FederationServiceServicer):
             mtls_required=self.settings.tls is not None and self.settings.mtls_required,
             agent_count=await self.fed_store.count_shared_agents(),
         )
+
+    async def RedeemFederationInvitation(
+        self, request: fpb.RedeemFederationInvitationRequest, context: grpc.aio.ServicerContext
+    ) -> fpb.RedeemFederationInvitationResponse:
+        # No credential: the proof, keyed with the invitation's one-time secret, authenticates the call.
+        return await self.invitations.redeem(request, source_of(context))

@@ -25,6 +25,10 @@ _PEER_COLUMNS = (
     "metadata, protocol, grpc_endpoint, require_mtls, consecutive_failures, is_down, created_at, updated_at"
 )
 _CREDENTIAL_COLUMNS = "id, name, token_encrypted, created_at, revoked_at, last_used_at"
+_INVITATION_COLUMNS = (
+    "id, name, private_key_encrypted, secret_encrypted, public_key, inviter_url, created_at, expires_at, redeemed_at, "
+    "redeemed_by, credential_id"
+)
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,31 @@ class CredentialRecord:
     created_at: datetime
     revoked_at: datetime | None
     last_used_at: datetime | None
+
+
+@dataclass(frozen=True)
+class InvitationRecord:
+    id: str
+    name: str
+    private_key_encrypted: str | None  # erased once redeemed
+    secret_encrypted: str
+    public_key: bytes
+    inviter_url: str
+    created_at: datetime
+    expires_at: datetime
+    redeemed_at: datetime | None
+    redeemed_by: str
+    credential_id: str
+
+
+def _invitation(row: asyncpg.Record) -> InvitationRecord:
+    data = dict(row)
+    data["id"] = str(data["id"])
+    return InvitationRecord(**data)
+
+
+class InvitationGone(Exception):
+    """The invitation was redeemed (or expired, or deleted) between its proof check and its redemption."""
 
 
 def _peer(row: asyncpg.Record) -> PeerRecord:
@@ -98,6 +127,15 @@ class InboundLogRow:
     result_count: int
     response_time_ms: float
     created_at: datetime
+
+
+async def _insert_peer(conn: asyncpg.Connection, values: dict[str, Any]) -> asyncpg.Record:
+    columns = [c for c in PEER_WRITABLE if c in values]
+    placeholders = ", ".join(f"${i + 1}" for i in range(len(columns)))
+    return await conn.fetchrow(
+        f"INSERT INTO federation_peers ({', '.join(columns)}) VALUES ({placeholders}) RETURNING {_PEER_COLUMNS}",
+        *(values[c] for c in columns),
+    )
 
 
 class FederationStore:
@@ -238,6 +276,106 @@ class FederationStore:
         )
         return CredentialRecord(**dict(row)) if row else None
 
+    # Invitations this mesh issued, and the links an invitation handshake creates --------------------------
+
+    async def insert_invitation(
+        self,
+        inv_id: str,
+        name: str,
+        sealed: tuple[str, str],
+        public: tuple[bytes, str],
+        created_by: str,
+        ttl: int,
+    ) -> InvitationRecord:
+        """`sealed`: the encrypted private key and secret; `public`: the public key and this mesh's URL."""
+        row = await self.pool.fetchrow(
+            f"""INSERT INTO federation_invitations (id, name, private_key_encrypted, secret_encrypted, public_key,
+                    inviter_url, created_by, expires_at)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, now() + make_interval(secs => $8))
+                RETURNING {_INVITATION_COLUMNS}""",
+            uuid.UUID(inv_id),
+            name,
+            *sealed,
+            *public,
+            created_by,
+            float(ttl),
+        )
+        return _invitation(row)
+
+    async def get_invitation(self, inv_id: str) -> InvitationRecord | None:
+        row = await self.pool.fetchrow(
+            f"SELECT {_INVITATION_COLUMNS} FROM federation_invitations WHERE id = $1", uuid.UUID(inv_id)
+        )
+        return _invitation(row) if row else None
+
+    async def list_invitations(
+        self, limit: int, after: list[Any] | None
+    ) -> tuple[list[InvitationRecord], list[Any] | None]:
+        params: list[Any] = [limit + 1]
+        where = ""
+        if after is not None:
+            when, last_id = pagination.time_and_id(after)
+            params += [when, _peer_id(last_id, "page_token")]
+            where = "WHERE (created_at, id) < ($2, $3)"
+        rows = await self.pool.fetch(
+            f"""SELECT {_INVITATION_COLUMNS} FROM federation_invitations {where}
+                ORDER BY created_at DESC, id DESC LIMIT $1""",
+            *params,
+        )
+        found = [_invitation(r) for r in rows[:limit]]
+        if len(rows) <= limit:
+            return found, None
+        return found, [found[-1].created_at.isoformat(), found[-1].id]
+
+    async def delete_invitation(self, inv_id: str) -> bool:
+        result = await self.pool.execute("DELETE FROM federation_invitations WHERE id = $1", _peer_id(inv_id, "id"))
+        return bool(result.endswith(" 1"))
+
+    async def redeem_invitation(
+        self,
+        inv_id: str,
+        redeemed_by: str,
+        credential: tuple[str, str, str],
+        peer: dict[str, Any] | None,
+    ) -> None:
+        """Marks the invitation redeemed (erasing its private key), creates the redeemer's credential
+        (id, name, encrypted token) and, when given, the redeemer as a peer: all or nothing. Exactly one of racing
+        redemptions passes the conditional update; the others raise InvitationGone, and a failing insert (a peer
+        with that URL exists already) leaves the invitation unredeemed."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            won = await conn.fetchval(
+                """UPDATE federation_invitations
+                   SET redeemed_at = now(), redeemed_by = $2, credential_id = $3, private_key_encrypted = NULL
+                   WHERE id = $1 AND redeemed_at IS NULL AND expires_at > now() RETURNING id""",
+                uuid.UUID(inv_id),
+                redeemed_by,
+                credential[0],
+            )
+            if won is None:
+                raise InvitationGone(inv_id)
+            await conn.execute(
+                """INSERT INTO federation_credentials (id, name, token_encrypted, created_by)
+                   VALUES ($1, $2, $3, 'invitation:' || $4)""",
+                *credential,
+                inv_id,
+            )
+            if peer is not None:
+                await _insert_peer(conn, peer)
+
+    async def link_peer(self, peer: dict[str, Any], credential: tuple[str, str, str], created_by: str) -> PeerRecord:
+        """The redeeming side of a handshake: the peer and the credential issued to it, together."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await _insert_peer(conn, peer)
+            await conn.execute(
+                "INSERT INTO federation_credentials (id, name, token_encrypted, created_by) VALUES ($1, $2, $3, $4)",
+                *credential,
+                created_by,
+            )
+        return _peer(row)
+
+    async def peer_url_taken(self, registry_url: str) -> bool:
+        return bool(await self.pool.fetchval("SELECT 1 FROM federation_peers WHERE registry_url = $1", registry_url))
+
     async def log_inbound(self, rows: list[InboundLogRow]) -> None:
         """Inbound federation queries; each credential's last use moves to its latest query."""
         last_used: dict[str, datetime] = {}
@@ -264,7 +402,12 @@ class FederationStore:
         """
         changed = 0
         async with self.pool.acquire() as conn, conn.transaction():
-            for table, column in (("federation_peers", "api_key"), ("federation_credentials", "token_encrypted")):
+            for table, column in (
+                ("federation_peers", "api_key"),
+                ("federation_credentials", "token_encrypted"),
+                ("federation_invitations", "private_key_encrypted"),
+                ("federation_invitations", "secret_encrypted"),
+            ):
                 rows = await conn.fetch(
                     f"SELECT id, {column} AS secret FROM {table} WHERE {column} IS NOT NULL FOR UPDATE"
                 )

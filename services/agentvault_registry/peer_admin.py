@@ -25,6 +25,8 @@ from agentvault_registry.cache import AgentCache
 from agentvault_registry.convert import PEER_PROTOCOL, PEER_STATUS, credential_to_proto, peer_to_proto, word
 from agentvault_registry.federation_gate import TOKEN_PREFIX
 from agentvault_registry.federation_store import PEER_WRITABLE, FederationStore, PeerRecord
+from agentvault_registry.invitations import Invitations, Joiner
+from agentvault_registry.settings import FederationSettings
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +39,21 @@ MAX_METADATA = 20
 
 
 class PeerServicer(fpb_grpc.PeerServiceServicer):
-    def __init__(self, store: FederationStore, auth: Authenticator, box: SecretBox | None, cache: AgentCache) -> None:
+    def __init__(
+        self,
+        store: FederationStore,
+        auth: Authenticator,
+        box: SecretBox | None,
+        cache: AgentCache,
+        settings: FederationSettings | None = None,
+    ) -> None:
         self.store = store
         self.auth = auth
         self.box = box
         self.cache = cache
+        # Invitations need this mesh's public URL; without settings (declared peers at start) they are not used.
+        self.joiner = Joiner(store, box, settings)
+        self.invitations = Invitations(store, box, settings, None) if settings is not None else None
 
     def _require_box(self) -> SecretBox:
         if self.box is None:
@@ -95,7 +107,13 @@ class PeerServicer(fpb_grpc.PeerServiceServicer):
         return values
 
     async def CreatePeer(self, request: fpb.CreatePeerRequest, context: grpc.aio.ServicerContext) -> fpb.Peer:
-        await self.auth.require_scope(context.invocation_metadata(), FEDERATION_ADMIN)
+        admin = await self.auth.require_scope(context.invocation_metadata(), FEDERATION_ADMIN)
+        if request.peer.invitation:
+            # The invitation handshake: both directions' tokens are agreed with the inviting mesh, none is copied.
+            joined = await self.joiner.join(
+                request.peer, lambda peer, paths: self.values(peer, paths, creating=True), admin.name
+            )
+            return peer_to_proto(joined)
         values = self.values(request.peer, list(PEER_WRITABLE), creating=True)
         try:
             peer = await self.store.create_peer(values)
@@ -226,3 +244,26 @@ class PeerServicer(fpb_grpc.PeerServiceServicer):
         await self.cache.invalidate_credential(cred.id)
         log.info("federation credential revoked", extra={"credential_id": cred.id, "peer_name": cred.name})
         return credential_to_proto(cred)
+
+    def _invitations(self) -> Invitations:
+        if self.invitations is None:
+            raise Unavailable("invitations are not configured on this mesh", "ENCRYPTION_KEY_MISSING")
+        return self.invitations
+
+    async def CreateFederationInvitation(
+        self, request: fpb.CreateFederationInvitationRequest, context: grpc.aio.ServicerContext
+    ) -> fpb.CreateFederationInvitationResponse:
+        admin = await self.auth.require_scope(context.invocation_metadata(), FEDERATION_ADMIN)
+        return await self._invitations().create(request, admin.name)
+
+    async def ListFederationInvitations(
+        self, request: fpb.ListFederationInvitationsRequest, context: grpc.aio.ServicerContext
+    ) -> fpb.ListFederationInvitationsResponse:
+        await self.auth.require_scope(context.invocation_metadata(), FEDERATION_ADMIN)
+        return await self._invitations().list(request)
+
+    async def DeleteFederationInvitation(
+        self, request: fpb.DeleteFederationInvitationRequest, context: grpc.aio.ServicerContext
+    ) -> empty_pb2.Empty:
+        await self.auth.require_scope(context.invocation_metadata(), FEDERATION_ADMIN)
+        return await self._invitations().delete(request)

@@ -24,7 +24,7 @@ from agentvault.common.errors import (
     invalid,
     store_unavailable,
 )
-from agentvault.common.principal import AGENTS_READ, AGENTS_WRITE, HEALTH_REPORT, Principal, peer
+from agentvault.common.principal import AGENTS_CONNECT, AGENTS_READ, AGENTS_WRITE, HEALTH_REPORT, Principal, peer
 from agentvault.common.remote_auth import check_scope
 from agentvault.registry.v1 import registry_service_pb2 as pb
 from agentvault.registry.v1 import registry_service_pb2_grpc as pb_grpc
@@ -43,10 +43,12 @@ from agentvault_registry.convert import (
     ROLE,
     SHARING,
     agent_to_proto,
+    auth_to_proto,
     key_to_proto,
     number,
     search_filters,
     spec_from_proto,
+    to_timestamp,
     word,
 )
 from agentvault_registry.federation_gate import is_federation_token
@@ -84,6 +86,20 @@ def caller_kind(metadata: Any) -> CallerKind:
 def may_see(sharing: str, owner: str, viewer: Principal | None) -> bool:
     """Private agents are visible to their owner (by principal id) and admins only; the rest to every caller."""
     return sharing != "private" or (viewer is not None and (viewer.is_admin or viewer.owns(owner)))
+
+
+def may_see_auth(owner: str, viewer: Principal | None) -> bool:
+    """How the mesh authenticates to an agent (never its secret) is for its owner, admins and the mesh services
+    that call agents (agents:connect); other members and peers do not learn that it has any."""
+    return viewer is not None and (viewer.owns(owner) or viewer.has_scope(AGENTS_CONNECT))
+
+
+def without_auth(proto: AgentPb) -> AgentPb:
+    """A copy without `auth` (the cached message is shared and never changed)."""
+    copy = AgentPb()
+    copy.CopyFrom(proto)
+    copy.ClearField("auth")
+    return copy
 
 
 def _reader(viewer: Principal | None) -> Principal | None:
@@ -152,11 +168,20 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             sharing, owner = agent.spec.sharing, agent.owner
         else:
             proto, sharing, owner = entry.agent, entry.sharing, entry.owner
-        # A credential is only looked up when the answer depends on it: a private agent.
+        # A credential is only looked up when the answer depends on it: a private agent, or one with auth.
         if sharing == "private":
             viewer = _reader(await self.auth.principal(context.invocation_metadata()))
             if not may_see(sharing, owner, viewer):
                 raise NotFound(f"agent {request.id} not found", "AGENT_NOT_FOUND", id=request.id)
+            if proto.HasField("auth") and not may_see_auth(owner, viewer):
+                return without_auth(proto)
+        elif proto.HasField("auth"):
+            try:
+                viewer = await self.auth.principal(context.invocation_metadata())
+            except Unauthenticated:
+                viewer = None  # a public agent is answered whatever the credential; only `auth` depends on it
+            if not may_see_auth(owner, viewer):
+                return without_auth(proto)
         return proto
 
     async def ListAgents(
@@ -184,8 +209,12 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         size = pagination.page_size(request.page_size or request.limit)
         after = pagination.decode(request.page_token, query.fingerprint())
         agents, position = await self.store.list_agents(query, viewer, size, after)
+        protos = [agent_to_proto(a) for a in agents]
+        for proto, agent in zip(protos, agents, strict=True):
+            if proto.HasField("auth") and not may_see_auth(agent.owner, viewer):
+                proto.ClearField("auth")
         return pb.ListAgentsResponse(
-            agents=[agent_to_proto(a) for a in agents],
+            agents=protos,
             next_page_token=pagination.encode(position, query.fingerprint()) if position else "",
         )
 
@@ -249,6 +278,24 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             raise NotFound(f"agent {request.id} not found", "AGENT_NOT_FOUND", id=request.id)
         await self.cache.invalidate(agent.id)
         return agent_to_proto(agent)
+
+    async def ResolveAgentAuth(
+        self, request: pb.ResolveAgentAuthRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ResolvedAgentAuth:
+        # What the services that call agents need (the health monitor, later messaging), with their own identities:
+        # the configuration and the secret still encrypted, as ResolvePeers hands out peers' keys.
+        await self.auth.require_scope(context.invocation_metadata(), AGENTS_CONNECT)
+        if not request.agent_id:
+            raise invalid("agent_id", "is required")
+        found = await self.store.get_agent_auth(request.agent_id)
+        if found is None:
+            raise NotFound(f"agent {request.agent_id} not found", "AGENT_NOT_FOUND", id=request.agent_id)
+        agent, secret = found
+        return pb.ResolvedAgentAuth(
+            auth=auth_to_proto(agent.spec.auth),
+            encrypted_secret=secret or "",
+            update_time=to_timestamp(agent.updated_at),
+        )
 
     async def GetCaller(self, request: pb.GetCallerRequest, context: grpc.aio.ServicerContext) -> pb.Caller:
         principal = await self.auth.principal(context.invocation_metadata())

@@ -29,6 +29,11 @@ class FederationSettings:
     tls_port: int
     mtls_required: bool
     peers_file: str | None
+    # This mesh's public base URL (its edge): what an invitation code names, and what a mesh redeeming another's
+    # invitation tells it, so that the inviter can search it too.
+    public_url: str = "http://127.0.0.1:8080"
+    # Invitation redemptions a caller (by address) may attempt per minute: the redeem call needs no credential.
+    invitation_rate_limit_per_minute: int = 30
 
     @classmethod
     def load(cls, env: Env, registry_port: int) -> FederationSettings:
@@ -50,6 +55,10 @@ class FederationSettings:
             tls_port=tls_port,
             mtls_required=env.bool("FEDERATION_MTLS_REQUIRED", True),
             peers_file=env.optional("FEDERATION_PEERS_FILE"),
+            public_url=env.str("FEDERATION_PUBLIC_URL", env.str("OAUTH_ISSUER", "http://127.0.0.1:8080")).rstrip("/")[
+                :500
+            ],
+            invitation_rate_limit_per_minute=env.int("FEDERATION_INVITATION_RATE_LIMIT_PER_MINUTE", 30, minimum=1),
         )
 
 

@@ -12,15 +12,19 @@ from typing import Any
 import asyncpg
 
 from agentvault.common import versions
-from agentvault.common.agents import Agent, AgentQuery, AgentSpec, Capability, Endpoint
-from agentvault.common.errors import NotFound, invalid
+from agentvault.common.agents import Agent, AgentAuth, AgentQuery, AgentSpec, Capability, Endpoint
+from agentvault.common.errors import NotFound, Unavailable, invalid
 from agentvault.common.principal import HEALTH_REPORT, Principal
+from agentvault.common.secretbox import SecretBox
 from agentvault_registry.domain import ApiKey
 
 _COLUMNS = (
     "a.id, a.did, a.name, a.description, a.version, a.agent_type, a.capabilities, a.endpoints, a.tags, "
-    "a.owner, a.sharing, a.health_check_url, a.health_status, a.created_at, a.updated_at"
+    "a.owner, a.sharing, a.health_check_url, a.health_status, a.created_at, a.updated_at, a.auth, "
+    "(a.auth_secret IS NOT NULL) AS auth_secret_set"
 )
+# RETURNING cannot name the table's alias.
+_RETURNING = _COLUMNS.replace("a.", "")
 _KEY_COLUMNS = "id, name, role, principal_id, created_at, revoked_at"
 _WORD = re.compile(r"\w+", re.UNICODE)
 MAX_SEARCH_TERMS = 16
@@ -74,6 +78,7 @@ def _agent(row: asyncpg.Record) -> Agent:
         tags=tuple(row["tags"]),
         sharing=row["sharing"],
         health_check_url=row["health_check_url"],
+        auth=AgentAuth.from_json(row["auth"], row["auth_secret_set"]),
     )
     return Agent(
         id=str(row["id"]),
@@ -93,8 +98,22 @@ def parse_id(value: str, field: str = "id") -> uuid.UUID:
 
 
 class Store:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, box: SecretBox | None = None) -> None:
         self.pool = pool
+        # Encrypts agents' auth secrets (FEDERATION_ENCRYPTION_KEYS); without it no agent can be given one.
+        self.box = box
+
+    def _sealed_secret(self, auth: AgentAuth) -> str | None:
+        """The new secret encrypted, or None when the request sent none (the stored one is kept or cleared)."""
+        secret = auth.secret
+        if not secret:
+            return None
+        if self.box is None:
+            raise Unavailable(
+                "this registry cannot store agents' secrets: FEDERATION_ENCRYPTION_KEYS is not set",
+                "ENCRYPTION_KEY_MISSING",
+            )
+        return self.box.encrypt(secret)
 
     # Agents ------------------------------------------------------------------------------------------
 
@@ -108,12 +127,12 @@ class Store:
         keywords, prose = _texts(spec)
         return await conn.fetchrow(
             f"""INSERT INTO agents (did, name, description, version, agent_type, capabilities, endpoints, tags,
-                    owner, sharing, health_check_url, search_vector)
+                    owner, sharing, health_check_url, search_vector, auth, auth_secret)
                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,
                     setweight(to_tsvector('english', $12), 'A') ||
                     setweight(to_tsvector('english', $13), 'B') ||
-                    setweight(to_tsvector('english', $14), 'C'))
-                RETURNING {_COLUMNS.replace("a.", "")}""",
+                    setweight(to_tsvector('english', $14), 'C'), $15, $16)
+                RETURNING {_RETURNING}""",
             *self._agent_params(spec),
             owner,
             spec.sharing,
@@ -121,6 +140,8 @@ class Store:
             spec.name,
             keywords,
             prose,
+            spec.auth.as_json(),
+            self._sealed_secret(spec.auth),
         )
 
     @staticmethod
@@ -170,9 +191,14 @@ class Store:
                         search_vector = setweight(to_tsvector('english', $12), 'A') ||
                             setweight(to_tsvector('english', $13), 'B') ||
                             setweight(to_tsvector('english', $14), 'C'),
+                        auth = $15,
+                        -- A new secret replaces the stored one; without one it is kept only where the merge
+                        -- said so (AgentAuth.keeps_secret_of), else cleared.
+                        auth_secret = CASE WHEN $16::text IS NOT NULL THEN $16::text
+                            WHEN $17 THEN auth_secret END,
                         updated_at = now()
                     WHERE id = $1
-                    RETURNING {_COLUMNS.replace("a.", "")}""",
+                    RETURNING {_RETURNING}""",
                 uid,
                 *self._agent_params(spec),
                 spec.sharing,
@@ -180,6 +206,9 @@ class Store:
                 spec.name,
                 keywords,
                 prose,
+                spec.auth.as_json(),
+                self._sealed_secret(spec.auth),
+                spec.auth.secret_set,
             )
             if spec.capabilities != current.spec.capabilities:
                 await self._write_capabilities(conn, uid, spec)
@@ -279,6 +308,25 @@ class Store:
             f"UPDATE agents a SET health_status = $2 WHERE a.id = $1 RETURNING {_COLUMNS}", parse_id(agent_id), status
         )
         return _agent(row) if row else None
+
+    async def get_agent_auth(self, agent_id: str) -> tuple[Agent, str | None] | None:
+        """The agent and its auth secret, still encrypted (None when it has none)."""
+        row = await self.pool.fetchrow(
+            f"SELECT {_COLUMNS}, a.auth_secret FROM agents a WHERE a.id = $1", parse_id(agent_id, "agent_id")
+        )
+        return (_agent(row), row["auth_secret"]) if row else None
+
+    async def rotate_agent_secrets(self, rotate: Callable[[str], str]) -> int:
+        """Re-encrypts every agent's auth secret under the primary key (see FederationStore.rotate_secrets)."""
+        changed = 0
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch("SELECT id, auth_secret FROM agents WHERE auth_secret IS NOT NULL FOR UPDATE")
+            for row in rows:
+                rotated = rotate(row["auth_secret"])
+                if rotated != row["auth_secret"]:
+                    await conn.execute("UPDATE agents SET auth_secret = $2 WHERE id = $1", row["id"], rotated)
+                    changed += 1
+        return changed
 
     async def count_agents(self, viewer: Principal | None) -> int:
         """How many agents `viewer` may see: a peer the shared ones, anyone else what ListAgents would show."""

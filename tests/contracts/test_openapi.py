@@ -188,3 +188,75 @@ def test_the_document_and_the_validator_agree(doc: dict[str, Any], field: str, v
     validator = _validator(doc, {"$ref": f"#/components/schemas/{AGENT}{INPUT_SUFFIX}"})
     errors = [e.message for e in validator.iter_errors(agent)]
     assert (not errors) == _server_accepts(agent), errors
+
+
+def _server_accepts_auth(auth: dict[str, Any]) -> bool:
+    # The edge reads JSON words into the enum; the validator sees what convert.auth_from_proto makes of them.
+    fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in auth.items() if v is not None}
+    kind = fields.pop("kind", "none")
+    try:
+        rules.validate_auth(rules.AgentAuth(kind="none" if kind == "unspecified" else kind, **fields))
+    except InvalidArgument:
+        return False
+    return True
+
+
+# An agent's AgentAuth: the document's per-kind variants and field rules against agents.validate_auth.
+AUTH_CASES: list[dict[str, Any]] = [
+    {},
+    {"kind": "none"},
+    {"kind": "unspecified"},
+    {"kind": "none", "api_key": "k"},
+    {"kind": "api_key", "api_key": "k"},
+    {"kind": "api_key", "api_key": "k", "api_key_header": "X-Key"},
+    {"kind": "api_key", "api_key": "k", "api_key_header": "host"},
+    {"kind": "api_key", "api_key": "k", "api_key_header": "Proxy-Thing"},
+    {"kind": "api_key", "api_key": "k", "api_key_header": "X Key"},
+    {"kind": "api_key", "api_key": "a b"},
+    {"kind": "api_key"},
+    {"kind": "api_key", "api_key": "k", "client_id": "c"},
+    {"kind": "bearer", "bearer_token": "t"},
+    {"kind": "bearer", "bearer_token": "t" * (rules.MAX_SECRET + 1)},
+    {"kind": "mtls"},
+    {"kind": "mtls", "bearer_token": "t"},
+    {"kind": "oauth2_client_credentials", "token_url": "https://idp.example/t", "client_id": "c", "client_secret": "s"},
+    {"kind": "oauth2_client_credentials", "token_url": "http://127.0.0.1:9/t", "client_id": "c", "client_secret": "s"},
+    {"kind": "oauth2_client_credentials", "token_url": "http://idp.example/t", "client_id": "c", "client_secret": "s"},
+    {
+        "kind": "oauth2_client_credentials",
+        "token_url": "https://idp.example/t#x",
+        "client_id": "c",
+        "client_secret": "s",
+    },
+    {"kind": "oauth2_client_credentials", "token_url": "https://idp.example/t", "client_id": "c"},
+    {
+        "kind": "oauth2_client_credentials",
+        "token_url": "https://idp.example/t",
+        "client_id": "c",
+        "client_secret": "s",
+        "scopes": ["a", "b:c"],
+        "audience": "https://agent.example",
+        "token_endpoint_auth_method": "client_secret_post",
+    },
+    {
+        "kind": "oauth2_client_credentials",
+        "token_url": "https://idp.example/t",
+        "client_id": "c",
+        "client_secret": "s",
+        "scopes": ['a"b'],
+    },
+    {
+        "kind": "oauth2_client_credentials",
+        "token_url": "https://idp.example/t",
+        "client_id": "c",
+        "client_secret": "s",
+        "token_endpoint_auth_method": "private_key_jwt",
+    },
+]
+
+
+@pytest.mark.parametrize("auth", AUTH_CASES, ids=[str(i) for i in range(len(AUTH_CASES))])
+def test_the_document_and_the_validator_agree_on_auth(doc: dict[str, Any], auth: dict[str, Any]) -> None:
+    validator = _validator(doc, {"$ref": f"#/components/schemas/{AGENT}{INPUT_SUFFIX}"})
+    errors = [e.message for e in validator.iter_errors({**AGENT_EXAMPLE, "auth": auth})]
+    assert (not errors) == _server_accepts_auth(auth), errors

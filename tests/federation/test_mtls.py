@@ -108,11 +108,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @pytest.fixture(scope="module")
 def tls_meshes(mesh_factory: MeshFactory, pki: Pki) -> tuple[MeshHandle, MeshHandle, int]:
-    tls_port = free_port()
+    tls_port, b_edge = free_port(), free_port()
     b = mesh_factory(
         name="mtls_b",
         env=mesh_env(
             "mesh-b-tls",
+            # Its own edge's URL, which the invitations it issues name (test_invitation_over_mutual_tls).
+            EDGE_PORT=str(b_edge),
+            FEDERATION_PUBLIC_URL=f"http://127.0.0.1:{b_edge}",
             FEDERATION_TLS_CA=str(pki.ca),
             FEDERATION_TLS_CERT=str(pki.server_cert),
             FEDERATION_TLS_KEY=str(pki.server_key),
@@ -209,3 +212,31 @@ async def test_mesh_without_certificates_reports_why(
     assert "TLS" in peer["error"] or "tls" in peer["error"].lower(), peer
     anonymous = await call(http, "GET", url, params={"include_federated": "true"})
     assert anonymous["federation_stats"]["peers"][0]["error"] == "unavailable"
+
+
+async def test_invitation_over_mutual_tls(
+    http: aiohttp.ClientSession, tls_meshes: tuple[MeshHandle, MeshHandle, int]
+) -> None:
+    """A redeems B's invitation on B's TLS listener, presenting the mesh certificate, and then finds B's agents with
+    the agreed token. (Last here: A drops the hand-made peer for B of the first test.)"""
+    a, b, _ = tls_meshes
+    for peer in (await call(http, "GET", a.url("/api/v1/federation/peers"), headers=admin(a)))["peers"]:
+        await call(http, "DELETE", a.url(f"/api/v1/federation/peers/{peer['id']}"), headers=admin(a))
+    word = "mtlsinv" + unique_did()[-6:].replace("-", "")
+    agent = {"did": unique_did(), "name": f"{word} agent", "version": "1.0.0", "sharing": "federated"}
+    await call(http, "POST", b.url("/api/v1/agents"), headers=admin(b), json=agent)
+    code = (
+        await call(http, "POST", b.url("/api/v1/federation/invitations"), headers=admin(b), json={"name": "mesh-a"})
+    )["code"]
+    peer = await call(
+        http, "POST", a.url("/api/v1/federation/peers"), headers=admin(a), json={"name": "B", "invitation": code}
+    )
+    assert peer["registry_url"] == b.url()
+    found = await call(
+        http,
+        "GET",
+        a.url("/api/v1/discovery/agents"),
+        headers=admin(a),
+        params={"include_federated": "true", "search": word, "force_refresh": "true"},
+    )
+    assert [x["name"] for x in found["agents"] if x["is_federated"]] == [f"{word} agent"], found["federation_stats"]

@@ -9,8 +9,10 @@ from agentvault.common.secretbox import DecryptionError, SecretBox
 from agentvault.devserver.mesh import SERVICES
 from agentvault.federation.v1 import federation_service_pb2 as fpb
 from agentvault.federation.v1 import federation_service_pb2_grpc as fpb_grpc
+from agentvault.registry.v1 import registry_service_pb2 as pb
+from agentvault.registry.v1 import registry_service_pb2_grpc as pb_grpc
 
-from ..conftest import MeshFactory, bearer
+from ..conftest import MeshFactory, bearer, unique_did
 
 
 async def resolved_keys(address: str, token: str) -> list[str]:
@@ -30,6 +32,16 @@ async def test_rotation_moves_every_secret_to_the_new_key(mesh_factory: MeshFact
             metadata=admin,
         )
         issued = await peers.CreateFederationCredential(fpb.CreateFederationCredentialRequest(name="q"), metadata=admin)
+        # An agent's secret (how the mesh authenticates to it) is under the same key ring.
+        agent = pb.Agent(
+            did=unique_did(),
+            name="Keyed",
+            version="1.0.0",
+            auth=pb.AgentAuth(kind=pb.AGENT_AUTH_KIND_BEARER, bearer_token="agent-secret"),
+        )
+        created = await pb_grpc.RegistryServiceStub(channel).CreateAgent(
+            pb.CreateAgentRequest(agent=agent), metadata=admin
+        )
     [before] = await resolved_keys(address, handle.admin_token)
     assert SecretBox([old]).decrypt(before) == "peer-secret"
 
@@ -55,3 +67,8 @@ async def test_rotation_moves_every_secret_to_the_new_key(mesh_factory: MeshFact
             await federation.SearchAgents(fpb.SearchAgentsRequest(), metadata=bearer(issued.token))
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "signed" in (err.value.details() or ""), err.value.details()
+    async with grpc.aio.insecure_channel(address) as channel:
+        resolved = await pb_grpc.RegistryServiceStub(channel).ResolveAgentAuth(
+            pb.ResolveAgentAuthRequest(agent_id=created.id), metadata=admin
+        )
+    assert SecretBox([new]).decrypt(resolved.encrypted_secret) == "agent-secret"

@@ -37,8 +37,8 @@ from .test_agents_grpc import make_agent
 EXPECTED_SCOPES = {
     # ResolvePeers only: its searches forward the caller's own credential.
     "discovery": {"federation:resolve"},
-    # ResolvePeers, ListAgents (health-check URLs), ReportPeerHealth, ReportAgentHealth.
-    "health-monitor": {"agents:read", "federation:resolve", "health:report"},
+    # ResolvePeers, ListAgents (health-check URLs), ReportPeerHealth, ReportAgentHealth, ResolveAgentAuth.
+    "health-monitor": {"agents:read", "agents:connect", "federation:resolve", "health:report"},
 }
 
 
@@ -133,7 +133,11 @@ async def test_discovery_may_resolve_peers_and_nothing_more(
     peer = fpb.Peer(name="not-allowed", registry_url="https://not-allowed.example")
     err = await _refused(me.peers.CreatePeer(fpb.CreatePeerRequest(peer=peer), timeout=10))
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err.details()
-    # Not the health monitor's job either.
+    # Not the health monitor's job either: reporting health, or reading the credentials with which to call agents.
+    err = await _refused(
+        me.registry.ResolveAgentAuth(pb.ResolveAgentAuthRequest(agent_id="00000000-0000-0000-0000-000000000000"))
+    )
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED and "agents:connect" in (err.details() or "")
     err = await _refused(
         me.registry.ReportAgentHealth(
             pb.ReportAgentHealthRequest(
@@ -160,6 +164,9 @@ async def test_the_health_monitor_may_read_and_report_and_nothing_more(
         pb.ReportAgentHealthRequest(id=agent.id, health_status=pb.HEALTH_STATUS_UNHEALTHY), timeout=10
     )
     assert reported.health_status == pb.HEALTH_STATUS_UNHEALTHY
+    # It reads the credentials with which to call an agent (the secret still encrypted).
+    resolved = await me.registry.ResolveAgentAuth(pb.ResolveAgentAuthRequest(agent_id=agent.id), timeout=10)
+    assert resolved.auth.kind == pb.AGENT_AUTH_KIND_NONE and resolved.encrypted_secret == ""
     # Forbidden: registering an OAuth client (it would mint itself more scopes), creating or deleting agents.
     err = await _refused(
         me.identity.CreateOAuthClient(

@@ -155,9 +155,9 @@ def _peer_from_args(args: argparse.Namespace) -> tuple[fpb.Peer, list[str]]:
     """The peer the flags describe, and the fields they set."""
     peer = fpb.Peer()
     paths: list[str] = []
-    for name in ("name", "registry_url", "api_key", "grpc_endpoint", "require_mtls", "is_active"):
-        value = getattr(args, name)
-        if name == "api_key" and value == "-":  # kept out of the process list and shell history
+    for name in ("name", "registry_url", "api_key", "invitation", "grpc_endpoint", "require_mtls", "is_active"):
+        value = getattr(args, name, None)
+        if name in ("api_key", "invitation") and value == "-":  # kept out of the process list and shell history
             value = sys.stdin.readline().strip()
         if value is not None:
             setattr(peer, name, value)
@@ -177,6 +177,10 @@ def _peer_from_args(args: argparse.Namespace) -> tuple[fpb.Peer, list[str]]:
 
 
 async def peers_create(client: FederationClient, args: argparse.Namespace) -> dict[str, Any]:
+    if args.invitation is None and (args.registry_url is None or args.api_key is None):
+        raise UsageError("give --invitation CODE, or --registry-url and --api-key")
+    if args.invitation is not None and args.api_key is not None:
+        raise UsageError("--invitation and --api-key exclude each other: with an invitation the tokens are agreed")
     peer, _ = _peer_from_args(args)
     return to_dict(await client.create_peer(peer))
 
@@ -217,6 +221,20 @@ async def credentials_list(client: FederationClient, args: argparse.Namespace) -
 
 async def credentials_revoke(client: FederationClient, args: argparse.Namespace) -> dict[str, Any]:
     return to_dict(await client.revoke_credential(args.id))
+
+
+async def invitations_create(client: FederationClient, args: argparse.Namespace) -> dict[str, Any]:
+    return to_dict(await client.create_invitation(args.name, ttl_seconds=args.ttl))
+
+
+async def invitations_list(client: FederationClient, args: argparse.Namespace) -> dict[str, Any]:
+    invitations = [i async for i in client.iter_invitations()]
+    return to_dict(fpb.ListFederationInvitationsResponse(invitations=invitations))
+
+
+async def invitations_delete(client: FederationClient, args: argparse.Namespace) -> dict[str, Any]:
+    await client.delete_invitation(args.id)
+    return {}
 
 
 async def oauth_clients_create(client: IdentityClient, args: argparse.Namespace) -> dict[str, Any]:

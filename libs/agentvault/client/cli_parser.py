@@ -20,6 +20,9 @@ from agentvault.client.cli_commands import (
     credentials_revoke,
     discover,
     health,
+    invitations_create,
+    invitations_delete,
+    invitations_list,
     keys_create,
     keys_list,
     keys_revoke,
@@ -146,14 +149,22 @@ def _list_options(parser: argparse.ArgumentParser) -> None:
 def _peer_fields(parser: argparse.ArgumentParser, *, create: bool) -> None:
     parser.add_argument("--name", required=create, help="display name")
     parser.add_argument(
-        "--registry-url", metavar="URL", required=create, help="the peer's public base URL (its edge), http(s)"
+        "--registry-url",
+        metavar="URL",
+        help="the peer's public base URL (its edge), http(s)" + ("; not needed with --invitation" if create else ""),
     )
     parser.add_argument(
         "--api-key",
         metavar="TOKEN",
-        required=create,
         help="the federation token the peer issued to this mesh; - reads it from stdin",
     )
+    if create:
+        parser.add_argument(
+            "--invitation",
+            metavar="CODE",
+            help="instead of --api-key: an invitation code (avi_...) the peer issued; both directions' tokens are "
+            "then agreed with the peer, none is copied; - reads it from stdin",
+        )
     parser.add_argument(
         "--protocol",
         choices=PROTOCOL_WORDS,
@@ -194,8 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
         handler: Handler,
         help: str,
         client: type[GrpcClient] = RegistryClient,
+        aliases: tuple[str, ...] = (),
     ) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p = sub.add_parser(name, parents=[common], help=help, description=help, aliases=list(aliases))
         p.set_defaults(handler=handler, client=client, columns=None)
         return p
 
@@ -231,8 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     peers = federation_cmds.add_parser("peers", help="the registries this mesh federates with")
     peer_cmds = peers.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fed = FederationClient
-    _peer_fields(command(peer_cmds, "create", peers_create, "add a peer; its api_key is never shown again", fed),
-                 create=True)  # fmt: skip
+    _peer_fields(command(peer_cmds, "create", peers_create, "add a peer; its api_key is never shown again", fed,
+                         aliases=("add",)), create=True)  # fmt: skip
     command(peer_cmds, "list", peers_list, "list every peer, by name", fed)
     command(peer_cmds, "get", peers_get, "show one peer", fed).add_argument("id")
     update_peer = command(peer_cmds, "update", peers_update, "change the fields given (and only those)", fed)
@@ -250,6 +262,19 @@ def build_parser() -> argparse.ArgumentParser:
     create_credential.add_argument("name", help="name of the peer mesh it is for")
     command(credential_cmds, "list", credentials_list, "list every credential, without tokens", fed)
     command(credential_cmds, "revoke", credentials_revoke, "revoke a credential at once", fed).add_argument("id")
+    invitations = federation_cmds.add_parser(
+        "invitations", help="one-time codes another mesh redeems to peer with this one (no token is copied)"
+    )
+    invitation_cmds = invitations.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    create_invitation = command(
+        invitation_cmds, "create", invitations_create, "invite a peer mesh; the code is printed this once", fed
+    )
+    create_invitation.add_argument("name", help="name of the peer mesh it is for")
+    create_invitation.add_argument(
+        "--ttl", type=int, default=0, metavar="SECONDS", help="how long the code may be redeemed (default 3600)"
+    )
+    command(invitation_cmds, "list", invitations_list, "list invitations, without their codes", fed)
+    command(invitation_cmds, "delete", invitations_delete, "revoke an invitation", fed).add_argument("id")
 
     oauth = commands.add_parser("oauth", help="the OAuth 2.0 clients of this mesh's authorization server (admin only)")
     oauth_cmds = oauth.add_subparsers(dest="subgroup", required=True, metavar="COMMAND")

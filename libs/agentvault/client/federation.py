@@ -11,7 +11,7 @@ from agentvault.federation.v1 import federation_service_pb2 as fpb
 from agentvault.federation.v1 import federation_service_pb2_grpc as fpb_grpc
 
 SERVICE = fpb.DESCRIPTOR.services_by_name["PeerService"].full_name
-IDEMPOTENT_METHODS = ("ListPeers", "GetPeer", "ListFederationCredentials")
+IDEMPOTENT_METHODS = ("ListPeers", "GetPeer", "ListFederationCredentials", "ListFederationInvitations")
 
 
 class FederationClient(GrpcClient):
@@ -32,7 +32,8 @@ class FederationClient(GrpcClient):
 
     async def create_peer(self, peer: fpb.Peer, *, timeout: float | None = None) -> fpb.Peer:
         """Adds a peer: name, registry_url and api_key (the token the peer issued to this mesh) are required;
-        the key is encrypted at rest and never returned. Never retried."""
+        the key is encrypted at rest and never returned. Or name and invitation (a code the peer issued): the
+        tokens of both directions are then agreed with the peer. Never retried."""
         return await self._call(self._stub.CreatePeer, fpb.CreatePeerRequest(peer=peer), timeout)
 
     async def list_peers(
@@ -89,3 +90,32 @@ class FederationClient(GrpcClient):
         """Revokes a credential at once, on every replica."""
         request = fpb.RevokeFederationCredentialRequest(id=id)
         return await self._call(self._stub.RevokeFederationCredential, request, timeout)
+
+    # -------------------------------------------------------------------------------------- invitations
+
+    async def create_invitation(
+        self, name: str, *, ttl_seconds: int = 0, timeout: float | None = None
+    ) -> fpb.CreateFederationInvitationResponse:
+        """A one-time invitation for the peer mesh `name`; the response's `code` is shown this once. The peer's
+        admin redeems it with create_peer(Peer(name=..., invitation=code)). Never retried."""
+        request = fpb.CreateFederationInvitationRequest(name=name, ttl_seconds=ttl_seconds)
+        return await self._call(self._stub.CreateFederationInvitation, request, timeout)
+
+    async def list_invitations(
+        self, *, page_size: int = 0, page_token: str = "", timeout: float | None = None
+    ) -> fpb.ListFederationInvitationsResponse:
+        request = fpb.ListFederationInvitationsRequest(page_size=page_size, page_token=page_token)
+        return await self._call(self._stub.ListFederationInvitations, request, timeout)
+
+    async def iter_invitations(
+        self, *, page_size: int = 0, timeout: float | None = None
+    ) -> AsyncIterator[fpb.FederationInvitation]:
+        async for page in pages(
+            lambda token: self.list_invitations(page_size=page_size, page_token=token, timeout=timeout)
+        ):
+            for invitation in page.invitations:
+                yield invitation
+
+    async def delete_invitation(self, id: str, *, timeout: float | None = None) -> None:
+        """Revokes an invitation: its code can no longer be redeemed."""
+        await self._call(self._stub.DeleteFederationInvitation, fpb.DeleteFederationInvitationRequest(id=id), timeout)

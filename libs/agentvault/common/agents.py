@@ -3,6 +3,7 @@ for every service that reads them (e.g. discovery validating peers' answers)."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -53,6 +54,7 @@ WRITABLE_FIELDS = (
     "tags",
     "sharing",
     "health_check_url",
+    "auth",
 )
 OUTPUT_ONLY_FIELDS = ("id", "owner", "health_status", "create_time", "update_time")
 
@@ -77,6 +79,225 @@ class Endpoint:
         return {"protocol": self.protocol, "url": self.url}
 
 
+# How the mesh authenticates when it calls an agent (registry.v1.AgentAuthKind's words).
+AUTH_NONE = "none"
+AUTH_API_KEY = "api_key"
+AUTH_BEARER = "bearer"
+AUTH_OAUTH2 = "oauth2_client_credentials"
+AUTH_MTLS = "mtls"
+AUTH_KINDS = (AUTH_NONE, AUTH_API_KEY, AUTH_BEARER, AUTH_OAUTH2, AUTH_MTLS)
+# The input field holding each kind's secret; kinds without one are absent.
+AUTH_SECRET_FIELDS = {AUTH_API_KEY: "api_key", AUTH_BEARER: "bearer_token", AUTH_OAUTH2: "client_secret"}
+# The fields each kind uses; every other field of AgentAuth must be left empty.
+AUTH_FIELDS = (
+    "api_key_header", "api_key", "bearer_token", "token_url", "client_id", "client_secret", "scopes", "audience",
+    "token_endpoint_auth_method", "ca_pem",
+)  # fmt: skip
+AUTH_KIND_FIELDS: dict[str, frozenset[str]] = {
+    AUTH_NONE: frozenset(),
+    AUTH_API_KEY: frozenset({"api_key_header", "api_key", "ca_pem"}),
+    AUTH_BEARER: frozenset({"bearer_token", "ca_pem"}),
+    AUTH_OAUTH2: frozenset(
+        {"token_url", "client_id", "client_secret", "scopes", "audience", "token_endpoint_auth_method", "ca_pem"}
+    ),
+    AUTH_MTLS: frozenset({"ca_pem"}),
+}
+DEFAULT_API_KEY_HEADER = "X-API-Key"
+TOKEN_AUTH_METHODS = ("client_secret_basic", "client_secret_post")
+MAX_SECRET = 4096
+MAX_CLIENT_ID = 256
+MAX_AUDIENCE = 2048
+MAX_AUTH_SCOPES = 64
+MAX_CA_PEM = 16 * 1024
+# RFC 9110 5.6.2 token: what an HTTP header name may be made of.
+HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")
+# Headers the HTTP client itself owns: a key sent in one of these would break or smuggle the request.
+RESERVED_HEADERS = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "upgrade", "te", "trailer", "keep-alive",
+     "proxy-authorization", "proxy-connection", "expect", "content-type", "cookie"}
+)  # fmt: skip
+# A header value we put on the wire: visible ASCII, no spaces (so no folding or injection).
+HEADER_SECRET = re.compile(r"^[\x21-\x7e]{1,4096}$")
+# RFC 6749 VSCHAR (client id and secret): printable ASCII, spaces allowed.
+VSCHAR = re.compile(r"^[\x20-\x7e]{1,4096}$")
+SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]{1,128}$")
+PEM_CERTIFICATE = re.compile(r"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+-----END CERTIFICATE-----")
+
+
+@dataclass(frozen=True)
+class AgentAuth:
+    """How the mesh authenticates to an agent. The three secrets are input only (plaintext as the caller sent
+    them, "" when not sent); `secret_set` says whether one is stored, and a stored one is never read back here."""
+
+    kind: str = AUTH_NONE
+    api_key_header: str = ""
+    token_url: str = ""
+    client_id: str = ""
+    scopes: tuple[str, ...] = ()
+    audience: str = ""
+    token_endpoint_auth_method: str = ""
+    ca_pem: str = ""
+    api_key: str = field(default="", repr=False)
+    bearer_token: str = field(default="", repr=False)
+    client_secret: str = field(default="", repr=False)
+    secret_set: bool = False
+
+    @property
+    def secret(self) -> str:
+        """The secret sent for this kind ("" when none was sent or the kind has none)."""
+        name = AUTH_SECRET_FIELDS.get(self.kind)
+        return str(getattr(self, name)) if name else ""
+
+    @property
+    def needs_secret(self) -> bool:
+        return self.kind in AUTH_SECRET_FIELDS
+
+    def as_json(self) -> dict[str, Any]:
+        """The stored configuration: never a secret."""
+        return {
+            "kind": self.kind,
+            "api_key_header": self.api_key_header,
+            "token_url": self.token_url,
+            "client_id": self.client_id,
+            "scopes": list(self.scopes),
+            "audience": self.audience,
+            "token_endpoint_auth_method": self.token_endpoint_auth_method,
+            "ca_pem": self.ca_pem,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None, secret_set: bool) -> AgentAuth:
+        if not data:
+            return cls()
+        return cls(
+            kind=str(data.get("kind") or AUTH_NONE),
+            api_key_header=str(data.get("api_key_header", "")),
+            token_url=str(data.get("token_url", "")),
+            client_id=str(data.get("client_id", "")),
+            scopes=tuple(data.get("scopes") or ()),
+            audience=str(data.get("audience", "")),
+            token_endpoint_auth_method=str(data.get("token_endpoint_auth_method", "")),
+            ca_pem=str(data.get("ca_pem", "")),
+            secret_set=secret_set,
+        )
+
+    def without_secrets(self) -> AgentAuth:
+        return replace(self, api_key="", bearer_token="", client_secret="")
+
+    def keeps_secret_of(self, stored: AgentAuth) -> bool:
+        """Whether an update sending no secret may keep `stored`'s: same kind, and for OAuth the same token
+        endpoint and client (a stored client secret is never sent to an address it was not given for)."""
+        if not self.needs_secret or self.secret or not stored.secret_set or stored.kind != self.kind:
+            return False
+        if self.kind == AUTH_OAUTH2:
+            return (self.token_url, self.client_id) == (stored.token_url, stored.client_id)
+        return True
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def validate_auth(auth: AgentAuth, prefix: str = "agent.auth") -> AgentAuth:
+    """Checks an agent's AgentAuth (each field bounded, only the fields of its kind); returns it normalized."""
+    v = Violations()
+    _check_auth(v, auth, prefix)
+    v.raise_if_any()
+    return _normalized_auth(auth)
+
+
+def _normalized_auth(auth: AgentAuth) -> AgentAuth:
+    if auth.kind == AUTH_API_KEY and not auth.api_key_header:
+        auth = replace(auth, api_key_header=DEFAULT_API_KEY_HEADER)
+    if auth.kind == AUTH_OAUTH2 and not auth.token_endpoint_auth_method:
+        auth = replace(auth, token_endpoint_auth_method=TOKEN_AUTH_METHODS[0])
+    return replace(auth, scopes=tuple(dict.fromkeys(auth.scopes)))
+
+
+def _check_auth(v: Violations, auth: AgentAuth, prefix: str) -> None:
+    if auth.kind not in AUTH_KINDS:
+        v.add(f"{prefix}.kind", f"must be one of {', '.join(AUTH_KINDS)}")
+        return
+    # Fields set for a kind that does not use them are refused rather than silently stored.
+    used = AUTH_KIND_FIELDS[auth.kind]
+    for name in AUTH_FIELDS:
+        if getattr(auth, name) and name not in used:
+            v.add(f"{prefix}.{name}", f"is not used by kind {auth.kind}")
+    secret_field = AUTH_SECRET_FIELDS.get(auth.kind)
+    if secret_field is not None:
+        secret = auth.secret
+        if not secret and not auth.secret_set:
+            v.add(f"{prefix}.{secret_field}", f"is required for kind {auth.kind}")
+        elif secret and len(secret) > MAX_SECRET:
+            v.add(f"{prefix}.{secret_field}", f"must be at most {MAX_SECRET} characters (got {len(secret)})")
+        elif secret and not (VSCHAR if auth.kind == AUTH_OAUTH2 else HEADER_SECRET).fullmatch(secret):
+            what = "printable ASCII" if auth.kind == AUTH_OAUTH2 else "printable ASCII without spaces"
+            v.add(f"{prefix}.{secret_field}", f"must be {what}")
+    if auth.kind == AUTH_API_KEY and auth.api_key_header:
+        if not HEADER_NAME.fullmatch(auth.api_key_header):
+            v.add(f"{prefix}.api_key_header", "must be an HTTP header name of 1-64 characters")
+        elif auth.api_key_header.lower() in RESERVED_HEADERS or auth.api_key_header.lower().startswith("proxy-"):
+            v.add(f"{prefix}.api_key_header", f"must not be {auth.api_key_header!r}, which the HTTP client sets")
+    if auth.kind == AUTH_OAUTH2:
+        _check_token_url(v, f"{prefix}.token_url", auth.token_url)
+        if not auth.client_id:
+            v.add(f"{prefix}.client_id", "is required for kind oauth2_client_credentials")
+        elif len(auth.client_id) > MAX_CLIENT_ID or not VSCHAR.fullmatch(auth.client_id):
+            v.add(f"{prefix}.client_id", f"must be 1-{MAX_CLIENT_ID} printable ASCII characters")
+        if len(auth.scopes) > MAX_AUTH_SCOPES:
+            v.add(f"{prefix}.scopes", f"at most {MAX_AUTH_SCOPES} scopes")
+        for i, scope in enumerate(auth.scopes[:MAX_AUTH_SCOPES]):
+            check_pattern(v, f"{prefix}.scopes[{i}]", scope, SCOPE_TOKEN, "an RFC 6749 scope token")
+        check_text(v, f"{prefix}.audience", auth.audience, max_len=MAX_AUDIENCE)
+        method = auth.token_endpoint_auth_method
+        if method and method not in TOKEN_AUTH_METHODS:
+            v.add(f"{prefix}.token_endpoint_auth_method", f"must be one of {', '.join(TOKEN_AUTH_METHODS)}")
+    if auth.ca_pem:
+        _check_ca_pem(v, f"{prefix}.ca_pem", auth.ca_pem)
+
+
+def _check_token_url(v: Violations, path: str, url: str) -> None:
+    before = len(v.items)
+    check_url(v, path, url, ("http", "https"), required=True)
+    if len(v.items) > before:
+        return
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.username or parts.password:
+        v.add(path, "must not carry user info (the client id and secret have their own fields)")
+    elif parts.fragment:
+        v.add(path, "must not have a fragment")
+    elif parts.scheme == "http" and not _is_loopback(host):
+        # The client secret travels in this request: plain http only on this host.
+        v.add(path, "must be https (http only to a loopback address)")
+    else:
+        from agentvault.common import egress  # here: egress pulls in aiohttp, which plain validation does not need
+
+        reason = egress.refused_reason(host, block_private=False)
+        if reason:
+            v.add(path, reason)
+
+
+def _check_ca_pem(v: Violations, path: str, pem: str) -> None:
+    if len(pem) > MAX_CA_PEM:
+        v.add(path, f"must be at most {MAX_CA_PEM} characters (got {len(pem)})")
+        return
+    if not PEM_CERTIFICATE.search(pem) or _has_control(pem, allow_newlines=True):
+        v.add(path, "must be PEM certificates (-----BEGIN CERTIFICATE-----)")
+        return
+    from cryptography import x509  # here: only agents with a CA of their own need it
+
+    try:
+        x509.load_pem_x509_certificates(pem.encode())
+    except ValueError:
+        v.add(path, "must be PEM certificates that parse")
+
+
 @dataclass(frozen=True)
 class AgentSpec:
     """The writable part of an agent, as a caller sends it."""
@@ -91,10 +312,15 @@ class AgentSpec:
     tags: tuple[str, ...] = ()
     sharing: str = ""
     health_check_url: str = ""
+    auth: AgentAuth = field(default_factory=AgentAuth)
 
     def merged(self, other: AgentSpec, paths: list[str]) -> AgentSpec:
-        """This spec with the fields named in `paths` taken from `other`."""
-        return replace(self, **{p: getattr(other, p) for p in paths})
+        """This spec with the fields named in `paths` taken from `other`. A new `auth` that sends no secret keeps
+        the stored one when AgentAuth.keeps_secret_of allows it; otherwise it has none (and validation says so)."""
+        taken = {p: getattr(other, p) for p in paths}
+        if "auth" in taken:
+            taken["auth"] = replace(other.auth, secret_set=other.auth.keeps_secret_of(self.auth))
+        return replace(self, **taken)
 
 
 @dataclass(frozen=True)
@@ -222,9 +448,11 @@ def validate_spec(spec: AgentSpec, prefix: str = "agent") -> AgentSpec:
     if spec.sharing and spec.sharing not in SHARING:
         v.add(f"{prefix}.sharing", f"must be one of {', '.join(SHARING)}")
     check_url(v, f"{prefix}.health_check_url", spec.health_check_url, ("http", "https"), required=False)
+    _check_auth(v, spec.auth, f"{prefix}.auth")
     v.raise_if_any()
     return replace(
         spec,
+        auth=_normalized_auth(spec.auth),
         name=spec.name.strip(),
         tags=tuple(dict.fromkeys(spec.tags)),
         sharing=spec.sharing or "local",

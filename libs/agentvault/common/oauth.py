@@ -22,6 +22,7 @@ KNOWN_SCOPES = (
     principal.ADMIN_SCOPE,
     principal.AGENTS_READ,
     principal.AGENTS_WRITE,
+    principal.AGENTS_CONNECT,
     principal.FEDERATION_ADMIN,
     principal.FEDERATION_RESOLVE,
     principal.HEALTH_REPORT,

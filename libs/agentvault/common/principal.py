@@ -17,6 +17,8 @@ MAX_SCOPES = 64
 ADMIN_SCOPE = "admin"
 AGENTS_READ = "agents:read"
 AGENTS_WRITE = "agents:write"
+# Calling agents as the mesh: their auth configuration and (encrypted) secrets, through ResolveAgentAuth.
+AGENTS_CONNECT = "agents:connect"
 FEDERATION_ADMIN = "federation:admin"
 FEDERATION_RESOLVE = "federation:resolve"
 HEALTH_REPORT = "health:report"

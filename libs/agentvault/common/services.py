@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from agentvault.common.principal import AGENTS_READ, FEDERATION_RESOLVE, HEALTH_REPORT
+from agentvault.common.principal import AGENTS_CONNECT, AGENTS_READ, FEDERATION_RESOLVE, HEALTH_REPORT
 from agentvault.common.settings import Env, SettingsError
 
 GRPC = "grpc"  # probed with grpc.health.v1
@@ -112,9 +112,10 @@ SERVICES: tuple[ServiceSpec, ...] = (
         max_replicas=4,
         summary="checks peers and agents, reports to the registry; replicas share the work through PostgreSQL leases",
         # ResolvePeers (federation:resolve); ListAgents with has_health_check_url (agents:read); ReportPeerHealth,
-        # ReportAgentHealth and UpdatePeer of a learned protocol/grpc_endpoint only (health:report). GetCaller for
-        # its own callers goes out with their credential.
-        scopes=(AGENTS_READ, FEDERATION_RESOLVE, HEALTH_REPORT),
+        # ReportAgentHealth and UpdatePeer of a learned protocol/grpc_endpoint only (health:report); ResolveAgentAuth
+        # to authenticate its checks to agents (agents:connect). GetCaller for its own callers goes out with their
+        # credential.
+        scopes=(AGENTS_READ, AGENTS_CONNECT, FEDERATION_RESOLVE, HEALTH_REPORT),
     ),
     ServiceSpec(
         "edge",

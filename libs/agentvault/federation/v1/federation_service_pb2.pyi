@@ -125,6 +125,7 @@ class Peer(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     CONSECUTIVE_FAILURES_FIELD_NUMBER: _builtins.int
     IS_DOWN_FIELD_NUMBER: _builtins.int
+    INVITATION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned UUID."""
     name: _builtins.str
@@ -149,6 +150,10 @@ class Peer(_message.Message):
     """Consecutive failed health checks."""
     is_down: _builtins.bool
     """True once consecutive failures reach FEDERATION_UNHEALTHY_THRESHOLD, until a success."""
+    invitation: _builtins.str
+    """On create only: an invitation code (avi_...) the peer mesh issued, instead of api_key. The tokens of both
+    directions are then agreed with the peer; registry_url may be omitted (the code names it).
+    """
     @_builtins.property
     def last_sync(self) -> _timestamp_pb2.Timestamp:
         """When results were last fetched from the peer."""
@@ -189,10 +194,11 @@ class Peer(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         consecutive_failures: _builtins.int = ...,
         is_down: _builtins.bool = ...,
+        invitation: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_is_active", b"_is_active", "create_time", b"create_time", "is_active", b"is_active", "last_health_check", b"last_health_check", "last_sync", b"last_sync", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_is_active", b"_is_active", "agent_count", b"agent_count", "api_key", b"api_key", "consecutive_failures", b"consecutive_failures", "create_time", b"create_time", "grpc_endpoint", b"grpc_endpoint", "health_status", b"health_status", "id", b"id", "is_active", b"is_active", "is_down", b"is_down", "last_health_check", b"last_health_check", "last_sync", b"last_sync", "metadata", b"metadata", "name", b"name", "protocol", b"protocol", "registry_url", b"registry_url", "require_mtls", b"require_mtls", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_is_active", b"_is_active", "agent_count", b"agent_count", "api_key", b"api_key", "consecutive_failures", b"consecutive_failures", "create_time", b"create_time", "grpc_endpoint", b"grpc_endpoint", "health_status", b"health_status", "id", b"id", "invitation", b"invitation", "is_active", b"is_active", "is_down", b"is_down", "last_health_check", b"last_health_check", "last_sync", b"last_sync", "metadata", b"metadata", "name", b"name", "protocol", b"protocol", "registry_url", b"registry_url", "require_mtls", b"require_mtls", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__is_active: _TypeAlias = _typing.Literal["is_active"]  # noqa: Y015
     _WhichOneofArgType__is_active: _TypeAlias = _typing.Literal["_is_active", b"_is_active"]  # noqa: Y015
@@ -806,3 +812,261 @@ class FederationInfo(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FederationInfo: _TypeAlias = FederationInfo  # noqa: Y015
+
+@_typing.final
+class FederationInvitation(_message.Message):
+    """FederationInvitation is a one-time invitation issued to a peer mesh, without its code."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    REDEEM_TIME_FIELD_NUMBER: _builtins.int
+    REDEEMED_BY_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Server-assigned UUID."""
+    name: _builtins.str
+    """Name of the peer mesh it is meant for; the credential and peer created on redemption carry it."""
+    redeemed_by: _builtins.str
+    """The registry URL the redeeming mesh gave."""
+    credential_id: _builtins.str
+    """The federation credential created for the redeeming mesh."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was created."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When it stops being redeemable."""
+
+    @_builtins.property
+    def redeem_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was redeemed; unset until then."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        redeem_time: _timestamp_pb2.Timestamp | None = ...,
+        redeemed_by: _builtins.str = ...,
+        credential_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "redeem_time", b"redeem_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "credential_id", b"credential_id", "expire_time", b"expire_time", "id", b"id", "name", b"name", "redeem_time", b"redeem_time", "redeemed_by", b"redeemed_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FederationInvitation: _TypeAlias = FederationInvitation  # noqa: Y015
+
+@_typing.final
+class CreateFederationInvitationRequest(_message.Message):
+    """CreateFederationInvitationRequest names the peer mesh."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Name of the peer mesh: 1-128 letters, digits and ._-@ and spaces."""
+    ttl_seconds: _builtins.int
+    """How long the code may be redeemed, in seconds: default 3600, at most 604800 (7 days)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        ttl_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateFederationInvitationRequest: _TypeAlias = CreateFederationInvitationRequest  # noqa: Y015
+
+@_typing.final
+class CreateFederationInvitationResponse(_message.Message):
+    """CreateFederationInvitationResponse returns the code once."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INVITATION_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    """The code to give the peer's admin (avi_...); single use, never shown again. It holds a one-time secret and a
+    public key, never a token.
+    """
+    @_builtins.property
+    def invitation(self) -> Global___FederationInvitation:
+        """The invitation's metadata."""
+
+    def __init__(
+        self,
+        *,
+        invitation: Global___FederationInvitation | None = ...,
+        code: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["invitation", b"invitation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "invitation", b"invitation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateFederationInvitationResponse: _TypeAlias = CreateFederationInvitationResponse  # noqa: Y015
+
+@_typing.final
+class ListFederationInvitationsRequest(_message.Message):
+    """ListFederationInvitationsRequest pages through invitations."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Maximum results per page: default 50, maximum 500."""
+    page_token: _builtins.str
+    """Token from a previous response."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListFederationInvitationsRequest: _TypeAlias = ListFederationInvitationsRequest  # noqa: Y015
+
+@_typing.final
+class ListFederationInvitationsResponse(_message.Message):
+    """ListFederationInvitationsResponse is one page of invitations."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INVITATIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def invitations(self) -> _containers.RepeatedCompositeFieldContainer[Global___FederationInvitation]:
+        """Invitations, newest first."""
+
+    def __init__(
+        self,
+        *,
+        invitations: _abc.Iterable[Global___FederationInvitation] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["invitations", b"invitations", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListFederationInvitationsResponse: _TypeAlias = ListFederationInvitationsResponse  # noqa: Y015
+
+@_typing.final
+class DeleteFederationInvitationRequest(_message.Message):
+    """DeleteFederationInvitationRequest names an invitation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The invitation's UUID."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteFederationInvitationRequest: _TypeAlias = DeleteFederationInvitationRequest  # noqa: Y015
+
+@_typing.final
+class RedeemFederationInvitationRequest(_message.Message):
+    """RedeemFederationInvitationRequest is the invited mesh's half of the handshake."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INVITATION_ID_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    REGISTRY_URL_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_ID_FIELD_NUMBER: _builtins.int
+    PROOF_FIELD_NUMBER: _builtins.int
+    invitation_id: _builtins.str
+    """The invitation's UUID, from its code."""
+    public_key: _builtins.bytes
+    """The invited mesh's ephemeral X25519 public key (32 bytes)."""
+    registry_url: _builtins.str
+    """The invited mesh's public base URL; when set, the inviting mesh adds it as a peer (both directions work)."""
+    credential_id: _builtins.str
+    """Id of the credential the invited mesh creates for the inviting one (16 hexadecimal characters)."""
+    proof: _builtins.bytes
+    """HMAC-SHA256 of the handshake transcript keyed with the invitation's one-time secret (32 bytes)."""
+    def __init__(
+        self,
+        *,
+        invitation_id: _builtins.str = ...,
+        public_key: _builtins.bytes = ...,
+        registry_url: _builtins.str = ...,
+        credential_id: _builtins.str = ...,
+        proof: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credential_id", b"credential_id", "invitation_id", b"invitation_id", "proof", b"proof", "public_key", b"public_key", "registry_url", b"registry_url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedeemFederationInvitationRequest: _TypeAlias = RedeemFederationInvitationRequest  # noqa: Y015
+
+@_typing.final
+class RedeemFederationInvitationResponse(_message.Message):
+    """RedeemFederationInvitationResponse completes the handshake."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREDENTIAL_ID_FIELD_NUMBER: _builtins.int
+    CONFIRMATION_FIELD_NUMBER: _builtins.int
+    REGISTRY_NAME_FIELD_NUMBER: _builtins.int
+    PEER_CREATED_FIELD_NUMBER: _builtins.int
+    credential_id: _builtins.str
+    """Id of the credential the inviting mesh created for the invited one (16 hexadecimal characters)."""
+    confirmation: _builtins.bytes
+    """Key confirmation: HMAC-SHA256 of the transcript and credential_id keyed with the derived key of the
+    inviting mesh's own token (32 bytes).
+    """
+    registry_name: _builtins.str
+    """The inviting mesh's name (FEDERATION_REGISTRY_NAME)."""
+    peer_created: _builtins.bool
+    """Whether the inviting mesh added the invited one as a peer."""
+    def __init__(
+        self,
+        *,
+        credential_id: _builtins.str = ...,
+        confirmation: _builtins.bytes = ...,
+        registry_name: _builtins.str = ...,
+        peer_created: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirmation", b"confirmation", "credential_id", b"credential_id", "peer_created", b"peer_created", "registry_name", b"registry_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedeemFederationInvitationResponse: _TypeAlias = RedeemFederationInvitationResponse  # noqa: Y015

@@ -87,6 +87,21 @@ class PeerServiceStub:
                 request_serializer=agentvault_dot_federation_dot_v1_dot_federation__service__pb2.RevokeFederationCredentialRequest.SerializeToString,
                 response_deserializer=agentvault_dot_federation_dot_v1_dot_federation__service__pb2.FederationCredential.FromString,
                 _registered_method=True)
+        self.CreateFederationInvitation = channel.unary_unary(
+                '/agentvault.federation.v1.PeerService/CreateFederationInvitation',
+                request_serializer=agentvault_dot_federation_dot_v1_dot_federation__service__pb2.CreateFederationInvitationRequest.SerializeToString,
+                response_deserializer=agentvault_dot_federation_dot_v1_dot_federation__service__pb2.CreateFederationInvitationResponse.FromString,
+                _registered_method=True)
+        self.ListFederationInvitations = channel.unary_unary(
+                '/agentvault.federation.v1.PeerService/ListFederationInvitations',
+                request_serializer=agentvault_dot_federation_dot_v1_dot_federation__service__pb2.ListFederationInvitationsRequest.SerializeToString,
+                response_deserializer=agentvault_dot_federation_dot_v1_dot_federation__service__pb2.ListFederationInvitationsResponse.FromString,
+                _registered_method=True)
+        self.DeleteFederationInvitation = channel.unary_unary(
+                '/agentvault.federation.v1.PeerService/DeleteFederationInvitation',
+                request_serializer=agentvault_dot_federation_dot_v1_dot_federation__service__pb2.DeleteFederationInvitationRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
 
 
 class PeerServiceServicer:
@@ -166,6 +181,29 @@ class PeerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateFederationInvitation(self, request, context):
+        """CreateFederationInvitation creates a one-time invitation for a named peer mesh. Its code is shown once: the
+        peer's admin redeems it with CreatePeer, and both directions' tokens are derived by key agreement (X25519 +
+        HKDF-SHA256) on each side, so no token ever travels.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFederationInvitations(self, request, context):
+        """ListFederationInvitations lists invitations without their codes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteFederationInvitation(self, request, context):
+        """DeleteFederationInvitation revokes an invitation: its code can no longer be redeemed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -218,6 +256,21 @@ def add_PeerServiceServicer_to_server(servicer, server):
                     servicer.RevokeFederationCredential,
                     request_deserializer=agentvault_dot_federation_dot_v1_dot_federation__service__pb2.RevokeFederationCredentialRequest.FromString,
                     response_serializer=agentvault_dot_federation_dot_v1_dot_federation__service__pb2.FederationCredential.SerializeToString,
+            ),
+            'CreateFederationInvitation': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateFederationInvitation,
+                    request_deserializer=agentvault_dot_federation_dot_v1_dot_federation__service__pb2.CreateFederationInvitationRequest.FromString,
+                    response_serializer=agentvault_dot_federation_dot_v1_dot_federation__service__pb2.CreateFederationInvitationResponse.SerializeToString,
+            ),
+            'ListFederationInvitations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFederationInvitations,
+                    request_deserializer=agentvault_dot_federation_dot_v1_dot_federation__service__pb2.ListFederationInvitationsRequest.FromString,
+                    response_serializer=agentvault_dot_federation_dot_v1_dot_federation__service__pb2.ListFederationInvitationsResponse.SerializeToString,
+            ),
+            'DeleteFederationInvitation': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteFederationInvitation,
+                    request_deserializer=agentvault_dot_federation_dot_v1_dot_federation__service__pb2.DeleteFederationInvitationRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -502,6 +555,87 @@ class PeerService:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def CreateFederationInvitation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentvault.federation.v1.PeerService/CreateFederationInvitation',
+            agentvault_dot_federation_dot_v1_dot_federation__service__pb2.CreateFederationInvitationRequest.SerializeToString,
+            agentvault_dot_federation_dot_v1_dot_federation__service__pb2.CreateFederationInvitationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFederationInvitations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentvault.federation.v1.PeerService/ListFederationInvitations',
+            agentvault_dot_federation_dot_v1_dot_federation__service__pb2.ListFederationInvitationsRequest.SerializeToString,
+            agentvault_dot_federation_dot_v1_dot_federation__service__pb2.ListFederationInvitationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteFederationInvitation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentvault.federation.v1.PeerService/DeleteFederationInvitation',
+            agentvault_dot_federation_dot_v1_dot_federation__service__pb2.DeleteFederationInvitationRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class FederationServiceStub:
     """FederationService is what peer meshes call. Requests carry a federation token and an HMAC signature.
@@ -527,6 +661,11 @@ class FederationServiceStub:
                 '/agentvault.federation.v1.FederationService/GetFederationInfo',
                 request_serializer=agentvault_dot_federation_dot_v1_dot_federation__service__pb2.GetFederationInfoRequest.SerializeToString,
                 response_deserializer=agentvault_dot_federation_dot_v1_dot_federation__service__pb2.FederationInfo.FromString,
+                _registered_method=True)
+        self.RedeemFederationInvitation = channel.unary_unary(
+                '/agentvault.federation.v1.FederationService/RedeemFederationInvitation',
+                request_serializer=agentvault_dot_federation_dot_v1_dot_federation__service__pb2.RedeemFederationInvitationRequest.SerializeToString,
+                response_deserializer=agentvault_dot_federation_dot_v1_dot_federation__service__pb2.RedeemFederationInvitationResponse.FromString,
                 _registered_method=True)
 
 
@@ -556,6 +695,15 @@ class FederationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RedeemFederationInvitation(self, request, context):
+        """RedeemFederationInvitation is the inviting mesh's half of the invitation handshake, called by the invited
+        mesh's registry. Needs no credential: the proof (an HMAC keyed with the invitation's one-time secret) is the
+        authentication. Rate-limited per caller.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -573,6 +721,11 @@ def add_FederationServiceServicer_to_server(servicer, server):
                     servicer.GetFederationInfo,
                     request_deserializer=agentvault_dot_federation_dot_v1_dot_federation__service__pb2.GetFederationInfoRequest.FromString,
                     response_serializer=agentvault_dot_federation_dot_v1_dot_federation__service__pb2.FederationInfo.SerializeToString,
+            ),
+            'RedeemFederationInvitation': grpc.unary_unary_rpc_method_handler(
+                    servicer.RedeemFederationInvitation,
+                    request_deserializer=agentvault_dot_federation_dot_v1_dot_federation__service__pb2.RedeemFederationInvitationRequest.FromString,
+                    response_serializer=agentvault_dot_federation_dot_v1_dot_federation__service__pb2.RedeemFederationInvitationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -657,6 +810,33 @@ class FederationService:
             '/agentvault.federation.v1.FederationService/GetFederationInfo',
             agentvault_dot_federation_dot_v1_dot_federation__service__pb2.GetFederationInfoRequest.SerializeToString,
             agentvault_dot_federation_dot_v1_dot_federation__service__pb2.FederationInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RedeemFederationInvitation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentvault.federation.v1.FederationService/RedeemFederationInvitation',
+            agentvault_dot_federation_dot_v1_dot_federation__service__pb2.RedeemFederationInvitationRequest.SerializeToString,
+            agentvault_dot_federation_dot_v1_dot_federation__service__pb2.RedeemFederationInvitationResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -59,6 +59,15 @@ class PeerServiceStub:
     """ListFederationCredentials lists issued federation credentials without their tokens."""
     RevokeFederationCredential: _grpc.UnaryUnaryMultiCallable[_federation_service_pb2.RevokeFederationCredentialRequest, _federation_service_pb2.FederationCredential]
     """RevokeFederationCredential revokes a federation credential at once."""
+    CreateFederationInvitation: _grpc.UnaryUnaryMultiCallable[_federation_service_pb2.CreateFederationInvitationRequest, _federation_service_pb2.CreateFederationInvitationResponse]
+    """CreateFederationInvitation creates a one-time invitation for a named peer mesh. Its code is shown once: the
+    peer's admin redeems it with CreatePeer, and both directions' tokens are derived by key agreement (X25519 +
+    HKDF-SHA256) on each side, so no token ever travels.
+    """
+    ListFederationInvitations: _grpc.UnaryUnaryMultiCallable[_federation_service_pb2.ListFederationInvitationsRequest, _federation_service_pb2.ListFederationInvitationsResponse]
+    """ListFederationInvitations lists invitations without their codes."""
+    DeleteFederationInvitation: _grpc.UnaryUnaryMultiCallable[_federation_service_pb2.DeleteFederationInvitationRequest, _empty_pb2.Empty]
+    """DeleteFederationInvitation revokes an invitation: its code can no longer be redeemed."""
 
 @_typing.type_check_only
 class PeerServiceAsyncStub(PeerServiceStub):
@@ -90,6 +99,15 @@ class PeerServiceAsyncStub(PeerServiceStub):
     """ListFederationCredentials lists issued federation credentials without their tokens."""
     RevokeFederationCredential: _aio.UnaryUnaryMultiCallable[_federation_service_pb2.RevokeFederationCredentialRequest, _federation_service_pb2.FederationCredential]  # type: ignore[assignment]
     """RevokeFederationCredential revokes a federation credential at once."""
+    CreateFederationInvitation: _aio.UnaryUnaryMultiCallable[_federation_service_pb2.CreateFederationInvitationRequest, _federation_service_pb2.CreateFederationInvitationResponse]  # type: ignore[assignment]
+    """CreateFederationInvitation creates a one-time invitation for a named peer mesh. Its code is shown once: the
+    peer's admin redeems it with CreatePeer, and both directions' tokens are derived by key agreement (X25519 +
+    HKDF-SHA256) on each side, so no token ever travels.
+    """
+    ListFederationInvitations: _aio.UnaryUnaryMultiCallable[_federation_service_pb2.ListFederationInvitationsRequest, _federation_service_pb2.ListFederationInvitationsResponse]  # type: ignore[assignment]
+    """ListFederationInvitations lists invitations without their codes."""
+    DeleteFederationInvitation: _aio.UnaryUnaryMultiCallable[_federation_service_pb2.DeleteFederationInvitationRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    """DeleteFederationInvitation revokes an invitation: its code can no longer be redeemed."""
 
 class PeerServiceServicer(metaclass=_abc_1.ABCMeta):
     """PeerService manages this mesh's federation peers and the credentials other meshes use to call it.
@@ -179,6 +197,33 @@ class PeerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_federation_service_pb2.FederationCredential, _abc.Awaitable[_federation_service_pb2.FederationCredential]]:
         """RevokeFederationCredential revokes a federation credential at once."""
 
+    @_abc_1.abstractmethod
+    def CreateFederationInvitation(
+        self,
+        request: _federation_service_pb2.CreateFederationInvitationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_federation_service_pb2.CreateFederationInvitationResponse, _abc.Awaitable[_federation_service_pb2.CreateFederationInvitationResponse]]:
+        """CreateFederationInvitation creates a one-time invitation for a named peer mesh. Its code is shown once: the
+        peer's admin redeems it with CreatePeer, and both directions' tokens are derived by key agreement (X25519 +
+        HKDF-SHA256) on each side, so no token ever travels.
+        """
+
+    @_abc_1.abstractmethod
+    def ListFederationInvitations(
+        self,
+        request: _federation_service_pb2.ListFederationInvitationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_federation_service_pb2.ListFederationInvitationsResponse, _abc.Awaitable[_federation_service_pb2.ListFederationInvitationsResponse]]:
+        """ListFederationInvitations lists invitations without their codes."""
+
+    @_abc_1.abstractmethod
+    def DeleteFederationInvitation(
+        self,
+        request: _federation_service_pb2.DeleteFederationInvitationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
+        """DeleteFederationInvitation revokes an invitation: its code can no longer be redeemed."""
+
 def add_PeerServiceServicer_to_server(servicer: PeerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class FederationServiceStub:
@@ -196,6 +241,11 @@ class FederationServiceStub:
     """
     GetFederationInfo: _grpc.UnaryUnaryMultiCallable[_federation_service_pb2.GetFederationInfoRequest, _federation_service_pb2.FederationInfo]
     """GetFederationInfo is the discovery document that tells a peer how to reach this mesh. Public."""
+    RedeemFederationInvitation: _grpc.UnaryUnaryMultiCallable[_federation_service_pb2.RedeemFederationInvitationRequest, _federation_service_pb2.RedeemFederationInvitationResponse]
+    """RedeemFederationInvitation is the inviting mesh's half of the invitation handshake, called by the invited
+    mesh's registry. Needs no credential: the proof (an HMAC keyed with the invitation's one-time secret) is the
+    authentication. Rate-limited per caller.
+    """
 
 @_typing.type_check_only
 class FederationServiceAsyncStub(FederationServiceStub):
@@ -210,6 +260,11 @@ class FederationServiceAsyncStub(FederationServiceStub):
     """
     GetFederationInfo: _aio.UnaryUnaryMultiCallable[_federation_service_pb2.GetFederationInfoRequest, _federation_service_pb2.FederationInfo]  # type: ignore[assignment]
     """GetFederationInfo is the discovery document that tells a peer how to reach this mesh. Public."""
+    RedeemFederationInvitation: _aio.UnaryUnaryMultiCallable[_federation_service_pb2.RedeemFederationInvitationRequest, _federation_service_pb2.RedeemFederationInvitationResponse]  # type: ignore[assignment]
+    """RedeemFederationInvitation is the inviting mesh's half of the invitation handshake, called by the invited
+    mesh's registry. Needs no credential: the proof (an HMAC keyed with the invitation's one-time secret) is the
+    authentication. Rate-limited per caller.
+    """
 
 class FederationServiceServicer(metaclass=_abc_1.ABCMeta):
     """FederationService is what peer meshes call. Requests carry a federation token and an HMAC signature."""
@@ -239,5 +294,16 @@ class FederationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_federation_service_pb2.FederationInfo, _abc.Awaitable[_federation_service_pb2.FederationInfo]]:
         """GetFederationInfo is the discovery document that tells a peer how to reach this mesh. Public."""
+
+    @_abc_1.abstractmethod
+    def RedeemFederationInvitation(
+        self,
+        request: _federation_service_pb2.RedeemFederationInvitationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_federation_service_pb2.RedeemFederationInvitationResponse, _abc.Awaitable[_federation_service_pb2.RedeemFederationInvitationResponse]]:
+        """RedeemFederationInvitation is the inviting mesh's half of the invitation handshake, called by the invited
+        mesh's registry. Needs no credential: the proof (an HMAC keyed with the invitation's one-time secret) is the
+        authentication. Rate-limited per caller.
+        """
 
 def add_FederationServiceServicer_to_server(servicer: FederationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -169,6 +169,114 @@ ROLE_ADMIN: Role.ValueType  # 2
 """May do everything, including managing credentials and any agent."""
 Global___Role: _TypeAlias = Role  # noqa: Y015
 
+class _AgentAuthKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AgentAuthKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AgentAuthKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AGENT_AUTH_KIND_UNSPECIFIED: _AgentAuthKind.ValueType  # 0
+    """Not set; the same as AGENT_AUTH_KIND_NONE."""
+    AGENT_AUTH_KIND_NONE: _AgentAuthKind.ValueType  # 1
+    """No credential."""
+    AGENT_AUTH_KIND_API_KEY: _AgentAuthKind.ValueType  # 2
+    """A static API key in a header (api_key_header, default X-API-Key)."""
+    AGENT_AUTH_KIND_BEARER: _AgentAuthKind.ValueType  # 3
+    """A static bearer token: Authorization: Bearer <bearer_token>."""
+    AGENT_AUTH_KIND_OAUTH2_CLIENT_CREDENTIALS: _AgentAuthKind.ValueType  # 4
+    """An access token from the agent's OAuth 2.0 token endpoint (client credentials grant), cached and refreshed."""
+    AGENT_AUTH_KIND_MTLS: _AgentAuthKind.ValueType  # 5
+    """Mutual TLS: the mesh presents its client certificate (FEDERATION_TLS_CERT/KEY) to the agent's https endpoint."""
+
+class AgentAuthKind(_AgentAuthKind, metaclass=_AgentAuthKindEnumTypeWrapper):
+    """AgentAuthKind is how the mesh authenticates when it calls an agent."""
+
+AGENT_AUTH_KIND_UNSPECIFIED: AgentAuthKind.ValueType  # 0
+"""Not set; the same as AGENT_AUTH_KIND_NONE."""
+AGENT_AUTH_KIND_NONE: AgentAuthKind.ValueType  # 1
+"""No credential."""
+AGENT_AUTH_KIND_API_KEY: AgentAuthKind.ValueType  # 2
+"""A static API key in a header (api_key_header, default X-API-Key)."""
+AGENT_AUTH_KIND_BEARER: AgentAuthKind.ValueType  # 3
+"""A static bearer token: Authorization: Bearer <bearer_token>."""
+AGENT_AUTH_KIND_OAUTH2_CLIENT_CREDENTIALS: AgentAuthKind.ValueType  # 4
+"""An access token from the agent's OAuth 2.0 token endpoint (client credentials grant), cached and refreshed."""
+AGENT_AUTH_KIND_MTLS: AgentAuthKind.ValueType  # 5
+"""Mutual TLS: the mesh presents its client certificate (FEDERATION_TLS_CERT/KEY) to the agent's https endpoint."""
+Global___AgentAuthKind: _TypeAlias = AgentAuthKind  # noqa: Y015
+
+@_typing.final
+class AgentAuth(_message.Message):
+    """AgentAuth says how the mesh authenticates when it calls the agent. Secrets are write-only: stored encrypted,
+    never returned (secret_set tells whether one is stored). Only the agent's owner and admins see this.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    API_KEY_HEADER_FIELD_NUMBER: _builtins.int
+    API_KEY_FIELD_NUMBER: _builtins.int
+    BEARER_TOKEN_FIELD_NUMBER: _builtins.int
+    TOKEN_URL_FIELD_NUMBER: _builtins.int
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    CLIENT_SECRET_FIELD_NUMBER: _builtins.int
+    SCOPES_FIELD_NUMBER: _builtins.int
+    AUDIENCE_FIELD_NUMBER: _builtins.int
+    TOKEN_ENDPOINT_AUTH_METHOD_FIELD_NUMBER: _builtins.int
+    CA_PEM_FIELD_NUMBER: _builtins.int
+    SECRET_SET_FIELD_NUMBER: _builtins.int
+    kind: Global___AgentAuthKind.ValueType
+    """How the mesh authenticates; unset means none."""
+    api_key_header: _builtins.str
+    """API_KEY: the header carrying the key, an HTTP header name of at most 64 characters; default X-API-Key."""
+    api_key: _builtins.str
+    """API_KEY: the key, printable ASCII without spaces, at most 4096 characters. Write-only."""
+    bearer_token: _builtins.str
+    """BEARER: the token, printable ASCII without spaces, at most 4096 characters. Write-only."""
+    token_url: _builtins.str
+    """OAUTH2_CLIENT_CREDENTIALS: the token endpoint, an https URL (http only where private agent URLs are allowed)."""
+    client_id: _builtins.str
+    """OAUTH2_CLIENT_CREDENTIALS: the mesh's client id at that endpoint, printable, at most 256 characters."""
+    client_secret: _builtins.str
+    """OAUTH2_CLIENT_CREDENTIALS: the client secret, printable ASCII, at most 4096 characters. Write-only."""
+    audience: _builtins.str
+    """OAUTH2_CLIENT_CREDENTIALS: the audience parameter to send, if the endpoint wants one (at most 2048)."""
+    token_endpoint_auth_method: _builtins.str
+    """OAUTH2_CLIENT_CREDENTIALS: client_secret_basic (default) or client_secret_post."""
+    ca_pem: _builtins.str
+    """Optional PEM certificates the agent's TLS server certificate must chain to, when not a public CA's
+    (at most 16 KiB); with MTLS the mesh's own CA (FEDERATION_TLS_CA) is trusted too.
+    """
+    secret_set: _builtins.bool
+    """Whether a secret (api_key, bearer_token or client_secret) is stored."""
+    @_builtins.property
+    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """OAUTH2_CLIENT_CREDENTIALS: scopes to request (RFC 6749 scope tokens, at most 64)."""
+
+    def __init__(
+        self,
+        *,
+        kind: Global___AgentAuthKind.ValueType = ...,
+        api_key_header: _builtins.str = ...,
+        api_key: _builtins.str = ...,
+        bearer_token: _builtins.str = ...,
+        token_url: _builtins.str = ...,
+        client_id: _builtins.str = ...,
+        client_secret: _builtins.str = ...,
+        scopes: _abc.Iterable[_builtins.str] | None = ...,
+        audience: _builtins.str = ...,
+        token_endpoint_auth_method: _builtins.str = ...,
+        ca_pem: _builtins.str = ...,
+        secret_set: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "api_key_header", b"api_key_header", "audience", b"audience", "bearer_token", b"bearer_token", "ca_pem", b"ca_pem", "client_id", b"client_id", "client_secret", b"client_secret", "kind", b"kind", "scopes", b"scopes", "secret_set", b"secret_set", "token_endpoint_auth_method", b"token_endpoint_auth_method", "token_url", b"token_url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentAuth: _TypeAlias = AgentAuth  # noqa: Y015
+
 @_typing.final
 class Capability(_message.Message):
     """Capability is one tool, skill or model an agent offers, with its semantic version."""
@@ -250,6 +358,7 @@ class Agent(_message.Message):
     HEALTH_STATUS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    AUTH_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned UUID."""
     did: _builtins.str
@@ -292,6 +401,12 @@ class Agent(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When the agent was last changed."""
 
+    @_builtins.property
+    def auth(self) -> Global___AgentAuth:
+        """How the mesh authenticates when it calls the agent; absent means none. Shown only to the owner and admins,
+        never to peers, and never with its secret.
+        """
+
     def __init__(
         self,
         *,
@@ -310,10 +425,11 @@ class Agent(_message.Message):
         health_status: Global___HealthStatus.ValueType = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        auth: Global___AgentAuth | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_type", b"agent_type", "capabilities", b"capabilities", "create_time", b"create_time", "description", b"description", "did", b"did", "endpoints", b"endpoints", "health_check_url", b"health_check_url", "health_status", b"health_status", "id", b"id", "name", b"name", "owner", b"owner", "sharing", b"sharing", "tags", b"tags", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_type", b"agent_type", "auth", b"auth", "capabilities", b"capabilities", "create_time", b"create_time", "description", b"description", "did", b"did", "endpoints", b"endpoints", "health_check_url", b"health_check_url", "health_status", b"health_status", "id", b"id", "name", b"name", "owner", b"owner", "sharing", b"sharing", "tags", b"tags", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -579,6 +695,62 @@ class ReportAgentHealthRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportAgentHealthRequest: _TypeAlias = ReportAgentHealthRequest  # noqa: Y015
+
+@_typing.final
+class ResolveAgentAuthRequest(_message.Message):
+    """ResolveAgentAuthRequest names the agent whose credentials a mesh service needs to call it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    """The agent's UUID."""
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveAgentAuthRequest: _TypeAlias = ResolveAgentAuthRequest  # noqa: Y015
+
+@_typing.final
+class ResolvedAgentAuth(_message.Message):
+    """ResolvedAgentAuth is an agent's AgentAuth with its secret, encrypted with FEDERATION_ENCRYPTION_KEYS."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUTH_FIELD_NUMBER: _builtins.int
+    ENCRYPTED_SECRET_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    encrypted_secret: _builtins.str
+    """The secret (api key, bearer token or client secret), Fernet-encrypted; empty when none is stored."""
+    @_builtins.property
+    def auth(self) -> Global___AgentAuth:
+        """The configuration, without secrets."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the agent was last changed: a cached resolution is good while this stays the same."""
+
+    def __init__(
+        self,
+        *,
+        auth: Global___AgentAuth | None = ...,
+        encrypted_secret: _builtins.str = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "encrypted_secret", b"encrypted_secret", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolvedAgentAuth: _TypeAlias = ResolvedAgentAuth  # noqa: Y015
 
 @_typing.final
 class GetCallerRequest(_message.Message):

@@ -71,6 +71,11 @@ class RegistryServiceStub:
                 request_serializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.ReportAgentHealthRequest.SerializeToString,
                 response_deserializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.Agent.FromString,
                 _registered_method=True)
+        self.ResolveAgentAuth = channel.unary_unary(
+                '/agentvault.registry.v1.RegistryService/ResolveAgentAuth',
+                request_serializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.ResolveAgentAuthRequest.SerializeToString,
+                response_deserializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.ResolvedAgentAuth.FromString,
+                _registered_method=True)
         self.GetCaller = channel.unary_unary(
                 '/agentvault.registry.v1.RegistryService/GetCaller',
                 request_serializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.GetCallerRequest.SerializeToString,
@@ -148,6 +153,15 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResolveAgentAuth(self, request, context):
+        """ResolveAgentAuth returns how the mesh authenticates to an agent, with the agent's secret still encrypted
+        (only services holding FEDERATION_ENCRYPTION_KEYS can read it). Needs the agents:connect scope.
+        Internal: no HTTP route.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetCaller(self, request, context):
         """GetCaller returns who the presented credential belongs to; other services use it to authorize.
         """
@@ -213,6 +227,11 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.ReportAgentHealth,
                     request_deserializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.ReportAgentHealthRequest.FromString,
                     response_serializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.Agent.SerializeToString,
+            ),
+            'ResolveAgentAuth': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveAgentAuth,
+                    request_deserializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.ResolveAgentAuthRequest.FromString,
+                    response_serializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.ResolvedAgentAuth.SerializeToString,
             ),
             'GetCaller': grpc.unary_unary_rpc_method_handler(
                     servicer.GetCaller,
@@ -425,6 +444,33 @@ class RegistryService:
             '/agentvault.registry.v1.RegistryService/ReportAgentHealth',
             agentvault_dot_registry_dot_v1_dot_registry__service__pb2.ReportAgentHealthRequest.SerializeToString,
             agentvault_dot_registry_dot_v1_dot_registry__service__pb2.Agent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveAgentAuth(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentvault.registry.v1.RegistryService/ResolveAgentAuth',
+            agentvault_dot_registry_dot_v1_dot_registry__service__pb2.ResolveAgentAuthRequest.SerializeToString,
+            agentvault_dot_registry_dot_v1_dot_registry__service__pb2.ResolvedAgentAuth.FromString,
             options,
             channel_credentials,
             insecure,

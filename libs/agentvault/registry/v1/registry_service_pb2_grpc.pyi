@@ -52,6 +52,11 @@ class RegistryServiceStub:
     """ReportAgentHealth records the latest health check of an agent; the health monitor calls it. Admin only.
     Internal: no HTTP route.
     """
+    ResolveAgentAuth: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ResolveAgentAuthRequest, _registry_service_pb2.ResolvedAgentAuth]
+    """ResolveAgentAuth returns how the mesh authenticates to an agent, with the agent's secret still encrypted
+    (only services holding FEDERATION_ENCRYPTION_KEYS can read it). Needs the agents:connect scope.
+    Internal: no HTTP route.
+    """
     GetCaller: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.GetCallerRequest, _registry_service_pb2.Caller]
     """GetCaller returns who the presented credential belongs to; other services use it to authorize."""
     CreateApiKey: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.CreateApiKeyRequest, _registry_service_pb2.CreateApiKeyResponse]
@@ -82,6 +87,11 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     """
     ReportAgentHealth: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ReportAgentHealthRequest, _registry_service_pb2.Agent]  # type: ignore[assignment]
     """ReportAgentHealth records the latest health check of an agent; the health monitor calls it. Admin only.
+    Internal: no HTTP route.
+    """
+    ResolveAgentAuth: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ResolveAgentAuthRequest, _registry_service_pb2.ResolvedAgentAuth]  # type: ignore[assignment]
+    """ResolveAgentAuth returns how the mesh authenticates to an agent, with the agent's secret still encrypted
+    (only services holding FEDERATION_ENCRYPTION_KEYS can read it). Needs the agents:connect scope.
     Internal: no HTTP route.
     """
     GetCaller: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.GetCallerRequest, _registry_service_pb2.Caller]  # type: ignore[assignment]
@@ -153,6 +163,17 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_registry_service_pb2.Agent, _abc.Awaitable[_registry_service_pb2.Agent]]:
         """ReportAgentHealth records the latest health check of an agent; the health monitor calls it. Admin only.
+        Internal: no HTTP route.
+        """
+
+    @_abc_1.abstractmethod
+    def ResolveAgentAuth(
+        self,
+        request: _registry_service_pb2.ResolveAgentAuthRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.ResolvedAgentAuth, _abc.Awaitable[_registry_service_pb2.ResolvedAgentAuth]]:
+        """ResolveAgentAuth returns how the mesh authenticates to an agent, with the agent's secret still encrypted
+        (only services holding FEDERATION_ENCRYPTION_KEYS can read it). Needs the agents:connect scope.
         Internal: no HTTP route.
         """
 
