@@ -93,6 +93,7 @@ bench: $(STAMP)
 	$(PY) -m bench.healthmonitor_bench
 	$(PY) -m bench.federation_bench
 	$(PY) -m bench.identity_bench
+	$(PY) -m bench.policy_bench
 
 clean:
 	rm -rf .build .pytest_cache .mypy_cache .ruff_cache
