@@ -54,6 +54,8 @@ LIST_METHOD = f"/{REGISTRY_SERVICE}/ListAgents"
 VERSION_CONSTRAINTS = (">=1.2,<3", "^1.4", "~2.3", ">=0.5", "1.x", ">=2 || <0.3")
 QUERIES = 400  # distinct requests per workload, cycled
 GET_IDS = 5000
+# GetAgent's share of echo: pairs measured back to back, the median kept (see run_registry).
+GET_AGENT_PAIRS = 3
 
 
 @dataclass(frozen=True)
@@ -354,7 +356,7 @@ def cache_lookups(metrics_url: str) -> dict[str, float]:
 
 def run_registry(
     config: Config, runner: Runner, mesh: Mesh, section: str, workloads: Workloads, groups: dict[str, list[int]],
-    expand: dict[str, int], metrics_url: str,
+    expand: dict[str, int], metrics_url: str, ceilings: Ceilings,
 ) -> dict[str, Figure]:  # fmt: skip
     address = mesh.address("registry")
     c = config.concurrency
@@ -389,7 +391,19 @@ def run_registry(
         f"    GetAgent c={c}, first read of each of {len(workloads.get):,} ids (cache cold): {cold:,.0f} req/s",
         flush=True,
     )
-    get_agent("get", f"GetAgent c={c} (cache warm)")
+    # The share of echo is judged on echo/GetAgent pairs measured back to back, the median pair kept: this VM's
+    # core speed drifts by a factor of two within minutes, so one echo figure taken a minute earlier made the
+    # share swing between 56% and 126% across sizes of one run.
+    pairs: list[tuple[float, Figure, Figure]] = []
+    for i in range(1 if config.quick else GET_AGENT_PAIRS):
+        echo_figure = ceilings.echo(section)
+        get_agent("get", f"GetAgent c={c} (cache warm), pair {i + 1}")
+        if echo_figure.throughput and figures["get"].throughput:
+            pairs.append((figures["get"].throughput / echo_figure.throughput, figures["get"], echo_figure))
+    if pairs:
+        pairs.sort(key=lambda pair: pair[0])
+        _, figures["get"], figures["echo"] = pairs[len(pairs) // 2]
+        figures["get"].extra["pair_shares"] = [round(p[0], 3) for p in pairs]
     figures["get"].extra["cold_first_read_rps"] = round(cold, 1)
     run("search1", f"search 1 word c={c}", LIST_METHOD, workloads.search1, c, "ListAgents")
     run("search2", f"search 2 words c={c}", LIST_METHOD, workloads.search2, c, "ListAgents")
@@ -401,11 +415,13 @@ def run_registry(
     return figures
 
 
-def judge_registry(figures: dict[str, Figure], ceiling: Figure | None, size: int) -> None:
-    get = figures["get"]
+def judge_registry(figures: dict[str, Figure], size: int) -> None:
+    get, ceiling = figures["get"], figures.get("echo")
     if ceiling is not None and ceiling.throughput and get.throughput is not None:
         share = get.throughput / ceiling.throughput
         get.extra["share_of_echo"] = share
+        shares = ", ".join(f"{s:.0%}" for s in get.extra.get("pair_shares", []))
+        get.note = f"{get.note}; share of echo per pair: {shares} (the median pair is shown)"
         judge(get, f">= {GET_AGENT_VS_ECHO:.0%} of echo ({share:.0%})", share >= GET_AGENT_VS_ECHO)
     for key in ("search1_c1", "search2_c1", "capability_c1"):
         f = figures[key]
@@ -610,9 +626,8 @@ def _run_sizes(
               f"visible agents; agents per page {info['agents_per_page']}", flush=True)  # fmt: skip
 
         section = f"registry {label}"
-        ceiling = ceilings.echo(section)
-        figures = run_registry(config, runner, mesh, section, workloads, groups, expand, metrics_url)
-        judge_registry(figures, ceiling, size)
+        figures = run_registry(config, runner, mesh, section, workloads, groups, expand, metrics_url, ceilings)
+        judge_registry(figures, size)
 
         plans = {
             "search": asyncio.run(explain(dsn, {"search": workloads.one_word[0]})),
@@ -647,4 +662,5 @@ def _run_sizes(
             print(f"  edge: not available ({edge_reason})", flush=True)
             continue
         floor = ceilings.http_floor(f"edge {label}")
-        run_edge(runner, mesh, f"edge {label}", workloads, groups, expand, floor, ceiling)
+        echo_figure = figures.get("echo") or ceilings.echo(f"edge {label}")
+        run_edge(runner, mesh, f"edge {label}", workloads, groups, expand, floor, echo_figure)
