@@ -12,7 +12,6 @@ import asyncio
 import logging
 import os
 import random
-import secrets
 import shutil
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from bench.suite import (
     cache_lookups,
     infrastructure,
     read_once,
+    registry_env,
     seed_to,
 )
 
@@ -89,15 +89,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
             dsn = postgres.uri("bench")
             metrics_port = free_port()
             metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-            env = {
-                "DATABASE_URL": dsn,
-                "REDIS_URL": redis_url,
-                "AGENTVAULT_ADMIN_TOKEN": "bench-admin-" + secrets.token_urlsafe(16),
-                "AGENTVAULT_DATA_DIR": str(Path(tmp) / "data"),
-                "REGISTRY_METRICS_PORT": str(metrics_port),
-                "LOG_FORMAT": "json",
-                "LOG_LEVEL": "INFO",
-            }
+            env = registry_env(dsn, redis_url, Path(tmp) / "data", metrics_port)
             if args.cache_ttl:
                 env["REGISTRY_AGENT_CACHE_TTL"] = args.cache_ttl
             mesh = Mesh(env, log_dir=Path(tmp) / "logs", services=SERVICES)

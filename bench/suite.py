@@ -224,6 +224,19 @@ class Ceilings:
 # Database ----------------------------------------------------------------------------------------------------
 
 
+def registry_env(dsn: str, redis_url: str, data_dir: Path, metrics_port: int) -> dict[str, str]:
+    """The environment of a registry under test: the bench's database and Redis, a throwaway admin token."""
+    return {
+        "DATABASE_URL": dsn,
+        "REDIS_URL": redis_url,
+        "AGENTVAULT_ADMIN_TOKEN": "bench-admin-" + secrets.token_urlsafe(16),
+        "AGENTVAULT_DATA_DIR": str(data_dir),
+        "REGISTRY_METRICS_PORT": str(metrics_port),
+        "LOG_FORMAT": "json",
+        "LOG_LEVEL": "INFO",
+    }
+
+
 async def _connect(dsn: str) -> asyncpg.Connection:
     conn = await asyncpg.connect(dsn)
     await init_connection(conn)
@@ -569,15 +582,7 @@ def run(config: Config) -> int:
             payload["postgres_version"] = asyncio.run(_create_database(postgres.uri(), "bench"))
             dsn = postgres.uri("bench")
             metrics_port = free_port()
-            env = {
-                "DATABASE_URL": dsn,
-                "REDIS_URL": redis_url,
-                "AGENTVAULT_ADMIN_TOKEN": "bench-admin-" + secrets.token_urlsafe(16),
-                "AGENTVAULT_DATA_DIR": str(Path(tmp) / "data"),
-                "REGISTRY_METRICS_PORT": str(metrics_port),
-                "LOG_FORMAT": "json",
-                "LOG_LEVEL": "INFO",
-            }
+            env = registry_env(dsn, redis_url, Path(tmp) / "data", metrics_port)
             mesh = Mesh(env, log_dir=Path(tmp) / "logs", services=SERVICES)
             try:
                 _run_sizes(config, runner, mesh, dsn, ceilings, payload, f"http://127.0.0.1:{metrics_port}/metrics",

@@ -17,6 +17,8 @@ from aiohttp import web
 from agentvault.common import agent_auth
 from agentvault.common import agents as rules
 
+from ..loopback import serve
+
 CALLERS = 20
 
 
@@ -66,15 +68,8 @@ async def servers() -> AsyncIterator[Servers]:
     app = web.Application()
     app.router.add_post("/token", found.token)
     app.router.add_get("/agent", found.agent)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    found.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with serve(app) as found.port:
         yield found
-    finally:
-        await runner.cleanup()
 
 
 def oauth(servers: Servers, **overrides: object) -> rules.AgentAuth:

@@ -10,17 +10,15 @@ from aiohttp import web
 
 from agentvault.common import egress
 
+from ..loopback import serve
+
 
 @pytest.fixture
 async def local_server() -> AsyncIterator[int]:
     app = web.Application()
     app.router.add_get("/health", lambda request: web.json_response({"status": "healthy"}))
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    await runner.cleanup()
+    async with serve(app) as port:
+        yield port
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,8 @@ from agentvault.common.token_source import (
     call_credentials,
 )
 
+from ..loopback import serve
+
 ISSUER = "http://token-server.test"
 AUDIENCE = "agentvault"
 # Characters that Basic auth must form-encode before joining (RFC 6749 2.3.1).
@@ -108,16 +110,11 @@ async def server() -> AsyncIterator[TokenServer]:
     token_server = TokenServer()
     app = web.Application()
     app.router.add_post("/oauth/token", token_server.token)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    token_server.url = f"http://127.0.0.1:{port}/oauth/token"
-    yield token_server
-    if token_server.gate is not None:
-        token_server.gate.set()
-    await runner.cleanup()
+    async with serve(app) as port:
+        token_server.url = f"http://127.0.0.1:{port}/oauth/token"
+        yield token_server
+        if token_server.gate is not None:
+            token_server.gate.set()
 
 
 class Clock:

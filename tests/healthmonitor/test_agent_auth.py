@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from ..conftest import MeshHandle, unique_did
+from ..loopback import serve
 from .conftest import Peers, admin, call, until
 
 API_KEY = "agent-key-" + secrets.token_hex(8)
@@ -74,15 +75,8 @@ async def agent(peers: Peers, http: aiohttp.ClientSession) -> AsyncIterator[Prot
     app.router.add_get("/oauth/health", found.oauth)
     app.router.add_get("/key/health", found.key)
     app.router.add_get("/bearer/health", found.bearer)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    found.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with serve(app) as found.port:
         yield found
-    finally:
-        await runner.cleanup()
 
 
 async def register(http: aiohttp.ClientSession, on: MeshHandle, url: str, auth: dict[str, Any] | None) -> str:

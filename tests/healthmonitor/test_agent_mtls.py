@@ -18,6 +18,7 @@ from agentvault.registry.v1 import registry_service_pb2_grpc as pb_grpc
 
 from ..conftest import MeshFactory, MeshHandle, bearer, unique_did
 from ..federation.test_mtls import Pki, make_pki
+from ..loopback import serve
 from .conftest import monitor_env, until
 
 
@@ -55,15 +56,8 @@ async def https_agent(pki: Pki) -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_get("/health", ok)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with serve(app, context) as port:
         yield f"https://127.0.0.1:{port}/health"
-    finally:
-        await runner.cleanup()
 
 
 async def test_mtls_agent_is_checked_with_the_mesh_certificate(
