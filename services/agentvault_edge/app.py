@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram,
 
 from agentvault.common.logs import request_id_var
 from agentvault.common.settings import SettingsError
-from agentvault_edge import errors
+from agentvault_edge import advertisement, errors
 from agentvault_edge.backends import Backends
 from agentvault_edge.forwarding import forwarded_metadata, is_metadata_text
 from agentvault_edge.http_request import HttpRequestParts, build_request
@@ -78,7 +78,9 @@ class Edge:
             "/readyz": self.readyz,
             "/metrics": self.metrics,
             "/api/v1/openapi.json": self.openapi,
+            advertisement.PATH: self.advertisement,
         }
+        self._advertisement: bytes | None = None
 
     # ------------------------------------------------------------------------------- middleware
 
@@ -157,6 +159,11 @@ class Edge:
         if self._openapi is None:
             self._openapi = dumps(build_openapi(self.table))
         return web.Response(body=self._openapi, content_type="application/json", charset="utf-8")
+
+    async def advertisement(self, request: web.Request) -> web.StreamResponse:
+        if self._advertisement is None:
+            self._advertisement = dumps(advertisement.advertisement_schema())
+        return web.Response(body=self._advertisement, content_type="application/schema+json", charset="utf-8")
 
     # ------------------------------------------------------------------------------- transcoding
 

@@ -125,8 +125,8 @@ class _SchemaBuilder:
             items = {**self.value(fd), **self.rules.get((key[0], key[1] + "[]"), {})}
             return {"type": "array", "items": items, **self.rules.get(key, {})}
         schema = {**self.value(fd), **self.rules.get(key, {})}
-        if fd.has_presence:
-            # The edge prints unset message fields and unset optionals as null.
+        if fd.has_presence and not (self.request and _B.REQUIRED in _behaviors(fd)):
+            # The edge prints unset message fields and unset optionals as null; a request's required one is not.
             return {"anyOf": [schema, {"type": "null"}]}
         return schema
 

@@ -10,7 +10,8 @@ import re
 from typing import Any
 
 from agentvault.common import agents as rules
-from agentvault.common import invitations, oauth, versions
+from agentvault.common import capability_schemas, invitations, oauth, policy, versions
+from agentvault.common.policy import api as policy_api
 
 # Characters str.isspace() counts that are not control characters (those are refused anyway): what str.strip()
 # removes from a required text, spelled out because a fuzzer may read `\s` as ASCII only.
@@ -27,6 +28,7 @@ _FED = "agentvault.federation.v1."
 _DISC = "agentvault.discovery.v1."
 _HEALTH = "agentvault.healthmonitor.v1."
 _ID = "agentvault.identity.v1."
+_POLICY = "agentvault.policy.v1."
 _UUID_TEXT = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 
 
@@ -85,6 +87,15 @@ def _mask(fields: tuple[str, ...]) -> dict[str, Any]:
     }
 
 
+def _json_text(max_bytes: int, what: str) -> dict[str, Any]:
+    # JSON inside a string: JSON Schema cannot state that the text parses, only its bounds.
+    return {
+        "maxLength": max_bytes,
+        "description": f"{what} as JSON text: at most {max_bytes} bytes, nested at most "
+        f"{capability_schemas.MAX_DEPTH} deep; empty: not stated.",
+    }
+
+
 def _page_size() -> dict[str, Any]:
     # Larger sizes are coerced to the maximum, so no maximum is stated; negative ones are refused.
     return {"minimum": 0}
@@ -123,6 +134,33 @@ def constraints() -> dict[tuple[str, str], dict[str, Any]]:
         (REGISTRY + "Capability", "name"): {"pattern": whole(rules.CAPABILITY_NAME)},
         (REGISTRY + "Capability", "version"): _semver(required=False),
         (REGISTRY + "Capability", "description"): text_schema(rules.MAX_CAPABILITY_DESCRIPTION, multiline=True),
+        (REGISTRY + "Capability", "input_schema"): _json_text(capability_schemas.MAX_SCHEMA_BYTES, "A JSON Schema"),
+        (REGISTRY + "Capability", "output_schema"): _json_text(capability_schemas.MAX_SCHEMA_BYTES, "A JSON Schema"),
+        (REGISTRY + "Capability", "permissions"): {"maxItems": rules.MAX_PERMISSIONS},
+        (REGISTRY + "Capability", "permissions[]"): {"pattern": whole(rules.PERMISSION)},
+        (REGISTRY + "Capability", "title"): text_schema(rules.MAX_NAME),
+        (REGISTRY + "Capability", "tags"): {"maxItems": rules.MAX_CAPABILITY_TAGS},
+        (REGISTRY + "Capability", "tags[]"): text_schema(rules.MAX_CAPABILITY_TAG, required=True),
+        (REGISTRY + "Capability", "input_modes"): {"maxItems": rules.MAX_MODES},
+        (REGISTRY + "Capability", "input_modes[]"): {"pattern": whole(rules.MEDIA_TYPE)},
+        (REGISTRY + "Capability", "output_modes"): {"maxItems": rules.MAX_MODES},
+        (REGISTRY + "Capability", "output_modes[]"): {"pattern": whole(rules.MEDIA_TYPE)},
+        (REGISTRY + "ImportAgentCardRequest", "card_url"): url_schema(("http", "https"), required=False),
+        (REGISTRY + "ImportAgentCardRequest", "card"): _json_text(
+            capability_schemas.MAX_CARD_BYTES, "An A2A AgentCard"
+        ),
+        (REGISTRY + "ImportAgentCardRequest", "did"): {"maxLength": rules.MAX_DID, "pattern": optional(rules.DID)},
+        (REGISTRY + "GetAgentCardRequest", "id"): _UUID,
+        (REGISTRY + "CheckCompatibilityRequest", "agent_id"): _UUID,
+        (REGISTRY + "CheckCompatibilityRequest", "name"): {"minLength": 1, "pattern": whole(rules.CAPABILITY_NAME)},
+        (REGISTRY + "CheckCompatibilityRequest", "version_constraint"): {
+            "maxLength": versions.MAX_CONSTRAINT_LENGTH,
+            "description": "A version constraint, e.g. >=1.2,<2 or ^1.4 or 1.x; empty accepts any version.",
+        },
+        (REGISTRY + "CheckCompatibilityRequest", "input"): _json_text(capability_schemas.MAX_INPUT_BYTES, "JSON"),
+        (REGISTRY + "CheckCompatibilityRequest", "expected_output_schema"): _json_text(
+            capability_schemas.MAX_SCHEMA_BYTES, "A JSON Schema"
+        ),
         (REGISTRY + "Endpoint", "url"): {"minLength": 1, "maxLength": rules.MAX_URL},
         (REGISTRY + "GetAgentRequest", "id"): _UUID,
         (REGISTRY + "DeleteAgentRequest", "id"): _UUID,
@@ -160,9 +198,34 @@ def constraints() -> dict[tuple[str, str], dict[str, Any]]:
         (_ID + "ListOAuthClientsRequest", "page_size"): _page_size(),
     }
     found.update(_auth_constraints())
+    found.update(_policy_constraints())
     found.update(_filters(REGISTRY + "ListAgentsRequest"))
     found.update(_filters(_DISC + "SearchAgentsRequest"))
     found.update(_filters(_FED + "SearchAgentsRequest"))
+    return found
+
+
+def _policy_constraints() -> dict[tuple[str, str], dict[str, Any]]:
+    """The registry's policy_servicer checks (the Cedar text itself JSON Schema cannot state)."""
+    caller, target = _POLICY + "ExplainCaller", _POLICY + "ExplainTarget"
+    text: dict[str, Any] = {"maxLength": policy_api.MAX_FIELD}
+    found: dict[tuple[str, str], dict[str, Any]] = {
+        (_POLICY + "GetPolicyRequest", "id"): _UUID,
+        (_POLICY + "DeletePolicyRequest", "id"): _UUID,
+        (_POLICY + "ListPoliciesRequest", "page_size"): _page_size(),
+        (_POLICY + "ExplainRequest", "action"): {"enum": list(policy.ACTIONS)},
+        (caller, "kind"): {"enum": ["", *policy_api.CALLER_TYPES]},
+        (caller, "trust_level"): {"enum": ["", *(t.value for t in policy.Trust)]},
+        (caller, "id"): {"minLength": 1, **text},
+        (caller, "scopes"): {"maxItems": policy_api.MAX_ITEMS},
+        (target, "agent_id"): {"minLength": 1, **text},
+        (target, "tags"): {"maxItems": policy_api.MAX_ITEMS},
+        (_POLICY + "ExplainContext", "time"): {"minimum": 0, "maximum": policy_api.MAX_TIME},
+    }
+    for name in ("mesh", "owner", "scopes[]"):
+        found[(caller, name)] = text
+    for name in ("name", "version", "capability_kind", "owner", "mesh", "tags[]"):
+        found[(target, name)] = text
     return found
 
 

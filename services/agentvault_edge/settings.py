@@ -15,6 +15,7 @@ BACKEND_ENV: Mapping[str, tuple[str, str]] = MappingProxyType(
         "registry": ("REGISTRY_ADDR", "REGISTRY_PORT"),
         "federation": ("REGISTRY_ADDR", "REGISTRY_PORT"),
         "identity": ("REGISTRY_ADDR", "REGISTRY_PORT"),
+        "policy": ("REGISTRY_ADDR", "REGISTRY_PORT"),
         "discovery": ("DISCOVERY_ADDR", "DISCOVERY_PORT"),
         "healthmonitor": ("HEALTH_MONITOR_ADDR", "HEALTH_MONITOR_PORT"),
         "messaging": ("MESSAGING_ADDR", "MESSAGING_PORT"),

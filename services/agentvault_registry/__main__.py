@@ -28,6 +28,7 @@ from agentvault_registry.oauth_grants import AuthorizationServer
 from agentvault_registry.oauth_keys import SigningKeys
 from agentvault_registry.oauth_store import OAuthStore
 from agentvault_registry.peer_admin import PeerServicer
+from agentvault_registry.policy_servicer import serve as serve_policies
 from agentvault_registry.servicer import RegistryServicer
 from agentvault_registry.settings import RegistrySettings
 from agentvault_registry.store import Store, init_connection
@@ -102,6 +103,7 @@ async def build(settings: RegistrySettings, server: GrpcServer, stack: contextli
     if settings.service_secrets and authz is None:
         log.warning("SERVICE_CLIENT_SECRETS is set but no token can be issued: %s", OFF_REASON)
     server.serve(identity_grpc.add_IdentityServiceServicer_to_server, IdentityServicer(oauth_store, auth, authz))
+    await serve_policies(pool, redis, auth, server, stack)
     if fed.tls is not None:
         creds = peers_lib.server_credentials(fed.tls, require_client_auth=fed.mtls_required)
         tls_port = server.add_secure_port(fed.tls_port, creds)

@@ -80,7 +80,17 @@ def spec_from_proto(agent: AgentPb, prefix: str = "agent") -> agent_rules.AgentS
         agent_type=agent.agent_type,
         capabilities=tuple(
             agent_rules.Capability(
-                checked(KIND, c.kind, f"{prefix}.capabilities[{i}].kind"), c.name, c.version, c.description
+                checked(KIND, c.kind, f"{prefix}.capabilities[{i}].kind"),
+                c.name,
+                c.version,
+                c.description,
+                c.input_schema,
+                c.output_schema,
+                tuple(c.permissions[: agent_rules.MAX_PERMISSIONS + 1]),
+                c.title,
+                tuple(c.tags[: agent_rules.MAX_CAPABILITY_TAGS + 1]),
+                tuple(c.input_modes[: agent_rules.MAX_MODES + 1]),
+                tuple(c.output_modes[: agent_rules.MAX_MODES + 1]),
             )
             for i, c in enumerate(agent.capabilities[: agent_rules.MAX_CAPABILITIES + 1])
         ),
@@ -144,7 +154,19 @@ def agent_to_proto(agent: agent_rules.Agent) -> AgentPb:
         version=s.version,
         agent_type=s.agent_type,
         capabilities=[
-            pb.Capability(kind=number(KIND, c.kind), name=c.name, version=c.version, description=c.description)
+            pb.Capability(
+                kind=number(KIND, c.kind),
+                name=c.name,
+                version=c.version,
+                description=c.description,
+                input_schema=c.input_schema,
+                output_schema=c.output_schema,
+                permissions=c.permissions,
+                title=c.title,
+                tags=c.tags,
+                input_modes=c.input_modes,
+                output_modes=c.output_modes,
+            )
             for c in s.capabilities
         ],
         endpoints=[pb.Endpoint(protocol=number(PROTOCOL, e.protocol), url=e.url) for e in s.endpoints],

@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 import grpc
-from google.protobuf import empty_pb2
+from google.protobuf import empty_pb2, struct_pb2
 
 from agentvault.common import agents as agent_rules
 from agentvault.common import pagination
@@ -29,6 +29,7 @@ from agentvault.common.remote_auth import check_scope
 from agentvault.registry.v1 import registry_service_pb2 as pb
 from agentvault.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from agentvault.registry.v1.registry_service_pb2 import Agent as AgentPb
+from agentvault_registry.agent_cards import card_of, check_request, compatibility
 from agentvault_registry.auth import (
     BOOTSTRAP_PRINCIPAL_ID,
     PRINCIPAL_ID_PREFIX,
@@ -38,6 +39,7 @@ from agentvault_registry.auth import (
     new_token,
 )
 from agentvault_registry.cache import AgentCache, CachedAgent
+from agentvault_registry.card_import import CardImporter, parse_card_text, spec_from_card
 from agentvault_registry.convert import (
     HEALTH,
     ROLE,
@@ -118,11 +120,13 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         ping_redis: Callable[[], Awaitable[Any]],
         cache: AgentCache,
         federation: FederationServicer | None = None,
+        card_importer: CardImporter | None = None,
     ) -> None:
         self.store = store
         self.auth = auth
         self.cache = cache
         self._ping_redis = ping_redis
+        self.card_importer = card_importer or CardImporter.from_env()
         # What a peer may list: ListAgents called with a federation token (the seed's form, which meshes of
         # older versions still use, over gRPC and HTTP) is answered by it and by nothing else.
         self.peer_listing: PeerListing | None = federation.listing if federation is not None else None
@@ -183,6 +187,47 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             if not may_see_auth(owner, viewer):
                 return without_auth(proto)
         return proto
+
+    async def ImportAgentCard(self, request: pb.ImportAgentCardRequest, context: grpc.aio.ServicerContext) -> AgentPb:
+        principal = await self.auth.require_scope(context.invocation_metadata(), AGENTS_WRITE)
+        if bool(request.card_url) == bool(request.card):
+            raise invalid("card_url", "exactly one of card_url and card is required")
+        sharing = word(SHARING, request.sharing, "sharing")
+        if request.did:
+            v = agent_rules.Violations()
+            agent_rules.check_pattern(v, "did", request.did[:300], agent_rules.DID, "a DID like did:web:example.com:a")
+            v.raise_if_any()
+        if request.card_url:
+            source, card = await self.card_importer.fetch(request.card_url)
+        else:
+            source, card = "", parse_card_text(request.card)
+        spec = agent_rules.validate_spec(spec_from_card(card, source_url=source, did=request.did, sharing=sharing))
+        try:
+            agent = await self.store.create_agent(principal.id, spec)
+        except asyncpg.UniqueViolationError:
+            raise AlreadyExists(
+                f"an agent with did {spec.did!r} already exists", "AGENT_DID_EXISTS", did=spec.did
+            ) from None
+        await self.cache.invalidate(agent.id)
+        log.info("agent imported from a card", extra={"agent_id": agent.id, "owner": principal.id})
+        return agent_to_proto(agent)
+
+    async def GetAgentCard(
+        self, request: pb.GetAgentCardRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetAgentCardResponse:
+        # GetAgent decides who may see the agent: the card is readable exactly where the agent is.
+        agent = await self.GetAgent(pb.GetAgentRequest(id=request.id), context)
+        card = struct_pb2.Struct()
+        card.update(card_of(agent))
+        return pb.GetAgentCardResponse(card=card)
+
+    async def CheckCompatibility(
+        self, request: pb.CheckCompatibilityRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CheckCompatibilityResponse:
+        # Checked before the agent is read: a malformed request is refused whoever may see the agent.
+        parsed = check_request(request)
+        agent = await self.GetAgent(pb.GetAgentRequest(id=request.agent_id), context)
+        return compatibility(agent, request, parsed)
 
     async def ListAgents(
         self, request: pb.ListAgentsRequest, context: grpc.aio.ServicerContext

@@ -61,7 +61,9 @@ def search_terms(text: str) -> str:
 
 
 def _texts(spec: AgentSpec) -> tuple[str, str]:
-    keywords = " ".join([spec.agent_type, *spec.tags, *(c.name for c in spec.capabilities)])
+    keywords = " ".join(
+        [spec.agent_type, *spec.tags, *(w for c in spec.capabilities for w in (c.name, c.title, *c.tags))]
+    )
     prose = " ".join([spec.description, *(c.description for c in spec.capabilities)])
     return keywords, prose
 
@@ -73,7 +75,7 @@ def _agent(row: asyncpg.Record) -> Agent:
         description=row["description"],
         version=row["version"],
         agent_type=row["agent_type"],
-        capabilities=tuple(Capability(**c) for c in row["capabilities"]),
+        capabilities=tuple(Capability.from_json(c) for c in row["capabilities"]),
         endpoints=tuple(Endpoint(**e) for e in row["endpoints"]),
         tags=tuple(row["tags"]),
         sharing=row["sharing"],

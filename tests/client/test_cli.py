@@ -13,6 +13,12 @@ import pytest
 from tests.client.conftest import Cli
 from tests.conftest import unique_did
 
+# Capability fields added by issue 11 (schemas, permissions, A2A skill details): printed, like every field, when unset.
+UNSET_CAPABILITY_FIELDS = {
+    "input_schema": "", "output_schema": "", "permissions": [], "title": "", "tags": [], "input_modes": [],
+    "output_modes": [],
+}  # fmt: skip
+
 
 def ok(result: Any) -> Any:
     assert result.returncode == 0, result.stderr
@@ -69,8 +75,8 @@ def test_create_from_flags_prints_the_rest_shape(cli: Cli) -> None:
     assert agent["sharing"] == "federated"
     assert agent["tags"] == ["cli-test", "billing"]
     assert agent["capabilities"] == [
-        {"kind": "skill", "name": "invoice-qa", "version": "1.4.0", "description": ""},
-        {"kind": "tool", "name": "pdf.reader", "version": "", "description": ""},
+        {"kind": "skill", "name": "invoice-qa", "version": "1.4.0", "description": "", **UNSET_CAPABILITY_FIELDS},
+        {"kind": "tool", "name": "pdf.reader", "version": "", "description": "", **UNSET_CAPABILITY_FIELDS},
     ]
     assert agent["endpoints"] == [{"protocol": "http", "url": "https://agent.example/api?a=b"}]
     # Every field is printed, as the REST API does, with enum words rather than CONSTANT_NAMES.

@@ -7,6 +7,12 @@ import pytest
 from agentvault.client import build_agent, enum_number, from_dict, parse_capability, parse_endpoint, to_dict
 from agentvault.registry.v1 import registry_service_pb2 as pb
 
+# Capability fields added by issue 11 (schemas, permissions, A2A skill details): printed, like every field, when unset.
+UNSET_CAPABILITY_FIELDS = {
+    "input_schema": "", "output_schema": "", "permissions": [], "title": "", "tags": [], "input_modes": [],
+    "output_modes": [],
+}  # fmt: skip
+
 
 def test_build_agent_takes_enum_words() -> None:
     agent = build_agent(
@@ -41,7 +47,9 @@ def test_to_dict_is_the_rest_shape_and_from_dict_reads_it_back() -> None:
         health_status=pb.HEALTH_STATUS_DEGRADED,
     )
     data = to_dict(agent)
-    assert data["capabilities"] == [{"kind": "model", "name": "m", "version": "1.0.0", "description": ""}]
+    assert data["capabilities"] == [
+        {"kind": "model", "name": "m", "version": "1.0.0", "description": "", **UNSET_CAPABILITY_FIELDS}
+    ]
     assert data["endpoints"] == [{"protocol": "a2a", "url": "https://a.example"}]
     assert (data["sharing"], data["health_status"]) == ("private", "degraded")
     assert data["agent_type"] == "" and data["tags"] == [], "fields without presence are printed too"

@@ -54,7 +54,12 @@ async def test_post_maps_the_body_field_and_prints_every_field(http: aiohttp.Cli
     assert request.agent.capabilities[0].kind == pb.CAPABILITY_KIND_SKILL
     assert request.agent.endpoints[0].protocol == pb.PROTOCOL_HTTP
     assert agent["sharing"] == "federated"
-    assert agent["capabilities"] == [{"kind": "skill", "name": "summarize", "version": "1.2.0", "description": ""}]
+    assert agent["capabilities"] == [
+        {
+            "kind": "skill", "name": "summarize", "version": "1.2.0", "description": "", "input_schema": "",
+            "output_schema": "", "permissions": [], "title": "", "tags": [], "input_modes": [], "output_modes": [],
+        }
+    ]  # fmt: skip
     assert agent["endpoints"][0]["protocol"] == "http"
     assert agent["health_status"] == "unspecified"
     assert agent["description"] == "" and agent["health_check_url"] == ""

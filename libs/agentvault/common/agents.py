@@ -29,11 +29,19 @@ MAX_CAPABILITY_DESCRIPTION = 1024
 MAX_ENDPOINTS = 20
 MAX_TAGS = 50
 MAX_SEARCH = 256
+MAX_PERMISSIONS = 32
+MAX_CAPABILITY_TAGS = 20
+MAX_CAPABILITY_TAG = 64
+MAX_MODES = 16
 
 DID = re.compile(r"^did:[a-z0-9]{1,32}:[A-Za-z0-9._%:-]{1,220}$")
 AGENT_TYPE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 TAG = re.compile(r"^[a-z0-9][a-z0-9._:-]{0,63}$")
 CAPABILITY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:-]{0,127}$")
+# A permission a capability requires, e.g. an OAuth scope ("agents:read") or a URN: printable, no spaces.
+PERMISSION = re.compile(r"^[\x21-\x7e]{1,128}$")
+# A media type (RFC 6838 restricted names) or, as A2A cards often write, a bare type ("text").
+MEDIA_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,63}(?:/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,63})?$")
 PRINCIPAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 URL_SCHEMES = {
     "http": ("http", "https"),
@@ -65,9 +73,47 @@ class Capability:
     name: str
     version: str = ""
     description: str = ""
+    # JSON Schema documents as JSON text ("" when not stated), checked by capability_schemas.
+    input_schema: str = ""
+    output_schema: str = ""
+    permissions: tuple[str, ...] = ()
+    # As A2A skills describe themselves: a display name, labels and media types.
+    title: str = ""
+    tags: tuple[str, ...] = ()
+    input_modes: tuple[str, ...] = ()
+    output_modes: tuple[str, ...] = ()
 
-    def as_json(self) -> dict[str, str]:
-        return {"kind": self.kind, "name": self.name, "version": self.version, "description": self.description}
+    def as_json(self) -> dict[str, Any]:
+        found: dict[str, Any] = {
+            "kind": self.kind, "name": self.name, "version": self.version, "description": self.description
+        }  # fmt: skip
+        # Only when set: capabilities stored before these fields existed read back equal.
+        if self.input_schema:
+            found["input_schema"] = self.input_schema
+        if self.output_schema:
+            found["output_schema"] = self.output_schema
+        for name in ("permissions", "tags", "input_modes", "output_modes"):
+            if getattr(self, name):
+                found[name] = list(getattr(self, name))
+        if self.title:
+            found["title"] = self.title
+        return found
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Capability:
+        return cls(
+            kind=str(data["kind"]),
+            name=str(data["name"]),
+            version=str(data.get("version", "")),
+            description=str(data.get("description", "")),
+            input_schema=str(data.get("input_schema", "")),
+            output_schema=str(data.get("output_schema", "")),
+            permissions=tuple(data.get("permissions") or ()),
+            title=str(data.get("title", "")),
+            tags=tuple(data.get("tags") or ()),
+            input_modes=tuple(data.get("input_modes") or ()),
+            output_modes=tuple(data.get("output_modes") or ()),
+        )
 
 
 @dataclass(frozen=True)
@@ -427,6 +473,26 @@ def validate_spec(spec: AgentSpec, prefix: str = "agent") -> AgentSpec:
         if cap.version and (len(cap.version) > MAX_VERSION or not versions.is_semver(cap.version)):
             v.add(f"{p}.version", f"must be a semantic version like 1.2.3 (got {cap.version[:80]!r})")
         check_text(v, f"{p}.description", cap.description, max_len=MAX_CAPABILITY_DESCRIPTION, multiline=True)
+        if len(cap.permissions) > MAX_PERMISSIONS:
+            v.add(f"{p}.permissions", f"at most {MAX_PERMISSIONS} permissions")
+        for j, permission in enumerate(cap.permissions[:MAX_PERMISSIONS]):
+            check_pattern(v, f"{p}.permissions[{j}]", permission, PERMISSION, "1-128 printable characters, no spaces")
+        check_text(v, f"{p}.title", cap.title, max_len=MAX_NAME)
+        if len(cap.tags) > MAX_CAPABILITY_TAGS:
+            v.add(f"{p}.tags", f"at most {MAX_CAPABILITY_TAGS} tags")
+        for j, tag in enumerate(cap.tags[:MAX_CAPABILITY_TAGS]):
+            check_text(v, f"{p}.tags[{j}]", tag, max_len=MAX_CAPABILITY_TAG, required=True)
+        for modes in ("input_modes", "output_modes"):
+            values = getattr(cap, modes)
+            if len(values) > MAX_MODES:
+                v.add(f"{p}.{modes}", f"at most {MAX_MODES} media types")
+            for j, mode in enumerate(values[:MAX_MODES]):
+                check_pattern(v, f"{p}.{modes}[{j}]", mode, MEDIA_TYPE, "a media type like application/json")
+        if cap.input_schema or cap.output_schema:
+            from agentvault.common import capability_schemas  # here: jsonschema is only needed for schemas
+
+            for name in ("input_schema", "output_schema"):
+                capability_schemas.check_schema(v, f"{p}.{name}", getattr(cap, name))
         if (cap.kind, cap.name) in seen:
             v.add(f"{p}.name", f"duplicate {cap.kind} {cap.name!r}")
         seen.add((cap.kind, cap.name))

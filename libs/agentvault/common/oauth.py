@@ -27,6 +27,8 @@ KNOWN_SCOPES = (
     principal.FEDERATION_RESOLVE,
     principal.HEALTH_REPORT,
     principal.MESSAGES_SEND,
+    principal.POLICIES_ADMIN,
+    principal.POLICIES_READ,
     principal.TOOLS_INVOKE,
 )
 

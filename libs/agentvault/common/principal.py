@@ -23,6 +23,9 @@ FEDERATION_ADMIN = "federation:admin"
 FEDERATION_RESOLVE = "federation:resolve"
 HEALTH_REPORT = "health:report"
 MESSAGES_SEND = "messages:send"
+# Writing policies and asking Explain; reading them (WatchPolicies) is POLICIES_READ, for the enforcing services.
+POLICIES_ADMIN = "policies:admin"
+POLICIES_READ = "policies:read"
 TOOLS_INVOKE = "tools:invoke"
 
 # What an API key may do, by its role: an admin key may do everything, a member key what members did before scopes.

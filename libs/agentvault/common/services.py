@@ -84,6 +84,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
             "agentvault.federation.v1.PeerService",
             "agentvault.federation.v1.FederationService",
             "agentvault.identity.v1.IdentityService",
+            "agentvault.policy.v1.PolicyService",
         ),
         publish_var="REGISTRY_HOST_PORT",
         summary="agents, API keys, federation peers and the peer-facing FederationService",

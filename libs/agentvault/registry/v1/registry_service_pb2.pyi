@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -287,6 +288,13 @@ class Capability(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    INPUT_SCHEMA_FIELD_NUMBER: _builtins.int
+    OUTPUT_SCHEMA_FIELD_NUMBER: _builtins.int
+    PERMISSIONS_FIELD_NUMBER: _builtins.int
+    TITLE_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    INPUT_MODES_FIELD_NUMBER: _builtins.int
+    OUTPUT_MODES_FIELD_NUMBER: _builtins.int
     kind: Global___CapabilityKind.ValueType
     """What kind of capability this is."""
     name: _builtins.str
@@ -295,6 +303,32 @@ class Capability(_message.Message):
     """Semantic version (MAJOR.MINOR.PATCH, optional -prerelease); empty means unversioned."""
     description: _builtins.str
     """Free text, at most 1024 characters."""
+    input_schema: _builtins.str
+    """JSON Schema (a JSON document, as text) of what the capability takes: at most 16 KiB, nested at most 32 deep;
+    empty means not stated.
+    """
+    output_schema: _builtins.str
+    """JSON Schema (a JSON document, as text) of what the capability returns; same bounds as input_schema."""
+    title: _builtins.str
+    """Display name (an A2A skill's name), at most 200 characters; `name` stays the identifier."""
+    @_builtins.property
+    def permissions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Permissions (e.g. OAuth scopes) a caller needs to use the capability: at most 32, each 1-128 printable
+        characters without spaces.
+        """
+
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Free-form labels (an A2A skill's tags): at most 20, each 1-64 characters."""
+
+    @_builtins.property
+    def input_modes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Media types the capability accepts (e.g. "application/json", or a bare "text"): at most 16."""
+
+    @_builtins.property
+    def output_modes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Media types the capability produces: at most 16."""
+
     def __init__(
         self,
         *,
@@ -302,10 +336,17 @@ class Capability(_message.Message):
         name: _builtins.str = ...,
         version: _builtins.str = ...,
         description: _builtins.str = ...,
+        input_schema: _builtins.str = ...,
+        output_schema: _builtins.str = ...,
+        permissions: _abc.Iterable[_builtins.str] | None = ...,
+        title: _builtins.str = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+        input_modes: _abc.Iterable[_builtins.str] | None = ...,
+        output_modes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "kind", b"kind", "name", b"name", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "input_modes", b"input_modes", "input_schema", b"input_schema", "kind", b"kind", "name", b"name", "output_modes", b"output_modes", "output_schema", b"output_schema", "permissions", b"permissions", "tags", b"tags", "title", b"title", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1004,3 +1045,189 @@ class RevokeApiKeyRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevokeApiKeyRequest: _TypeAlias = RevokeApiKeyRequest  # noqa: Y015
+
+@_typing.final
+class GetAgentCardRequest(_message.Message):
+    """GetAgentCardRequest names one agent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The agent's UUID."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAgentCardRequest: _TypeAlias = GetAgentCardRequest  # noqa: Y015
+
+@_typing.final
+class GetAgentCardResponse(_message.Message):
+    """GetAgentCardResponse carries the agent's A2A AgentCard."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CARD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def card(self) -> _struct_pb2.Struct:
+        """The A2A 1.0 AgentCard (JSON object), built from the agent."""
+
+    def __init__(
+        self,
+        *,
+        card: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["card", b"card"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card", b"card"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAgentCardResponse: _TypeAlias = GetAgentCardResponse  # noqa: Y015
+
+@_typing.final
+class CheckCompatibilityRequest(_message.Message):
+    """CheckCompatibilityRequest is what a caller needs of an agent's capability."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_CONSTRAINT_FIELD_NUMBER: _builtins.int
+    INPUT_FIELD_NUMBER: _builtins.int
+    EXPECTED_OUTPUT_SCHEMA_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    """The agent's UUID."""
+    kind: Global___CapabilityKind.ValueType
+    """The capability's kind."""
+    name: _builtins.str
+    """The capability's name."""
+    version_constraint: _builtins.str
+    """Versions the caller accepts, e.g. ">=1.2,<2" or "^1.4"; empty accepts any."""
+    input: _builtins.str
+    """The JSON document the caller will send (as text, at most 64 KiB); empty: not checked."""
+    expected_output_schema: _builtins.str
+    """JSON Schema (as text) of the output the caller expects; empty: not checked."""
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        kind: Global___CapabilityKind.ValueType = ...,
+        name: _builtins.str = ...,
+        version_constraint: _builtins.str = ...,
+        input: _builtins.str = ...,
+        expected_output_schema: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "expected_output_schema", b"expected_output_schema", "input", b"input", "kind", b"kind", "name", b"name", "version_constraint", b"version_constraint"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckCompatibilityRequest: _TypeAlias = CheckCompatibilityRequest  # noqa: Y015
+
+@_typing.final
+class CompatibilityReason(_message.Message):
+    """CompatibilityReason is one reason a capability does not fit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    POINTER_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    """VERSION_OUT_OF_RANGE, CAPABILITY_NOT_FOUND, INPUT_INVALID, OUTPUT_FIELD_MISSING or OUTPUT_TYPE_DIFFERS."""
+    pointer: _builtins.str
+    """A JSON pointer into the input (INPUT_INVALID) or the expected output (OUTPUT_*), when the reason has a place."""
+    message: _builtins.str
+    """What is wrong, for people."""
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+        pointer: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "pointer", b"pointer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompatibilityReason: _TypeAlias = CompatibilityReason  # noqa: Y015
+
+@_typing.final
+class CheckCompatibilityResponse(_message.Message):
+    """CheckCompatibilityResponse is the answer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMPATIBLE_FIELD_NUMBER: _builtins.int
+    REASONS_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    compatible: _builtins.bool
+    """Whether the capability fits: true exactly when reasons is empty."""
+    version: _builtins.str
+    """The capability's advertised version (empty when unversioned or not found)."""
+    @_builtins.property
+    def reasons(self) -> _containers.RepeatedCompositeFieldContainer[Global___CompatibilityReason]:
+        """Every reason it does not."""
+
+    def __init__(
+        self,
+        *,
+        compatible: _builtins.bool = ...,
+        reasons: _abc.Iterable[Global___CompatibilityReason] | None = ...,
+        version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compatible", b"compatible", "reasons", b"reasons", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckCompatibilityResponse: _TypeAlias = CheckCompatibilityResponse  # noqa: Y015
+
+@_typing.final
+class ImportAgentCardRequest(_message.Message):
+    """ImportAgentCardRequest names the card to register from: exactly one of card_url and card."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CARD_URL_FIELD_NUMBER: _builtins.int
+    CARD_FIELD_NUMBER: _builtins.int
+    DID_FIELD_NUMBER: _builtins.int
+    SHARING_FIELD_NUMBER: _builtins.int
+    card_url: _builtins.str
+    """Where the card is: an http(s) URL, at most 2048 characters; a URL without a path is read at
+    /.well-known/agent-card.json (then 0.3's /.well-known/agent.json). Redirects only within the same origin.
+    """
+    card: _builtins.str
+    """The card itself, as JSON text (at most 64 KiB)."""
+    did: _builtins.str
+    """The agent's DID; empty derives did:web from the card's host and name."""
+    sharing: Global___Sharing.ValueType
+    """Who may see the agent; unset means SHARING_LOCAL."""
+    def __init__(
+        self,
+        *,
+        card_url: _builtins.str = ...,
+        card: _builtins.str = ...,
+        did: _builtins.str = ...,
+        sharing: Global___Sharing.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card", b"card", "card_url", b"card_url", "did", b"did", "sharing", b"sharing"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportAgentCardRequest: _TypeAlias = ImportAgentCardRequest  # noqa: Y015

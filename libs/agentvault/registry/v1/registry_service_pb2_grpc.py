@@ -96,6 +96,21 @@ class RegistryServiceStub:
                 request_serializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.RevokeApiKeyRequest.SerializeToString,
                 response_deserializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.ApiKey.FromString,
                 _registered_method=True)
+        self.ImportAgentCard = channel.unary_unary(
+                '/agentvault.registry.v1.RegistryService/ImportAgentCard',
+                request_serializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.ImportAgentCardRequest.SerializeToString,
+                response_deserializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.Agent.FromString,
+                _registered_method=True)
+        self.GetAgentCard = channel.unary_unary(
+                '/agentvault.registry.v1.RegistryService/GetAgentCard',
+                request_serializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.GetAgentCardRequest.SerializeToString,
+                response_deserializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.GetAgentCardResponse.FromString,
+                _registered_method=True)
+        self.CheckCompatibility = channel.unary_unary(
+                '/agentvault.registry.v1.RegistryService/CheckCompatibility',
+                request_serializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.CheckCompatibilityRequest.SerializeToString,
+                response_deserializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.CheckCompatibilityResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -190,6 +205,30 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportAgentCard(self, request, context):
+        """ImportAgentCard registers an agent, owned by the caller, from its A2A agent card (A2A 1.0, or 0.3): fetched from
+        card_url, or given as card. Its skills become capabilities of kind skill and its interfaces endpoints.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAgentCard(self, request, context):
+        """GetAgentCard returns an agent as an A2A 1.0 AgentCard, for other agents to read; the same visibility as
+        GetAgent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckCompatibility(self, request, context):
+        """CheckCompatibility says whether an agent's advertised capability fits what a caller needs (version, the input
+        it will send, the output it expects) and, when not, every reason why. Same visibility as GetAgent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -252,6 +291,21 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.RevokeApiKey,
                     request_deserializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.RevokeApiKeyRequest.FromString,
                     response_serializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.ApiKey.SerializeToString,
+            ),
+            'ImportAgentCard': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportAgentCard,
+                    request_deserializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.ImportAgentCardRequest.FromString,
+                    response_serializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.Agent.SerializeToString,
+            ),
+            'GetAgentCard': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAgentCard,
+                    request_deserializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.GetAgentCardRequest.FromString,
+                    response_serializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.GetAgentCardResponse.SerializeToString,
+            ),
+            'CheckCompatibility': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckCompatibility,
+                    request_deserializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.CheckCompatibilityRequest.FromString,
+                    response_serializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.CheckCompatibilityResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -579,6 +633,87 @@ class RegistryService:
             '/agentvault.registry.v1.RegistryService/RevokeApiKey',
             agentvault_dot_registry_dot_v1_dot_registry__service__pb2.RevokeApiKeyRequest.SerializeToString,
             agentvault_dot_registry_dot_v1_dot_registry__service__pb2.ApiKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportAgentCard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentvault.registry.v1.RegistryService/ImportAgentCard',
+            agentvault_dot_registry_dot_v1_dot_registry__service__pb2.ImportAgentCardRequest.SerializeToString,
+            agentvault_dot_registry_dot_v1_dot_registry__service__pb2.Agent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAgentCard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentvault.registry.v1.RegistryService/GetAgentCard',
+            agentvault_dot_registry_dot_v1_dot_registry__service__pb2.GetAgentCardRequest.SerializeToString,
+            agentvault_dot_registry_dot_v1_dot_registry__service__pb2.GetAgentCardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckCompatibility(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentvault.registry.v1.RegistryService/CheckCompatibility',
+            agentvault_dot_registry_dot_v1_dot_registry__service__pb2.CheckCompatibilityRequest.SerializeToString,
+            agentvault_dot_registry_dot_v1_dot_registry__service__pb2.CheckCompatibilityResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -65,6 +65,18 @@ class RegistryServiceStub:
     """ListApiKeys lists issued credentials without their secrets. Admin only."""
     RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.RevokeApiKeyRequest, _registry_service_pb2.ApiKey]
     """RevokeApiKey revokes a credential at once. Admin only. The id is the whole request: the body may be empty."""
+    ImportAgentCard: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ImportAgentCardRequest, _registry_service_pb2.Agent]
+    """ImportAgentCard registers an agent, owned by the caller, from its A2A agent card (A2A 1.0, or 0.3): fetched from
+    card_url, or given as card. Its skills become capabilities of kind skill and its interfaces endpoints.
+    """
+    GetAgentCard: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.GetAgentCardRequest, _registry_service_pb2.GetAgentCardResponse]
+    """GetAgentCard returns an agent as an A2A 1.0 AgentCard, for other agents to read; the same visibility as
+    GetAgent.
+    """
+    CheckCompatibility: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.CheckCompatibilityRequest, _registry_service_pb2.CheckCompatibilityResponse]
+    """CheckCompatibility says whether an agent's advertised capability fits what a caller needs (version, the input
+    it will send, the output it expects) and, when not, every reason why. Same visibility as GetAgent.
+    """
 
 @_typing.type_check_only
 class RegistryServiceAsyncStub(RegistryServiceStub):
@@ -102,6 +114,18 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     """ListApiKeys lists issued credentials without their secrets. Admin only."""
     RevokeApiKey: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.RevokeApiKeyRequest, _registry_service_pb2.ApiKey]  # type: ignore[assignment]
     """RevokeApiKey revokes a credential at once. Admin only. The id is the whole request: the body may be empty."""
+    ImportAgentCard: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ImportAgentCardRequest, _registry_service_pb2.Agent]  # type: ignore[assignment]
+    """ImportAgentCard registers an agent, owned by the caller, from its A2A agent card (A2A 1.0, or 0.3): fetched from
+    card_url, or given as card. Its skills become capabilities of kind skill and its interfaces endpoints.
+    """
+    GetAgentCard: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.GetAgentCardRequest, _registry_service_pb2.GetAgentCardResponse]  # type: ignore[assignment]
+    """GetAgentCard returns an agent as an A2A 1.0 AgentCard, for other agents to read; the same visibility as
+    GetAgent.
+    """
+    CheckCompatibility: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.CheckCompatibilityRequest, _registry_service_pb2.CheckCompatibilityResponse]  # type: ignore[assignment]
+    """CheckCompatibility says whether an agent's advertised capability fits what a caller needs (version, the input
+    it will send, the output it expects) and, when not, every reason why. Same visibility as GetAgent.
+    """
 
 class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     """RegistryService stores the agents registered in this mesh and the credentials that may change them."""
@@ -208,5 +232,35 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_registry_service_pb2.ApiKey, _abc.Awaitable[_registry_service_pb2.ApiKey]]:
         """RevokeApiKey revokes a credential at once. Admin only. The id is the whole request: the body may be empty."""
+
+    @_abc_1.abstractmethod
+    def ImportAgentCard(
+        self,
+        request: _registry_service_pb2.ImportAgentCardRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.Agent, _abc.Awaitable[_registry_service_pb2.Agent]]:
+        """ImportAgentCard registers an agent, owned by the caller, from its A2A agent card (A2A 1.0, or 0.3): fetched from
+        card_url, or given as card. Its skills become capabilities of kind skill and its interfaces endpoints.
+        """
+
+    @_abc_1.abstractmethod
+    def GetAgentCard(
+        self,
+        request: _registry_service_pb2.GetAgentCardRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.GetAgentCardResponse, _abc.Awaitable[_registry_service_pb2.GetAgentCardResponse]]:
+        """GetAgentCard returns an agent as an A2A 1.0 AgentCard, for other agents to read; the same visibility as
+        GetAgent.
+        """
+
+    @_abc_1.abstractmethod
+    def CheckCompatibility(
+        self,
+        request: _registry_service_pb2.CheckCompatibilityRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.CheckCompatibilityResponse, _abc.Awaitable[_registry_service_pb2.CheckCompatibilityResponse]]:
+        """CheckCompatibility says whether an agent's advertised capability fits what a caller needs (version, the input
+        it will send, the output it expects) and, when not, every reason why. Same visibility as GetAgent.
+        """
 
 def add_RegistryServiceServicer_to_server(servicer: RegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
