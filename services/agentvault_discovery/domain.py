@@ -91,7 +91,22 @@ def sanitize(agent: pb.Agent) -> pb.Agent | None:
     for cap in agent.capabilities[: agents.MAX_CAPABILITIES + 1]:
         kind = KIND_WORDS.word(cap.kind)
         violations += not kind
-        capabilities.append(agents.Capability(kind, cap.name, cap.version, cap.description))
+        # Every field the answer keeps is checked, the JSON Schemas and A2A skill fields included.
+        capabilities.append(
+            agents.Capability(
+                kind,
+                cap.name,
+                cap.version,
+                cap.description,
+                input_schema=cap.input_schema,
+                output_schema=cap.output_schema,
+                permissions=tuple(cap.permissions[: agents.MAX_PERMISSIONS + 1]),
+                title=cap.title,
+                tags=tuple(cap.tags[: agents.MAX_CAPABILITY_TAGS + 1]),
+                input_modes=tuple(cap.input_modes[: agents.MAX_MODES + 1]),
+                output_modes=tuple(cap.output_modes[: agents.MAX_MODES + 1]),
+            )
+        )
     endpoints = []
     for ep in agent.endpoints[: agents.MAX_ENDPOINTS + 1]:
         protocol = PROTOCOL_WORDS.word(ep.protocol)

@@ -231,3 +231,27 @@ def test_an_agent_in_different_answers_is_validated_once() -> None:
     refused = answers.answer(peer, fed_pb.SearchAgentsResponse(agents=[bad]).SerializeToString(), parse_search)
     assert refused.agents == [] and refused.invalid == 1
     assert answers.memo_bytes - before < 1024  # the (empty) answer only
+
+
+def test_a_peers_capability_schemas_and_skill_fields_are_validated_like_a_local_registration() -> None:
+    def with_capability(**fields: Any) -> pb.Agent:
+        return agent(
+            "did:web:peer.example:a",
+            "A",
+            capabilities=[pb.Capability(kind=pb.CAPABILITY_KIND_SKILL, name="s", **fields)],
+        )
+
+    good = domain.sanitize(with_capability(input_schema='{"type": "object"}', permissions=["tools:invoke"], title="S"))
+    assert good is not None and good.capabilities[0].input_schema == '{"type": "object"}'
+    # Each of these would be refused at CreateAgent, so a peer's agent carrying one is dropped, not passed on.
+    for fields in (
+        {"input_schema": "{not json"},
+        {"output_schema": '{"type": "no-such-type"}'},
+        {"input_schema": '{"properties": ' * 40 + "{}" + "}" * 40},
+        {"input_schema": '{"type": "string", "pattern": "(?=lookahead)"}'},
+        {"title": "x" * 10_000},
+        {"permissions": ["p"] * 1_000},
+        {"tags": ["t"] * 1_000},
+        {"input_modes": ["text/plain"] * 1_000},
+    ):
+        assert domain.sanitize(with_capability(**fields)) is None, fields
