@@ -11,7 +11,6 @@ leave stale. Everything kept is bounded in bytes.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import time
@@ -23,7 +22,7 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
 
 from agentvault.common.lru import Lru
-from agentvault.common.redis import raise_if_cancelling
+from agentvault.common.redis import follow_channel
 from agentvault.registry.v1.registry_service_pb2 import Agent as AgentPb
 from agentvault_registry.answers import SharedAnswer
 from agentvault_registry.convert import MEMORY_PER_WIRE_BYTE
@@ -56,8 +55,6 @@ CREDENTIAL_BYTES = 1024
 # Redis that lost it cannot hand out again a generation a peer cached an answer under.
 GENERATION_KEY = "federation:sharing_generation"
 GENERATION_START = 1 << 62
-# How long the invalidation listener waits for a message before checking whether it was cancelled.
-LISTEN_POLL_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -215,40 +212,29 @@ class AgentCache:
 
     async def run(self) -> None:
         """Listens for invalidations until cancelled, resubscribing after any Redis failure."""
-        delay = 0.5
-        while True:
-            pubsub = self.redis.pubsub()
-            try:
-                await pubsub.subscribe(CHANNEL)
-                while True:
-                    # A bounded wait, then a look at our own cancellation: redis-py can swallow a cancellation
-                    # that lands while it reads, after which a blocking listen() never returned and shutdown hung.
-                    message = await pubsub.get_message(timeout=LISTEN_POLL_SECONDS)
-                    raise_if_cancelling()
-                    if message is None:
-                        continue
-                    kind = message.get("type")
-                    if kind == "message":
-                        data = message.get("data")
-                        self._drop(data.decode() if isinstance(data, bytes) else str(data))
-                    elif kind == "subscribe":
-                        # Serving starts only once Redis confirms the subscription, and restarts empty at every
-                        # confirmation: redis-py reconnects and resubscribes on its own after a dropped connection,
-                        # and whatever was published in between never reaches us.
-                        self._drop(None)
-                        self.subscribed = True
-                        delay = 0.5
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                raise_if_cancelling()
-                log.warning("cache invalidation channel lost (%s); caches off until resubscribed", exc)
-            finally:
-                self.subscribed = False
-                self._drop(None)
-                await pubsub.aclose()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+        await follow_channel(self.redis, CHANNEL, self, first_delay=0.5, max_delay=10.0)
+
+    # The channel follower's steps (agentvault.common.redis.ChannelListener).
+
+    async def on_subscribe(self) -> None:
+        # Serving starts only once Redis confirms the subscription, and restarts empty at every confirmation:
+        # redis-py reconnects and resubscribes on its own after a dropped connection, and whatever was published
+        # in between never reaches us.
+        self._drop(None)
+        self.subscribed = True
+
+    async def on_message(self, data: Any) -> None:
+        self._drop(data.decode() if isinstance(data, bytes) else str(data))
+
+    async def on_tick(self) -> None:
+        pass
+
+    async def on_lost(self, exc: Exception) -> None:
+        log.warning("cache invalidation channel lost (%s); caches off until resubscribed", exc)
+
+    async def on_closed(self) -> None:
+        self.subscribed = False
+        self._drop(None)
 
 
 def _generation_start() -> int:

@@ -22,7 +22,7 @@ from agentvault.common.policy.api import CALLER_TYPES, MAX_DESCRIPTION, MAX_FIEL
 from agentvault.common.policy.api import MAX_ITEMS as MAX_SCOPES
 from agentvault.common.policy.request import Caller, agent_target, capability_target, tool_target
 from agentvault.common.principal import ADMIN_SCOPE, POLICIES_ADMIN, POLICIES_READ, Principal
-from agentvault.common.redis import raise_if_cancelling
+from agentvault.common.redis import follow_channel
 from agentvault.common.remote_auth import check_scope
 from agentvault.common.server import GrpcServer, background
 from agentvault.common.settings import Env
@@ -40,7 +40,6 @@ from agentvault_registry.policy_store import (
 
 log = logging.getLogger(__name__)
 
-LISTEN_POLL_SECONDS = 1.0
 # A safety net under the Redis channel: a change published while a replica was resubscribing is still seen.
 RECHECK_SECONDS = 5.0
 
@@ -67,6 +66,7 @@ class PolicyHub:
         self.store = store
         self.redis = redis
         self.recheck = recheck
+        self._checked = time.monotonic()
         self.engine = PolicyEngine()
         self.version = -1
         self.current = ppb.PolicySet()
@@ -109,33 +109,31 @@ class PolicyHub:
 
     async def run(self) -> None:
         """Follows the change channel until cancelled, resubscribing after any Redis failure."""
-        delay = 0.5
-        while True:
-            pubsub = self.redis.pubsub()
-            try:
-                await pubsub.subscribe(CHANNEL)
-                checked = time.monotonic()
-                while True:
-                    # Bounded waits, then a look at our own cancellation (as the agent cache does).
-                    message = await pubsub.get_message(timeout=LISTEN_POLL_SECONDS)
-                    raise_if_cancelling()
-                    kind = message.get("type") if message else None
-                    if kind in ("message", "subscribe") or time.monotonic() - checked > self.recheck:
-                        # At a (re)subscription too: what was published while unsubscribed never arrives.
-                        checked = time.monotonic()
-                        await self.ensure_current()
-                        delay = 0.5
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                raise_if_cancelling()
-                log.warning("policy change channel lost (%s); rechecking the database meanwhile", exc)
-                with contextlib.suppress(Exception):
-                    await self.ensure_current()
-            finally:
-                await pubsub.aclose()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+        await follow_channel(self.redis, CHANNEL, self, first_delay=0.5, max_delay=10.0)
+
+    # The channel follower's steps (agentvault.common.redis.ChannelListener).
+
+    async def _check(self) -> None:
+        self._checked = time.monotonic()
+        await self.ensure_current()
+
+    async def on_subscribe(self) -> None:
+        await self._check()  # what was published while unsubscribed never arrives
+
+    async def on_message(self, data: Any) -> None:
+        await self._check()
+
+    async def on_tick(self) -> None:
+        if time.monotonic() - self._checked > self.recheck:
+            await self._check()
+
+    async def on_lost(self, exc: Exception) -> None:
+        log.warning("policy change channel lost (%s); rechecking the database meanwhile", exc)
+        with contextlib.suppress(Exception):
+            await self.ensure_current()
+
+    async def on_closed(self) -> None:
+        pass
 
 
 def _policy_id(field_path: str, value: str) -> uuid.UUID:

@@ -13,7 +13,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from agentvault.common.errors import Unavailable
-from agentvault.common.redis import raise_if_cancelling
+from agentvault.common.redis import follow_channel
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,6 @@ MAX_MESSAGE_BYTES = 1024
 # What one jti costs here beyond its characters: the dict slot, the heap entry, the float and the str headers.
 ENTRY_OVERHEAD = 160
 DEFAULT_BUDGET_BYTES = 16 * 1024 * 1024
-LISTEN_POLL_SECONDS = 1.0
 LOAD_CHUNK = 1000
 
 
@@ -173,36 +172,26 @@ class RevocationWatcher:
 
     async def run(self) -> None:
         """Listens until cancelled, resubscribing after any Redis failure."""
-        delay = 0.2
-        while True:
-            pubsub = self.redis.pubsub()
-            try:
-                await pubsub.subscribe(self.channel)
-                while True:
-                    # A bounded wait, then a look at our own cancellation (redis-py can swallow one while it reads).
-                    message = await pubsub.get_message(timeout=LISTEN_POLL_SECONDS)
-                    raise_if_cancelling()
-                    self._prune(self.clock())
-                    if message is None:
-                        continue
-                    kind = message.get("type")
-                    if kind == "message":
-                        self._on_message(message.get("data"))
-                    elif kind == "subscribe":
-                        # redis-py resubscribes on its own after a dropped connection; whatever was published in
-                        # between never reaches us, so every confirmation reloads the set. Messages that arrive
-                        # while it loads wait in the connection and are applied after it: nothing is lost.
-                        self.synced.clear()
-                        await self._load()
-                        self.synced.set()
-                        delay = 0.2
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                raise_if_cancelling()
-                log.warning("revocation channel lost (%s); asking Redis directly until resubscribed", exc)
-            finally:
-                self.synced.clear()
-                await pubsub.aclose()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+        await follow_channel(self.redis, self.channel, self, first_delay=0.2, max_delay=5.0)
+
+    # The channel follower's steps (agentvault.common.redis.ChannelListener).
+
+    async def on_subscribe(self) -> None:
+        # redis-py resubscribes on its own after a dropped connection; whatever was published in between never
+        # reaches us, so every confirmation reloads the set. Messages that arrive while it loads wait in the
+        # connection and are applied after it: nothing is lost.
+        self.synced.clear()
+        await self._load()
+        self.synced.set()
+
+    async def on_message(self, data: Any) -> None:
+        self._on_message(data)
+
+    async def on_tick(self) -> None:
+        self._prune(self.clock())
+
+    async def on_lost(self, exc: Exception) -> None:
+        log.warning("revocation channel lost (%s); asking Redis directly until resubscribed", exc)
+
+    async def on_closed(self) -> None:
+        self.synced.clear()
