@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -152,6 +153,21 @@ def admin_token(mesh: MeshHandle) -> str:
 
 def bearer(token: str) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {token}")]
+
+
+def auth(token: str) -> dict[str, str]:
+    """The HTTP header carrying `token`, for calls through the edge."""
+    return {"Authorization": f"Bearer {token}"}
+
+
+def edge_violations(answer: dict[str, Any]) -> dict[str, str]:
+    """The field violations of the edge's JSON error answer: field -> description."""
+    return {
+        v["field"]: v["description"]
+        for d in answer["error"]["details"]
+        if d["@type"] == "type.googleapis.com/google.rpc.BadRequest"
+        for v in d["field_violations"]
+    }
 
 
 @pytest.fixture(scope="session")

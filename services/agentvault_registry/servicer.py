@@ -146,7 +146,10 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         principal = await self.auth.require_scope(context.invocation_metadata(), AGENTS_WRITE)
         if not request.HasField("agent"):
             raise invalid("agent", "is required")
-        spec = agent_rules.validate_spec(spec_from_proto(request.agent))
+        return await self._create(principal, agent_rules.validate_spec(spec_from_proto(request.agent)), "created")
+
+    async def _create(self, principal: Principal, spec: agent_rules.AgentSpec, how: str) -> AgentPb:
+        """Stores a validated agent for `principal` (CreateAgent, ImportAgentCard)."""
         try:
             agent = await self.store.create_agent(principal.id, spec)
         except asyncpg.UniqueViolationError:
@@ -155,7 +158,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             ) from None
         # Nothing cached holds the new agent, but cached search answers may now be missing it.
         await self.cache.invalidate(agent.id)
-        log.info("agent created", extra={"agent_id": agent.id, "owner": principal.id})
+        log.info("agent %s", how, extra={"agent_id": agent.id, "owner": principal.id})
         return agent_to_proto(agent)
 
     async def GetAgent(self, request: pb.GetAgentRequest, context: grpc.aio.ServicerContext) -> AgentPb:
@@ -202,15 +205,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         else:
             source, card = "", parse_card_text(request.card)
         spec = agent_rules.validate_spec(spec_from_card(card, source_url=source, did=request.did, sharing=sharing))
-        try:
-            agent = await self.store.create_agent(principal.id, spec)
-        except asyncpg.UniqueViolationError:
-            raise AlreadyExists(
-                f"an agent with did {spec.did!r} already exists", "AGENT_DID_EXISTS", did=spec.did
-            ) from None
-        await self.cache.invalidate(agent.id)
-        log.info("agent imported from a card", extra={"agent_id": agent.id, "owner": principal.id})
-        return agent_to_proto(agent)
+        return await self._create(principal, spec, "imported from a card")
 
     async def GetAgentCard(
         self, request: pb.GetAgentCardRequest, context: grpc.aio.ServicerContext

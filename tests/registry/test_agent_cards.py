@@ -21,20 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from ..conftest import MeshHandle, eventually, unique_did
-
-
-def auth(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-def violations(answer: dict[str, Any]) -> dict[str, str]:
-    return {
-        v["field"]: v["description"]
-        for d in answer["error"]["details"]
-        if d["@type"] == "type.googleapis.com/google.rpc.BadRequest"
-        for v in d["field_violations"]
-    }
+from ..conftest import MeshHandle, auth, edge_violations, eventually, unique_did
 
 
 def a2a_card(base: str) -> AgentCard:
@@ -236,7 +223,7 @@ async def test_bad_cards_are_refused_with_field_violations(
 ) -> None:
     status, answer = await import_card(http, mesh, admin_token, {"card_url": agents.base + path})
     assert status == 400, answer
-    found = violations(answer)
+    found = edge_violations(answer)
     assert words in found.get(field, ""), answer
     if path == "/wrong-types.json":
         assert {"card.version", "card.skills", "card.supportedInterfaces"} <= set(found), found
@@ -260,7 +247,7 @@ async def test_bad_inline_cards_and_requests_are_4xx(
     for body, field in cases:
         status, answer = await import_card(http, mesh, admin_token, body)
         assert status == 400, (body, answer)
-        assert field in violations(answer), (body, answer)
+        assert field in edge_violations(answer), (body, answer)
     async with http.post(mesh.url("/api/v1/agents:importCard"), json={"card": "{}"}) as r:
         assert r.status == 401
 

@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from ..conftest import MeshHandle, unique_did
+from ..conftest import MeshHandle, auth, unique_did
 
 
 def seed_agent(**overrides: Any) -> dict[str, Any]:
@@ -29,10 +29,6 @@ def seed_agent(**overrides: Any) -> dict[str, Any]:
     }
     body.update(overrides)
     return body
-
-
-def auth(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 async def health_count(http: aiohttp.ClientSession, mesh: MeshHandle) -> int:

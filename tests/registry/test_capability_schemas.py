@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import jsonschema
 
-from ..conftest import MeshHandle, unique_did
+from ..conftest import MeshHandle, auth, edge_violations, unique_did
 
 INPUT_SCHEMA = {
     "type": "object",
@@ -27,20 +27,6 @@ OUTPUT_SCHEMA = {
     },
     "required": ["summary", "score", "meta"],
 }
-
-
-def auth(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-def violations(answer: dict[str, Any]) -> dict[str, str]:
-    """The edge's error answer's field violations: field -> description."""
-    return {
-        v["field"]: v["description"]
-        for d in answer["error"]["details"]
-        if d["@type"] == "type.googleapis.com/google.rpc.BadRequest"
-        for v in d["field_violations"]
-    }
 
 
 def agent_body(**cap_overrides: Any) -> dict[str, Any]:
@@ -90,7 +76,7 @@ async def test_invalid_schemas_are_refused_with_field_violations(
     }
     status, answer = await create(http, mesh, admin_token, agent_body(**bad))
     assert status == 400, answer
-    fields = violations(answer)
+    fields = edge_violations(answer)
     assert "not a valid JSON Schema" in fields["agent.capabilities[0].input_schema"]
     assert "not valid JSON" in fields["agent.capabilities[0].output_schema"]
     assert "agent.capabilities[0].permissions[0]" in fields
@@ -101,8 +87,8 @@ async def test_invalid_schemas_are_refused_with_field_violations(
     for text, words in ((deep, "nest at most"), (big, "at most 16384 bytes"), (remote, "its own definitions")):
         status, answer = await create(http, mesh, admin_token, agent_body(input_schema=text))
         assert status == 400, answer
-        assert list(violations(answer)) == ["agent.capabilities[0].input_schema"], answer
-        assert words in violations(answer)["agent.capabilities[0].input_schema"]
+        assert list(edge_violations(answer)) == ["agent.capabilities[0].input_schema"], answer
+        assert words in edge_violations(answer)["agent.capabilities[0].input_schema"]
 
 
 async def test_advertisement_schema_is_published_and_agrees_with_the_registry(
@@ -208,9 +194,9 @@ async def test_compatibility_bad_requests_are_4xx(
     agent_id = created["id"]
     status, answer = await check(http, mesh, agent_id, input="{", version_constraint="~~1", name="bad name!")
     assert status == 400, answer
-    assert set(violations(answer)) == {"input", "version_constraint", "name"}
+    assert set(edge_violations(answer)) == {"input", "version_constraint", "name"}
     status, answer = await check(http, mesh, agent_id, expected_output_schema=json.dumps({"type": 5}))
-    assert status == 400 and list(violations(answer)) == ["expected_output_schema"], answer
+    assert status == 400 and list(edge_violations(answer)) == ["expected_output_schema"], answer
     # A private agent is not found by others, exactly as GetAgent answers.
     status, answer = await check(http, mesh, agent_id)
     assert status == 404, answer
@@ -233,4 +219,4 @@ async def test_patterns_cannot_stall_the_registry(
     lookahead = {"type": "string", "pattern": "^(?=a)"}
     status, answer = await create(http, mesh, admin_token, agent_body(input_schema=json.dumps(lookahead)))
     assert status == 400, answer
-    assert "cannot be applied" in violations(answer)["agent.capabilities[0].input_schema"]
+    assert "cannot be applied" in edge_violations(answer)["agent.capabilities[0].input_schema"]

@@ -8,8 +8,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from ..conftest import MeshHandle, unique_did
-from .test_agents_http import auth, seed_agent
+from ..conftest import MeshHandle, auth, unique_did
+from .test_agents_http import seed_agent
 
 BOOTSTRAP_PRINCIPAL_ID = "prn_bootstrap_admin"
 

@@ -26,13 +26,9 @@ from agentvault_registry.policy_store import DecisionLogPruner, PolicyStore
 if TYPE_CHECKING:
     from agentvault.registry.v1.registry_service_pb2_grpc import RegistryServiceAsyncStub
 
-from ..conftest import MeshFactory, MeshHandle, bearer, eventually
+from ..conftest import MeshFactory, MeshHandle, auth, bearer, eventually
 from .oauth_helpers import create_client
 from .test_agents_grpc import member_token, violations
-
-
-def auth(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 def unique(label: str) -> str:
