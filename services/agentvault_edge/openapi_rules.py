@@ -226,6 +226,44 @@ def _policy_constraints() -> dict[tuple[str, str], dict[str, Any]]:
         found[(caller, name)] = text
     for name in ("name", "version", "capability_kind", "owner", "mesh", "tags[]"):
         found[(target, name)] = text
+    found.update(_access_constraints())
+    return found
+
+
+def _access_constraints() -> dict[tuple[str, str], dict[str, Any]]:
+    """The registry's access checks: connections, permission requests, approvals, grants, the decision log."""
+    trust = [t.value for t in policy.Trust]
+    note = text_schema(policy_api.MAX_NOTE, multiline=True)
+    found: dict[tuple[str, str], dict[str, Any]] = {
+        (_POLICY + "ListConnectionsRequest", "trust_level"): {"enum": ["", *trust]},
+        (_POLICY + "ListConnectionsRequest", "agent_id"): {"pattern": f"^(?:-|{_UUID_TEXT[1:-1]})?$"},
+        (_POLICY + "SetTrustLevelRequest", "trust_level"): {"enum": trust},
+        (_POLICY + "SetTrustLevelRequest", "reason"): text_schema(policy_api.MAX_NOTE, required=True),
+        (_POLICY + "ListTrustChangesRequest", "connection_id"): _UUID,
+        (_POLICY + "RequestCapabilityRequest", "agent_id"): _UUID,
+        (_POLICY + "RequestCapabilityRequest", "capability"): {"minLength": 1, "pattern": whole(rules.CAPABILITY_NAME)},
+        (_POLICY + "RequestCapabilityRequest", "kind"): {"enum": ["", *policy_api.CAPABILITY_KINDS]},
+        (_POLICY + "RequestCapabilityRequest", "version_constraint"): {
+            "maxLength": versions.MAX_CONSTRAINT_LENGTH,
+            "description": "A version constraint, e.g. >=1.2,<2 or ^1.4 or 1.x; empty accepts any version.",
+        },
+        (_POLICY + "RequestCapabilityRequest", "purpose"): text_schema(policy_api.MAX_PURPOSE, multiline=True),
+        (_POLICY + "RequestCapabilityRequest", "max_calls"): {"minimum": 0, "maximum": policy_api.MAX_CALLS},
+        (_POLICY + "RequestCapabilityRequest", "duration_seconds"): {"minimum": 0, "maximum": policy_api.MAX_DURATION},
+        (_POLICY + "RequestCapabilityRequest", "wait_seconds"): {"minimum": 0, "maximum": policy_api.MAX_WAIT},
+        (_POLICY + "ListApprovalsRequest", "status"): {"enum": ["", *policy_api.APPROVAL_STATUSES]},
+        (_POLICY + "ApproveApprovalRequest", "duration_seconds"): {"minimum": 0, "maximum": policy_api.MAX_DURATION},
+        (_POLICY + "ApproveApprovalRequest", "uses"): {"minimum": 0, "maximum": policy_api.MAX_CALLS},
+        (_POLICY + "ApproveApprovalRequest", "note"): note,
+        (_POLICY + "DenyApprovalRequest", "note"): note,
+        (_POLICY + "ListDecisionsRequest", "outcome"): {"enum": ["", "allow", "deny", "ask"]},
+    }
+    for message in ("GetConnectionRequest", "SetTrustLevelRequest", "GetApprovalRequest", "ApproveApprovalRequest"):
+        found[(_POLICY + message, "id")] = _UUID
+    for message in ("DenyApprovalRequest", "RevokeGrantRequest"):
+        found[(_POLICY + message, "id")] = _UUID
+    for message in ("ListConnections", "ListTrustChanges", "ListApprovals", "ListGrants", "ListDecisions"):
+        found[(_POLICY + message + "Request", "page_size")] = _page_size()
     return found
 
 

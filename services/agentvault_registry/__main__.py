@@ -103,7 +103,9 @@ async def build(settings: RegistrySettings, server: GrpcServer, stack: contextli
     if settings.service_secrets and authz is None:
         log.warning("SERVICE_CLIENT_SECRETS is set but no token can be issued: %s", OFF_REASON)
     server.serve(identity_grpc.add_IdentityServiceServicer_to_server, IdentityServicer(oauth_store, auth, authz))
-    await serve_policies(pool, redis, auth, server, stack)
+    policy = await serve_policies(pool, redis, auth, server, stack, agents=store, mesh=fed.registry_name)
+    # Peers' bad signatures and rate abuse count against their connections, and a blocked peer is shut out.
+    gate.connections = policy.control
     if fed.tls is not None:
         creds = peers_lib.server_credentials(fed.tls, require_client_auth=fed.mtls_required)
         tls_port = server.add_secure_port(fed.tls_port, creds)

@@ -20,7 +20,10 @@ from agentvault.common.errors import AlreadyExists, NotFound, invalid
 from agentvault.common.policy import ACTIONS, PolicyEngine, PolicyError, Target, Trust, validate
 from agentvault.common.policy.api import CALLER_TYPES, MAX_DESCRIPTION, MAX_FIELD, MAX_NAME, MAX_TIME
 from agentvault.common.policy.api import MAX_ITEMS as MAX_SCOPES
+from agentvault.common.policy.enforcer import Enforcer
+from agentvault.common.policy.meter import Meter
 from agentvault.common.policy.request import Caller, agent_target, capability_target, tool_target
+from agentvault.common.policy.sync import load_set
 from agentvault.common.principal import ADMIN_SCOPE, POLICIES_ADMIN, POLICIES_READ, Principal
 from agentvault.common.redis import follow_channel
 from agentvault.common.remote_auth import check_scope
@@ -28,7 +31,16 @@ from agentvault.common.server import GrpcServer, background
 from agentvault.common.settings import Env
 from agentvault.policy.v1 import policy_service_pb2 as ppb
 from agentvault.policy.v1 import policy_service_pb2_grpc as ppb_grpc
+from agentvault_registry.access import (
+    AccessServicer,
+    AccessSettings,
+    ApprovalHub,
+    RegistryControlPlane,
+    grant_to_proto,
+)
 from agentvault_registry.auth import Authenticator
+from agentvault_registry.connection_store import ConnectionStore, TrustRules
+from agentvault_registry.grant_store import GrantStore
 from agentvault_registry.policy_store import (
     CHANNEL,
     WRITABLE,
@@ -76,16 +88,21 @@ class PolicyHub:
     async def reload(self) -> None:
         """Reads the set if its version moved, and wakes the watchers."""
         async with self._lock:
-            version, records = await self.store.enabled_set()
+            version, records, grants = await self.store.enabled_set()
             if version == self.version:
                 return
+            current = ppb.PolicySet(
+                version=version,
+                policies=[policy_to_proto(r) for r in records],
+                grants=[grant_to_proto(g) for g in grants],
+            )
             try:
-                self.engine.replace({str(r.id): r.text for r in records}, version)
+                load_set(self.engine, current)
             except PolicyError as exc:
                 # Every text was validated when written; only a schema change since could make one invalid.
-                log.error("the stored policy set does not load; Explain keeps the previous one: %s", exc)
+                log.error("the stored policy set does not load; the registry keeps the previous one: %s", exc)
             self.version = version
-            self.current = ppb.PolicySet(version=version, policies=[policy_to_proto(r) for r in records])
+            self.current = current
             changed, self._changed = self._changed, asyncio.Event()
             changed.set()
 
@@ -214,11 +231,13 @@ def explain_inputs(request: ppb.ExplainRequest) -> tuple[Caller, str, Target, di
     return caller, action, target, counters, ctx.time
 
 
-class PolicyServicer(ppb_grpc.PolicyServiceServicer):
-    def __init__(self, store: PolicyStore, hub: PolicyHub, auth: Authenticator) -> None:
+class PolicyServicer(AccessServicer, ppb_grpc.PolicyServiceServicer):
+    """PolicyService: the policies here, connections, approvals, grants and permission requests in AccessServicer."""
+
+    def __init__(self, store: PolicyStore, hub: PolicyHub, auth: Authenticator, **access: Any) -> None:
+        super().__init__(auth=auth, policies=store, announce=hub.announce, **access)
         self.store = store
         self.hub = hub
-        self.auth = auth
 
     async def _caller(self, context: grpc.aio.ServicerContext, *scopes: str) -> Principal:
         """The caller when it holds one of `scopes` (admin implies each); PermissionDenied naming the first."""
@@ -347,18 +366,63 @@ def _name_taken(name: str) -> AlreadyExists:
     return AlreadyExists(f"a policy named {name[:MAX_NAME]!r} already exists", "POLICY_EXISTS")
 
 
+def trust_rules(env: Env) -> TrustRules:
+    up_to = env.str("TRUST_PROMOTE_UP_TO", Trust.BASIC.value)
+    if up_to not in set(Trust) or up_to == Trust.BLOCKED:
+        raise ValueError("TRUST_PROMOTE_UP_TO must be untrusted, basic or trusted")
+    return TrustRules(
+        violation_limit=env.int("TRUST_VIOLATION_LIMIT", 5, minimum=0, maximum=1_000_000),
+        violation_window=env.float("TRUST_VIOLATION_WINDOW_SECONDS", 3600.0, minimum=1.0),
+        promote_after=env.int("TRUST_PROMOTE_AFTER", 0, minimum=0, maximum=1_000_000_000),
+        promote_up_to=Trust(up_to),
+    )
+
+
 async def serve(
-    pool: Any, redis: aioredis.Redis, auth: Authenticator, server: GrpcServer, stack: contextlib.AsyncExitStack
+    pool: Any,
+    redis: aioredis.Redis,
+    auth: Authenticator,
+    server: GrpcServer,
+    stack: contextlib.AsyncExitStack,
+    *,
+    agents: Any,
+    mesh: str,
 ) -> PolicyServicer:
-    """Builds PolicyService with its change listener and the decision log's pruner, and registers it."""
+    """Builds PolicyService with its change listener, the approvals' hub and sweeper, the decision log's pruner and
+    the registry's enforcer (of capability requests), and registers it."""
     env = Env()
     retention = env.int("POLICY_DECISION_LOG_RETENTION_DAYS", 30, minimum=1, maximum=3650)
     recheck = env.float("POLICY_RECHECK_SECONDS", RECHECK_SECONDS, minimum=0.1)
+    settings = AccessSettings(
+        approval_ttl=env.float("APPROVAL_TTL_SECONDS", 3600.0, minimum=1.0),
+        sweep_seconds=env.float("APPROVAL_SWEEP_SECONDS", 1.0, minimum=0.05),
+        log_allows=env.bool("POLICY_DECISION_LOG_ALLOWS", True),
+    )
     store = PolicyStore(pool)
     hub = PolicyHub(store, redis, recheck)
     await hub.reload()
     background(stack, hub.run(), "policy-changes")
     background(stack, DecisionLogPruner(store, retention).run(), "policy-decision-log-prune")
-    servicer = PolicyServicer(store, hub, auth)
+    connections = ConnectionStore(pool, trust_rules(env))
+    grants = GrantStore(pool)
+    approvals = ApprovalHub(grants, redis, settings)
+    background(stack, approvals.run(), "approval-changes")
+    background(stack, approvals.sweep(), "approval-sweep")
+    control = RegistryControlPlane(connections, grants, store, hub.announce)
+    meter = Meter(redis, window_seconds=env.float("POLICY_RATE_WINDOW_SECONDS", 60.0, minimum=1.0))
+    enforcer = Enforcer(hub.engine, control, meter=meter, log_allows=settings.log_allows, mesh=mesh)
+    servicer = PolicyServicer(
+        store,
+        hub,
+        auth,
+        agents=agents,
+        connections=connections,
+        grants=grants,
+        approvals=approvals,
+        enforcer=enforcer,
+        control=control,
+        mesh=mesh,
+        settings=settings,
+    )
     server.serve(ppb_grpc.add_PolicyServiceServicer_to_server, servicer)
     return servicer

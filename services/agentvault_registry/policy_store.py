@@ -38,6 +38,31 @@ class PolicyRecord:
     updated_at: datetime
 
 
+# A grant is part of the policy set while it is in force: not revoked, not expired, not spent.
+GRANT_COLUMNS = (
+    "id, caller, holder, action, target, target_agent_id, target_owner, expires_at, uses_left, approval_id, "
+    "granted_by, created_at, revoked_at"
+)
+LIVE = "revoked_at IS NULL AND expires_at > now() AND (uses_left IS NULL OR uses_left > 0)"
+
+
+@dataclass(frozen=True)
+class GrantRecord:
+    id: uuid.UUID
+    caller: str  # a Caller uid
+    holder: str  # the principal it was granted to (who may read and revoke it)
+    action: str
+    target: str  # a Target uid
+    target_agent_id: str
+    target_owner: str
+    expires_at: datetime
+    uses_left: int | None
+    approval_id: uuid.UUID | None
+    granted_by: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
 @dataclass(frozen=True)
 class DecisionRecord:
     caller: str
@@ -46,6 +71,11 @@ class DecisionRecord:
     outcome: str
     policy_ids: Sequence[str]
     reason: str = ""
+
+
+async def bump_version(conn: asyncpg.Connection) -> int:
+    """The next policy set version, in the caller's transaction (policies and grants both move it)."""
+    return int(await conn.fetchval("UPDATE policy_set_version SET version = version + 1 RETURNING version"))
 
 
 def _record(row: asyncpg.Record) -> PolicyRecord:
@@ -62,7 +92,7 @@ class PolicyStore:
         self.leases = Leases(pool, "policy_leases", "chore_kind", "chore_id")
 
     async def _bump(self, conn: asyncpg.Connection) -> int:
-        return int(await conn.fetchval("UPDATE policy_set_version SET version = version + 1 RETURNING version"))
+        return await bump_version(conn)
 
     async def create(
         self, name: str, description: str, text: str, enabled: bool, created_by: str
@@ -121,12 +151,13 @@ class PolicyStore:
             found = await conn.fetchval("DELETE FROM policies WHERE id = $1 RETURNING 1", policy_id)
             return await self._bump(conn) if found else None
 
-    async def enabled_set(self) -> tuple[int, list[PolicyRecord]]:
-        """The version and the enabled policies, read in one snapshot so they belong together."""
+    async def enabled_set(self) -> tuple[int, list[PolicyRecord], list[GrantRecord]]:
+        """The version, the enabled policies and the grants in force, read in one snapshot so they belong together."""
         async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
             version = int(await conn.fetchval("SELECT version FROM policy_set_version"))
             rows = await conn.fetch(f"SELECT {_COLUMNS} FROM policies WHERE enabled ORDER BY name")
-        return version, [_record(r) for r in rows]
+            grants = await conn.fetch(f"SELECT {GRANT_COLUMNS} FROM grants WHERE {LIVE} ORDER BY created_at, id")
+        return version, [_record(r) for r in rows], [GrantRecord(**dict(r)) for r in grants]
 
     async def version(self) -> int:
         return int(await self.pool.fetchval("SELECT version FROM policy_set_version"))
@@ -143,6 +174,26 @@ class PolicyStore:
                 for d in decisions
             ],
         )
+
+    async def page_decisions(
+        self, limit: int, before: int | None, outcome: str = ""
+    ) -> list[tuple[int, datetime, DecisionRecord]]:
+        """The decision log, newest first, with each row's sequence number (for paging) and time."""
+        rows = await self.pool.fetch(
+            """SELECT id, decided_at, caller, action, target, outcome, policy_ids, reason FROM policy_decisions
+               WHERE ($1::bigint IS NULL OR id < $1) AND ($2 = '' OR outcome = $2) ORDER BY id DESC LIMIT $3""",
+            before,
+            outcome,
+            limit,
+        )
+        return [
+            (
+                int(r["id"]),
+                r["decided_at"],
+                DecisionRecord(r["caller"], r["action"], r["target"], r["outcome"], r["policy_ids"], r["reason"]),
+            )
+            for r in rows
+        ]
 
     async def prune_decisions(self, retention_days: int) -> int:
         """Deletes decisions older than the retention; how many went."""

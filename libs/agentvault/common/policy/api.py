@@ -18,3 +18,13 @@ CALLER_TYPES = {
     "peer": "Caller::Peer",
     "client": CLIENT_TYPE,
 }
+
+# Permission requests, approvals, grants and connections (the registry's access RPCs).
+MAX_PURPOSE = 2000
+MAX_NOTE = 500  # an approver's note, a trust change's reason
+MAX_DURATION = 30 * 86400  # a grant's lifetime, seconds
+DEFAULT_DURATION = 3600
+MAX_WAIT = 60  # how long RequestCapability may wait for an approval's answer, seconds
+MAX_CALLS = 1_000_000  # a grant's uses
+CAPABILITY_KINDS = ("tool", "skill", "model")
+APPROVAL_STATUSES = ("pending", "approved", "denied", "expired")

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import grpc
 
-from agentvault.common.policy.engine import PolicyEngine
+from agentvault.common.policy.engine import Grant, PolicyEngine
 from agentvault.common.policy.schema import PolicyError
 from agentvault.common.redis import raise_if_cancelling
 from agentvault.common.token_source import TokenSource
@@ -19,6 +19,27 @@ log = logging.getLogger(__name__)
 
 MIN_BACKOFF_SECONDS = 0.1
 MAX_BACKOFF_SECONDS = 10.0
+
+
+def load_set(engine: PolicyEngine, policy_set: ppb.PolicySet) -> None:
+    """Puts a PolicySet (policies and grants) into the engine; PolicyError (nothing changed) when a policy does not
+    load. Grants follow the set: those gone are revoked, new or changed ones granted. There is no await in here, so
+    no decision on this loop sees the policies of one version with the grants of another."""
+    engine.replace({p.id: p.text for p in policy_set.policies}, policy_set.version)
+    wanted = {
+        g.id: Grant(g.id, g.caller, g.action, g.target, g.expire_time.ToSeconds(), g.uses_left or None)
+        for g in policy_set.grants
+    }
+    for held in engine.grants():
+        if held.id not in wanted:
+            engine.revoke(held.id)
+    held_by_id = {g.id: g for g in engine.grants()}
+    for grant in wanted.values():
+        if held_by_id.get(grant.id) != grant:
+            try:
+                engine.grant(grant)
+            except (ValueError, PolicyError) as exc:
+                log.error("grant %s does not load: %s", grant.id, exc)
 
 
 class PolicySync:
@@ -51,7 +72,7 @@ class PolicySync:
         if self.version is not None and policy_set.version <= self.version:
             return True  # a replica lagging behind the one we were on: never step back
         try:
-            self.engine.replace({p.id: p.text for p in policy_set.policies}, policy_set.version)
+            load_set(self.engine, policy_set)
         except PolicyError as exc:
             log.error("policy set %d does not load; keeping version %s: %s", policy_set.version, self.version, exc)
             return False

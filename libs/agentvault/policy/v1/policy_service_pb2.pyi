@@ -505,22 +505,972 @@ class PolicySet(_message.Message):
 
     VERSION_FIELD_NUMBER: _builtins.int
     POLICIES_FIELD_NUMBER: _builtins.int
+    GRANTS_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """Increases with every change to the policies."""
     @_builtins.property
     def policies(self) -> _containers.RepeatedCompositeFieldContainer[Global___Policy]:
         """The enabled policies."""
 
+    @_builtins.property
+    def grants(self) -> _containers.RepeatedCompositeFieldContainer[Global___Grant]:
+        """The grants in force (not expired, revoked or spent); the version moves with them too."""
+
     def __init__(
         self,
         *,
         version: _builtins.int = ...,
         policies: _abc.Iterable[Global___Policy] | None = ...,
+        grants: _abc.Iterable[Global___Grant] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["policies", b"policies", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grants", b"grants", "policies", b"policies", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PolicySet: _TypeAlias = PolicySet  # noqa: Y015
+
+@_typing.final
+class Connection(_message.Message):
+    """Connection is a caller (an agent, a person, an external client, a peer mesh) as seen by this mesh or by one
+    of its agents; created on the caller's first authenticated contact, with the trust its kind starts at.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    CALLER_KIND_FIELD_NUMBER: _builtins.int
+    CALLER_ID_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    TRUST_LEVEL_FIELD_NUMBER: _builtins.int
+    INTERACTIONS_FIELD_NUMBER: _builtins.int
+    VIOLATIONS_FIELD_NUMBER: _builtins.int
+    CLEAN_INTERACTIONS_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    LAST_SEEN_TIME_FIELD_NUMBER: _builtins.int
+    TRUST_CHANGE_TIME_FIELD_NUMBER: _builtins.int
+    RECENT_CHANGES_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Server-assigned UUID."""
+    caller_kind: _builtins.str
+    """The caller's kind: person, agent, peer or client."""
+    caller_id: _builtins.str
+    """The caller's id, as policies name it (Caller::<Kind>::"<id>")."""
+    agent_id: _builtins.str
+    """The agent that sees it; empty for the mesh itself."""
+    trust_level: _builtins.str
+    """blocked, untrusted, basic or trusted."""
+    interactions: _builtins.int
+    """Decisions made for it (allowed or not)."""
+    violations: _builtins.int
+    """Violations (refusals, bad signatures, rate abuse) since the trust level last changed, in the current window."""
+    clean_interactions: _builtins.int
+    """Interactions since the last violation or trust change, which an enabled promotion rule counts."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """First contact."""
+
+    @_builtins.property
+    def last_seen_time(self) -> _timestamp_pb2.Timestamp:
+        """Latest contact (kept to the minute)."""
+
+    @_builtins.property
+    def trust_change_time(self) -> _timestamp_pb2.Timestamp:
+        """Latest trust change."""
+
+    @_builtins.property
+    def recent_changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___TrustChange]:
+        """The latest trust changes, newest first (GetConnection only, up to 20)."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        caller_kind: _builtins.str = ...,
+        caller_id: _builtins.str = ...,
+        agent_id: _builtins.str = ...,
+        trust_level: _builtins.str = ...,
+        interactions: _builtins.int = ...,
+        violations: _builtins.int = ...,
+        clean_interactions: _builtins.int = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        last_seen_time: _timestamp_pb2.Timestamp | None = ...,
+        trust_change_time: _timestamp_pb2.Timestamp | None = ...,
+        recent_changes: _abc.Iterable[Global___TrustChange] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "last_seen_time", b"last_seen_time", "trust_change_time", b"trust_change_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "caller_id", b"caller_id", "caller_kind", b"caller_kind", "clean_interactions", b"clean_interactions", "create_time", b"create_time", "id", b"id", "interactions", b"interactions", "last_seen_time", b"last_seen_time", "recent_changes", b"recent_changes", "trust_change_time", b"trust_change_time", "trust_level", b"trust_level", "violations", b"violations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Connection: _TypeAlias = Connection  # noqa: Y015
+
+@_typing.final
+class TrustChange(_message.Message):
+    """TrustChange is one change of a connection's trust level, with its reason."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_LEVEL_FIELD_NUMBER: _builtins.int
+    TO_LEVEL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    CHANGED_BY_FIELD_NUMBER: _builtins.int
+    CHANGE_TIME_FIELD_NUMBER: _builtins.int
+    from_level: _builtins.str
+    """The level before."""
+    to_level: _builtins.str
+    """The level after."""
+    reason: _builtins.str
+    """Why: the caller's words for a manual change, the rule for an automatic one."""
+    changed_by: _builtins.str
+    """The principal that made it; "system" for an automatic change."""
+    @_builtins.property
+    def change_time(self) -> _timestamp_pb2.Timestamp:
+        """When."""
+
+    def __init__(
+        self,
+        *,
+        from_level: _builtins.str = ...,
+        to_level: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        changed_by: _builtins.str = ...,
+        change_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time", "changed_by", b"changed_by", "from_level", b"from_level", "reason", b"reason", "to_level", b"to_level"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrustChange: _TypeAlias = TrustChange  # noqa: Y015
+
+@_typing.final
+class ListConnectionsRequest(_message.Message):
+    """ListConnectionsRequest pages through connections."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TRUST_LEVEL_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Maximum results per page: default 50, maximum 500."""
+    page_token: _builtins.str
+    """Token from a previous response."""
+    trust_level: _builtins.str
+    """Only this trust level."""
+    agent_id: _builtins.str
+    """Only connections seen by this agent ("-" for the mesh itself)."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        trust_level: _builtins.str = ...,
+        agent_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "page_size", b"page_size", "page_token", b"page_token", "trust_level", b"trust_level"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListConnectionsRequest: _TypeAlias = ListConnectionsRequest  # noqa: Y015
+
+@_typing.final
+class ListConnectionsResponse(_message.Message):
+    """ListConnectionsResponse is one page of connections."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONNECTIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def connections(self) -> _containers.RepeatedCompositeFieldContainer[Global___Connection]:
+        """Connections, latest contact first."""
+
+    def __init__(
+        self,
+        *,
+        connections: _abc.Iterable[Global___Connection] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connections", b"connections", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListConnectionsResponse: _TypeAlias = ListConnectionsResponse  # noqa: Y015
+
+@_typing.final
+class GetConnectionRequest(_message.Message):
+    """GetConnectionRequest names a connection."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The connection's UUID."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetConnectionRequest: _TypeAlias = GetConnectionRequest  # noqa: Y015
+
+@_typing.final
+class SetTrustLevelRequest(_message.Message):
+    """SetTrustLevelRequest sets a connection's trust."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TRUST_LEVEL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The connection's UUID."""
+    trust_level: _builtins.str
+    """blocked, untrusted, basic or trusted."""
+    reason: _builtins.str
+    """Why, 1-500 characters; recorded with the change."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        trust_level: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "reason", b"reason", "trust_level", b"trust_level"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetTrustLevelRequest: _TypeAlias = SetTrustLevelRequest  # noqa: Y015
+
+@_typing.final
+class ListTrustChangesRequest(_message.Message):
+    """ListTrustChangesRequest pages through a connection's trust changes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONNECTION_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    connection_id: _builtins.str
+    """The connection's UUID."""
+    page_size: _builtins.int
+    """Maximum results per page: default 50, maximum 500."""
+    page_token: _builtins.str
+    """Token from a previous response."""
+    def __init__(
+        self,
+        *,
+        connection_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_id", b"connection_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTrustChangesRequest: _TypeAlias = ListTrustChangesRequest  # noqa: Y015
+
+@_typing.final
+class ListTrustChangesResponse(_message.Message):
+    """ListTrustChangesResponse is one page of trust changes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___TrustChange]:
+        """Changes, newest first."""
+
+    def __init__(
+        self,
+        *,
+        changes: _abc.Iterable[Global___TrustChange] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTrustChangesResponse: _TypeAlias = ListTrustChangesResponse  # noqa: Y015
+
+@_typing.final
+class Grant(_message.Message):
+    """Grant is a permit for one caller, one action and one target until it expires, limited in uses when asked."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    CALLER_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    USES_LEFT_FIELD_NUMBER: _builtins.int
+    APPROVAL_ID_FIELD_NUMBER: _builtins.int
+    GRANTED_BY_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    REVOKE_TIME_FIELD_NUMBER: _builtins.int
+    TARGET_AGENT_ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Server-assigned UUID."""
+    caller: _builtins.str
+    """Who may: Caller::<Kind>::"<id>"."""
+    action: _builtins.str
+    """What it may do, e.g. tool.invoke."""
+    target: _builtins.str
+    """To what: Target::<Type>::"<id>"."""
+    uses_left: _builtins.int
+    """Uses left; 0 means unlimited until it expires."""
+    approval_id: _builtins.str
+    """The approval it came from, if any."""
+    granted_by: _builtins.str
+    """Who made it: the approver, or "policy" for an allowed request."""
+    target_agent_id: _builtins.str
+    """The agent that owns its target (who may revoke it)."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When it ends."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was made."""
+
+    @_builtins.property
+    def revoke_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was revoked; unset while in force."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        caller: _builtins.str = ...,
+        action: _builtins.str = ...,
+        target: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        uses_left: _builtins.int = ...,
+        approval_id: _builtins.str = ...,
+        granted_by: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        revoke_time: _timestamp_pb2.Timestamp | None = ...,
+        target_agent_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "revoke_time", b"revoke_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "approval_id", b"approval_id", "caller", b"caller", "create_time", b"create_time", "expire_time", b"expire_time", "granted_by", b"granted_by", "id", b"id", "revoke_time", b"revoke_time", "target", b"target", "target_agent_id", b"target_agent_id", "uses_left", b"uses_left"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Grant: _TypeAlias = Grant  # noqa: Y015
+
+@_typing.final
+class Approval(_message.Message):
+    """Approval is an "ask" decision waiting for (or given) a person's answer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    CALLER_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    TARGET_AGENT_ID_FIELD_NUMBER: _builtins.int
+    PURPOSE_FIELD_NUMBER: _builtins.int
+    REASONS_FIELD_NUMBER: _builtins.int
+    POLICY_IDS_FIELD_NUMBER: _builtins.int
+    GRANT_ACTION_FIELD_NUMBER: _builtins.int
+    GRANT_TARGET_FIELD_NUMBER: _builtins.int
+    GRANT_DURATION_SECONDS_FIELD_NUMBER: _builtins.int
+    GRANT_USES_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    DECIDED_BY_FIELD_NUMBER: _builtins.int
+    DECIDE_TIME_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Server-assigned UUID."""
+    status: _builtins.str
+    """pending, approved, denied or expired."""
+    caller: _builtins.str
+    """Who asked: Caller::<Kind>::"<id>"."""
+    action: _builtins.str
+    """The action asked about, e.g. capability.request."""
+    target: _builtins.str
+    """The target asked about: Target::<Type>::"<id>"."""
+    target_agent_id: _builtins.str
+    """The agent the target belongs to, whose owner may answer."""
+    purpose: _builtins.str
+    """Why the caller asks (its stated purpose)."""
+    grant_action: _builtins.str
+    """What an approval grants: this action on grant_target (for a capability: the action that uses it)."""
+    grant_target: _builtins.str
+    """The grant's target."""
+    grant_duration_seconds: _builtins.int
+    """The grant's requested duration, seconds."""
+    grant_uses: _builtins.int
+    """The grant's requested uses; 0 means unlimited."""
+    decided_by: _builtins.str
+    """Who answered it."""
+    note: _builtins.str
+    """The answerer's note, shown to the caller."""
+    grant_id: _builtins.str
+    """The grant an approval made."""
+    @_builtins.property
+    def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The decision's explanation: the asking policies and their reasons."""
+
+    @_builtins.property
+    def policy_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The policies that asked."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was asked."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When it expires unanswered."""
+
+    @_builtins.property
+    def decide_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was answered."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        status: _builtins.str = ...,
+        caller: _builtins.str = ...,
+        action: _builtins.str = ...,
+        target: _builtins.str = ...,
+        target_agent_id: _builtins.str = ...,
+        purpose: _builtins.str = ...,
+        reasons: _abc.Iterable[_builtins.str] | None = ...,
+        policy_ids: _abc.Iterable[_builtins.str] | None = ...,
+        grant_action: _builtins.str = ...,
+        grant_target: _builtins.str = ...,
+        grant_duration_seconds: _builtins.int = ...,
+        grant_uses: _builtins.int = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        decided_by: _builtins.str = ...,
+        decide_time: _timestamp_pb2.Timestamp | None = ...,
+        note: _builtins.str = ...,
+        grant_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "decide_time", b"decide_time", "expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "caller", b"caller", "create_time", b"create_time", "decide_time", b"decide_time", "decided_by", b"decided_by", "expire_time", b"expire_time", "grant_action", b"grant_action", "grant_duration_seconds", b"grant_duration_seconds", "grant_id", b"grant_id", "grant_target", b"grant_target", "grant_uses", b"grant_uses", "id", b"id", "note", b"note", "policy_ids", b"policy_ids", "purpose", b"purpose", "reasons", b"reasons", "status", b"status", "target", b"target", "target_agent_id", b"target_agent_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Approval: _TypeAlias = Approval  # noqa: Y015
+
+@_typing.final
+class RequestCapabilityRequest(_message.Message):
+    """RequestCapabilityRequest asks for a capability of an agent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    CAPABILITY_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    VERSION_CONSTRAINT_FIELD_NUMBER: _builtins.int
+    PURPOSE_FIELD_NUMBER: _builtins.int
+    MAX_CALLS_FIELD_NUMBER: _builtins.int
+    DURATION_SECONDS_FIELD_NUMBER: _builtins.int
+    WAIT_SECONDS_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    """The agent that offers it (its UUID)."""
+    capability: _builtins.str
+    """The capability's name."""
+    kind: _builtins.str
+    """Its kind: tool, skill or model; empty matches any kind with this name."""
+    version_constraint: _builtins.str
+    """A version constraint (e.g. ">=1.2,<2"); empty accepts any version."""
+    purpose: _builtins.str
+    """Why, at most 2000 characters; shown to whoever approves."""
+    max_calls: _builtins.int
+    """The most calls the grant allows; 0 means unlimited until it expires."""
+    duration_seconds: _builtins.int
+    """How long the grant should last: 1 s to 30 days; default 3600."""
+    wait_seconds: _builtins.int
+    """How long to wait for an approval when the policies ask: 0 (default) answers pending at once; at most 60."""
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        capability: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        version_constraint: _builtins.str = ...,
+        purpose: _builtins.str = ...,
+        max_calls: _builtins.int = ...,
+        duration_seconds: _builtins.int = ...,
+        wait_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "capability", b"capability", "duration_seconds", b"duration_seconds", "kind", b"kind", "max_calls", b"max_calls", "purpose", b"purpose", "version_constraint", b"version_constraint", "wait_seconds", b"wait_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestCapabilityRequest: _TypeAlias = RequestCapabilityRequest  # noqa: Y015
+
+@_typing.final
+class CapabilityDecision(_message.Message):
+    """CapabilityDecision is the answer to a permission request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISION_FIELD_NUMBER: _builtins.int
+    REASONS_FIELD_NUMBER: _builtins.int
+    POLICY_IDS_FIELD_NUMBER: _builtins.int
+    GRANT_FIELD_NUMBER: _builtins.int
+    APPROVAL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    decision: _builtins.str
+    """allow (a grant), deny, or ask (an approval still pending)."""
+    version: _builtins.str
+    """The capability's advertised version that matched the constraint."""
+    kind: _builtins.str
+    """The capability's kind."""
+    @_builtins.property
+    def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Why, in sentences a caller can be shown."""
+
+    @_builtins.property
+    def policy_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The policies that decided."""
+
+    @_builtins.property
+    def grant(self) -> Global___Grant:
+        """The grant, on allow."""
+
+    @_builtins.property
+    def approval(self) -> Global___Approval:
+        """The approval, on ask (and when an approval decided the answer)."""
+
+    def __init__(
+        self,
+        *,
+        decision: _builtins.str = ...,
+        reasons: _abc.Iterable[_builtins.str] | None = ...,
+        policy_ids: _abc.Iterable[_builtins.str] | None = ...,
+        grant: Global___Grant | None = ...,
+        approval: Global___Approval | None = ...,
+        version: _builtins.str = ...,
+        kind: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "grant", b"grant"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "decision", b"decision", "grant", b"grant", "kind", b"kind", "policy_ids", b"policy_ids", "reasons", b"reasons", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CapabilityDecision: _TypeAlias = CapabilityDecision  # noqa: Y015
+
+@_typing.final
+class ListApprovalsRequest(_message.Message):
+    """ListApprovalsRequest pages through approvals."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Maximum results per page: default 50, maximum 500."""
+    page_token: _builtins.str
+    """Token from a previous response."""
+    status: _builtins.str
+    """Only this status: pending, approved, denied or expired."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        status: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListApprovalsRequest: _TypeAlias = ListApprovalsRequest  # noqa: Y015
+
+@_typing.final
+class ListApprovalsResponse(_message.Message):
+    """ListApprovalsResponse is one page of approvals."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPROVALS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def approvals(self) -> _containers.RepeatedCompositeFieldContainer[Global___Approval]:
+        """Approvals, newest first."""
+
+    def __init__(
+        self,
+        *,
+        approvals: _abc.Iterable[Global___Approval] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvals", b"approvals", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListApprovalsResponse: _TypeAlias = ListApprovalsResponse  # noqa: Y015
+
+@_typing.final
+class GetApprovalRequest(_message.Message):
+    """GetApprovalRequest names an approval."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The approval's UUID."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetApprovalRequest: _TypeAlias = GetApprovalRequest  # noqa: Y015
+
+@_typing.final
+class ApproveApprovalRequest(_message.Message):
+    """ApproveApprovalRequest answers yes, optionally narrowing the grant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    DURATION_SECONDS_FIELD_NUMBER: _builtins.int
+    USES_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The approval's UUID."""
+    duration_seconds: _builtins.int
+    """The grant's duration in seconds; 0 keeps the requested one; at most 30 days."""
+    uses: _builtins.int
+    """The grant's uses; 0 keeps the requested ones."""
+    note: _builtins.str
+    """A note for the caller, at most 500 characters."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        duration_seconds: _builtins.int = ...,
+        uses: _builtins.int = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_seconds", b"duration_seconds", "id", b"id", "note", b"note", "uses", b"uses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveApprovalRequest: _TypeAlias = ApproveApprovalRequest  # noqa: Y015
+
+@_typing.final
+class DenyApprovalRequest(_message.Message):
+    """DenyApprovalRequest answers no."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The approval's UUID."""
+    note: _builtins.str
+    """Why, for the caller, at most 500 characters."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "note", b"note"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DenyApprovalRequest: _TypeAlias = DenyApprovalRequest  # noqa: Y015
+
+@_typing.final
+class WatchApprovalsRequest(_message.Message):
+    """WatchApprovalsRequest starts a watch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INCLUDE_ANSWERED_FIELD_NUMBER: _builtins.int
+    include_answered: _builtins.bool
+    """Also send approvals answered or expired (default: only pending ones and their outcome)."""
+    def __init__(
+        self,
+        *,
+        include_answered: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_answered", b"include_answered"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchApprovalsRequest: _TypeAlias = WatchApprovalsRequest  # noqa: Y015
+
+@_typing.final
+class ApprovalEvent(_message.Message):
+    """ApprovalEvent is one approval as it arrived or changed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    APPROVAL_FIELD_NUMBER: _builtins.int
+    event: _builtins.str
+    """created (a new pending approval), approved, denied, expired, or pending (one already waiting when the
+    watch began).
+    """
+    @_builtins.property
+    def approval(self) -> Global___Approval:
+        """The approval as it is now."""
+
+    def __init__(
+        self,
+        *,
+        event: _builtins.str = ...,
+        approval: Global___Approval | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "event", b"event"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApprovalEvent: _TypeAlias = ApprovalEvent  # noqa: Y015
+
+@_typing.final
+class ListGrantsRequest(_message.Message):
+    """ListGrantsRequest pages through grants."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    INCLUDE_ENDED_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Maximum results per page: default 50, maximum 500."""
+    page_token: _builtins.str
+    """Token from a previous response."""
+    include_ended: _builtins.bool
+    """Also those expired, revoked or spent."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        include_ended: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_ended", b"include_ended", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListGrantsRequest: _TypeAlias = ListGrantsRequest  # noqa: Y015
+
+@_typing.final
+class ListGrantsResponse(_message.Message):
+    """ListGrantsResponse is one page of grants."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def grants(self) -> _containers.RepeatedCompositeFieldContainer[Global___Grant]:
+        """Grants, newest first."""
+
+    def __init__(
+        self,
+        *,
+        grants: _abc.Iterable[Global___Grant] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grants", b"grants", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListGrantsResponse: _TypeAlias = ListGrantsResponse  # noqa: Y015
+
+@_typing.final
+class RevokeGrantRequest(_message.Message):
+    """RevokeGrantRequest names a grant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The grant's UUID."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeGrantRequest: _TypeAlias = RevokeGrantRequest  # noqa: Y015
+
+@_typing.final
+class Decision(_message.Message):
+    """Decision is one entry of the decision log."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECIDE_TIME_FIELD_NUMBER: _builtins.int
+    CALLER_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    POLICY_IDS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    caller: _builtins.str
+    """The caller: Caller::<Kind>::"<id>"."""
+    action: _builtins.str
+    """The action."""
+    target: _builtins.str
+    """The target: Target::<Type>::"<id>"."""
+    outcome: _builtins.str
+    """allow, deny or ask."""
+    reason: _builtins.str
+    """Why."""
+    @_builtins.property
+    def decide_time(self) -> _timestamp_pb2.Timestamp:
+        """When."""
+
+    @_builtins.property
+    def policy_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The deciding policies."""
+
+    def __init__(
+        self,
+        *,
+        decide_time: _timestamp_pb2.Timestamp | None = ...,
+        caller: _builtins.str = ...,
+        action: _builtins.str = ...,
+        target: _builtins.str = ...,
+        outcome: _builtins.str = ...,
+        policy_ids: _abc.Iterable[_builtins.str] | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["decide_time", b"decide_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "caller", b"caller", "decide_time", b"decide_time", "outcome", b"outcome", "policy_ids", b"policy_ids", "reason", b"reason", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Decision: _TypeAlias = Decision  # noqa: Y015
+
+@_typing.final
+class ListDecisionsRequest(_message.Message):
+    """ListDecisionsRequest pages through the decision log."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Maximum results per page: default 50, maximum 500."""
+    page_token: _builtins.str
+    """Token from a previous response."""
+    outcome: _builtins.str
+    """Only this outcome: allow, deny or ask."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        outcome: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDecisionsRequest: _TypeAlias = ListDecisionsRequest  # noqa: Y015
+
+@_typing.final
+class ListDecisionsResponse(_message.Message):
+    """ListDecisionsResponse is one page of the decision log."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Decision]:
+        """Decisions, newest first."""
+
+    def __init__(
+        self,
+        *,
+        decisions: _abc.Iterable[Global___Decision] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decisions", b"decisions", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDecisionsResponse: _TypeAlias = ListDecisionsResponse  # noqa: Y015

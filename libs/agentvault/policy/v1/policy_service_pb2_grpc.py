@@ -73,6 +73,71 @@ class PolicyServiceStub:
                 request_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.WatchPoliciesRequest.SerializeToString,
                 response_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.PolicySet.FromString,
                 _registered_method=True)
+        self.ListConnections = channel.unary_unary(
+                '/agentvault.policy.v1.PolicyService/ListConnections',
+                request_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ListConnectionsRequest.SerializeToString,
+                response_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ListConnectionsResponse.FromString,
+                _registered_method=True)
+        self.GetConnection = channel.unary_unary(
+                '/agentvault.policy.v1.PolicyService/GetConnection',
+                request_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.GetConnectionRequest.SerializeToString,
+                response_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.Connection.FromString,
+                _registered_method=True)
+        self.SetTrustLevel = channel.unary_unary(
+                '/agentvault.policy.v1.PolicyService/SetTrustLevel',
+                request_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.SetTrustLevelRequest.SerializeToString,
+                response_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.Connection.FromString,
+                _registered_method=True)
+        self.ListTrustChanges = channel.unary_unary(
+                '/agentvault.policy.v1.PolicyService/ListTrustChanges',
+                request_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ListTrustChangesRequest.SerializeToString,
+                response_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ListTrustChangesResponse.FromString,
+                _registered_method=True)
+        self.RequestCapability = channel.unary_unary(
+                '/agentvault.policy.v1.PolicyService/RequestCapability',
+                request_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.RequestCapabilityRequest.SerializeToString,
+                response_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.CapabilityDecision.FromString,
+                _registered_method=True)
+        self.ListApprovals = channel.unary_unary(
+                '/agentvault.policy.v1.PolicyService/ListApprovals',
+                request_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ListApprovalsRequest.SerializeToString,
+                response_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ListApprovalsResponse.FromString,
+                _registered_method=True)
+        self.GetApproval = channel.unary_unary(
+                '/agentvault.policy.v1.PolicyService/GetApproval',
+                request_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.GetApprovalRequest.SerializeToString,
+                response_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.Approval.FromString,
+                _registered_method=True)
+        self.ApproveApproval = channel.unary_unary(
+                '/agentvault.policy.v1.PolicyService/ApproveApproval',
+                request_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ApproveApprovalRequest.SerializeToString,
+                response_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.Approval.FromString,
+                _registered_method=True)
+        self.DenyApproval = channel.unary_unary(
+                '/agentvault.policy.v1.PolicyService/DenyApproval',
+                request_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.DenyApprovalRequest.SerializeToString,
+                response_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.Approval.FromString,
+                _registered_method=True)
+        self.WatchApprovals = channel.unary_stream(
+                '/agentvault.policy.v1.PolicyService/WatchApprovals',
+                request_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.WatchApprovalsRequest.SerializeToString,
+                response_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ApprovalEvent.FromString,
+                _registered_method=True)
+        self.ListGrants = channel.unary_unary(
+                '/agentvault.policy.v1.PolicyService/ListGrants',
+                request_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ListGrantsRequest.SerializeToString,
+                response_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ListGrantsResponse.FromString,
+                _registered_method=True)
+        self.RevokeGrant = channel.unary_unary(
+                '/agentvault.policy.v1.PolicyService/RevokeGrant',
+                request_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.RevokeGrantRequest.SerializeToString,
+                response_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.Grant.FromString,
+                _registered_method=True)
+        self.ListDecisions = channel.unary_unary(
+                '/agentvault.policy.v1.PolicyService/ListDecisions',
+                request_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ListDecisionsRequest.SerializeToString,
+                response_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ListDecisionsResponse.FromString,
+                _registered_method=True)
 
 
 class PolicyServiceServicer:
@@ -133,6 +198,106 @@ class PolicyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListConnections(self, request, context):
+        """ListConnections pages through the connections this mesh and its agents have with callers, newest contact
+        first. An admin (or policies:admin/policies:read) sees every one; anyone else those seen by agents they own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetConnection(self, request, context):
+        """GetConnection returns one connection with its recent trust changes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetTrustLevel(self, request, context):
+        """SetTrustLevel sets a connection's trust level, recording the reason; the owner of the agent that sees the
+        connection or an admin (policies:admin) may.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTrustChanges(self, request, context):
+        """ListTrustChanges pages through a connection's trust changes, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RequestCapability(self, request, context):
+        """RequestCapability is the permission request: the caller asks for a capability of an agent (a version
+        constraint, a purpose, limits and a duration). The policies answer allow (a grant), deny (with the reasons)
+        or ask (a pending approval, which the caller may wait for up to wait_seconds, or poll and watch).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApprovals(self, request, context):
+        """ListApprovals pages through approvals, newest first: an admin sees every one, anyone else those it asked for
+        and those about agents it owns.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetApproval(self, request, context):
+        """GetApproval returns one approval (to its requester, the owner of its target, or an admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApproveApproval(self, request, context):
+        """ApproveApproval answers a pending approval yes: it becomes a grant (scoped to its caller, action and target,
+        expiring, limited in uses when asked, revocable). The owner of the target or an admin may.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DenyApproval(self, request, context):
+        """DenyApproval answers a pending approval no; its requester gets a clear refusal.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchApprovals(self, request, context):
+        """WatchApprovals streams the approvals the caller may see as they arrive and as they are answered or expire:
+        the pending ones at once, then every change (SSE and WebSocket at the edge).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListGrants(self, request, context):
+        """ListGrants pages through the grants in force, newest first: an admin sees every one, anyone else those it
+        holds and those on agents it owns.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeGrant(self, request, context):
+        """RevokeGrant ends a grant at once (its holder, the owner of its target, or an admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDecisions(self, request, context):
+        """ListDecisions pages through the decision log (every deny and ask, allows when kept), newest first. Admin
+        (policies:admin or policies:read).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PolicyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -170,6 +335,71 @@ def add_PolicyServiceServicer_to_server(servicer, server):
                     servicer.WatchPolicies,
                     request_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.WatchPoliciesRequest.FromString,
                     response_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.PolicySet.SerializeToString,
+            ),
+            'ListConnections': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListConnections,
+                    request_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ListConnectionsRequest.FromString,
+                    response_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ListConnectionsResponse.SerializeToString,
+            ),
+            'GetConnection': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetConnection,
+                    request_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.GetConnectionRequest.FromString,
+                    response_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.Connection.SerializeToString,
+            ),
+            'SetTrustLevel': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTrustLevel,
+                    request_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.SetTrustLevelRequest.FromString,
+                    response_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.Connection.SerializeToString,
+            ),
+            'ListTrustChanges': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTrustChanges,
+                    request_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ListTrustChangesRequest.FromString,
+                    response_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ListTrustChangesResponse.SerializeToString,
+            ),
+            'RequestCapability': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequestCapability,
+                    request_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.RequestCapabilityRequest.FromString,
+                    response_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.CapabilityDecision.SerializeToString,
+            ),
+            'ListApprovals': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApprovals,
+                    request_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ListApprovalsRequest.FromString,
+                    response_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ListApprovalsResponse.SerializeToString,
+            ),
+            'GetApproval': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetApproval,
+                    request_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.GetApprovalRequest.FromString,
+                    response_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.Approval.SerializeToString,
+            ),
+            'ApproveApproval': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveApproval,
+                    request_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ApproveApprovalRequest.FromString,
+                    response_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.Approval.SerializeToString,
+            ),
+            'DenyApproval': grpc.unary_unary_rpc_method_handler(
+                    servicer.DenyApproval,
+                    request_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.DenyApprovalRequest.FromString,
+                    response_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.Approval.SerializeToString,
+            ),
+            'WatchApprovals': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchApprovals,
+                    request_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.WatchApprovalsRequest.FromString,
+                    response_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ApprovalEvent.SerializeToString,
+            ),
+            'ListGrants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListGrants,
+                    request_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ListGrantsRequest.FromString,
+                    response_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ListGrantsResponse.SerializeToString,
+            ),
+            'RevokeGrant': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeGrant,
+                    request_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.RevokeGrantRequest.FromString,
+                    response_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.Grant.SerializeToString,
+            ),
+            'ListDecisions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDecisions,
+                    request_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ListDecisionsRequest.FromString,
+                    response_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ListDecisionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -364,6 +594,357 @@ class PolicyService:
             '/agentvault.policy.v1.PolicyService/WatchPolicies',
             agentvault_dot_policy_dot_v1_dot_policy__service__pb2.WatchPoliciesRequest.SerializeToString,
             agentvault_dot_policy_dot_v1_dot_policy__service__pb2.PolicySet.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListConnections(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentvault.policy.v1.PolicyService/ListConnections',
+            agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ListConnectionsRequest.SerializeToString,
+            agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ListConnectionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetConnection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentvault.policy.v1.PolicyService/GetConnection',
+            agentvault_dot_policy_dot_v1_dot_policy__service__pb2.GetConnectionRequest.SerializeToString,
+            agentvault_dot_policy_dot_v1_dot_policy__service__pb2.Connection.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTrustLevel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentvault.policy.v1.PolicyService/SetTrustLevel',
+            agentvault_dot_policy_dot_v1_dot_policy__service__pb2.SetTrustLevelRequest.SerializeToString,
+            agentvault_dot_policy_dot_v1_dot_policy__service__pb2.Connection.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTrustChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentvault.policy.v1.PolicyService/ListTrustChanges',
+            agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ListTrustChangesRequest.SerializeToString,
+            agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ListTrustChangesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequestCapability(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentvault.policy.v1.PolicyService/RequestCapability',
+            agentvault_dot_policy_dot_v1_dot_policy__service__pb2.RequestCapabilityRequest.SerializeToString,
+            agentvault_dot_policy_dot_v1_dot_policy__service__pb2.CapabilityDecision.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApprovals(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentvault.policy.v1.PolicyService/ListApprovals',
+            agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ListApprovalsRequest.SerializeToString,
+            agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ListApprovalsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetApproval(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentvault.policy.v1.PolicyService/GetApproval',
+            agentvault_dot_policy_dot_v1_dot_policy__service__pb2.GetApprovalRequest.SerializeToString,
+            agentvault_dot_policy_dot_v1_dot_policy__service__pb2.Approval.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveApproval(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentvault.policy.v1.PolicyService/ApproveApproval',
+            agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ApproveApprovalRequest.SerializeToString,
+            agentvault_dot_policy_dot_v1_dot_policy__service__pb2.Approval.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DenyApproval(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentvault.policy.v1.PolicyService/DenyApproval',
+            agentvault_dot_policy_dot_v1_dot_policy__service__pb2.DenyApprovalRequest.SerializeToString,
+            agentvault_dot_policy_dot_v1_dot_policy__service__pb2.Approval.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchApprovals(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/agentvault.policy.v1.PolicyService/WatchApprovals',
+            agentvault_dot_policy_dot_v1_dot_policy__service__pb2.WatchApprovalsRequest.SerializeToString,
+            agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ApprovalEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListGrants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentvault.policy.v1.PolicyService/ListGrants',
+            agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ListGrantsRequest.SerializeToString,
+            agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ListGrantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeGrant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentvault.policy.v1.PolicyService/RevokeGrant',
+            agentvault_dot_policy_dot_v1_dot_policy__service__pb2.RevokeGrantRequest.SerializeToString,
+            agentvault_dot_policy_dot_v1_dot_policy__service__pb2.Grant.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDecisions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentvault.policy.v1.PolicyService/ListDecisions',
+            agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ListDecisionsRequest.SerializeToString,
+            agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ListDecisionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

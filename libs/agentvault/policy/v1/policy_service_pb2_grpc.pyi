@@ -56,6 +56,49 @@ class PolicyServiceStub:
     """WatchPolicies streams the enabled policies: the current set at once, then the whole set again after each
     change. Internal: no HTTP route; the enforcing services follow it (agentvault.common.policy.sync).
     """
+    ListConnections: _grpc.UnaryUnaryMultiCallable[_policy_service_pb2.ListConnectionsRequest, _policy_service_pb2.ListConnectionsResponse]
+    """ListConnections pages through the connections this mesh and its agents have with callers, newest contact
+    first. An admin (or policies:admin/policies:read) sees every one; anyone else those seen by agents they own.
+    """
+    GetConnection: _grpc.UnaryUnaryMultiCallable[_policy_service_pb2.GetConnectionRequest, _policy_service_pb2.Connection]
+    """GetConnection returns one connection with its recent trust changes."""
+    SetTrustLevel: _grpc.UnaryUnaryMultiCallable[_policy_service_pb2.SetTrustLevelRequest, _policy_service_pb2.Connection]
+    """SetTrustLevel sets a connection's trust level, recording the reason; the owner of the agent that sees the
+    connection or an admin (policies:admin) may.
+    """
+    ListTrustChanges: _grpc.UnaryUnaryMultiCallable[_policy_service_pb2.ListTrustChangesRequest, _policy_service_pb2.ListTrustChangesResponse]
+    """ListTrustChanges pages through a connection's trust changes, newest first."""
+    RequestCapability: _grpc.UnaryUnaryMultiCallable[_policy_service_pb2.RequestCapabilityRequest, _policy_service_pb2.CapabilityDecision]
+    """RequestCapability is the permission request: the caller asks for a capability of an agent (a version
+    constraint, a purpose, limits and a duration). The policies answer allow (a grant), deny (with the reasons)
+    or ask (a pending approval, which the caller may wait for up to wait_seconds, or poll and watch).
+    """
+    ListApprovals: _grpc.UnaryUnaryMultiCallable[_policy_service_pb2.ListApprovalsRequest, _policy_service_pb2.ListApprovalsResponse]
+    """ListApprovals pages through approvals, newest first: an admin sees every one, anyone else those it asked for
+    and those about agents it owns.
+    """
+    GetApproval: _grpc.UnaryUnaryMultiCallable[_policy_service_pb2.GetApprovalRequest, _policy_service_pb2.Approval]
+    """GetApproval returns one approval (to its requester, the owner of its target, or an admin)."""
+    ApproveApproval: _grpc.UnaryUnaryMultiCallable[_policy_service_pb2.ApproveApprovalRequest, _policy_service_pb2.Approval]
+    """ApproveApproval answers a pending approval yes: it becomes a grant (scoped to its caller, action and target,
+    expiring, limited in uses when asked, revocable). The owner of the target or an admin may.
+    """
+    DenyApproval: _grpc.UnaryUnaryMultiCallable[_policy_service_pb2.DenyApprovalRequest, _policy_service_pb2.Approval]
+    """DenyApproval answers a pending approval no; its requester gets a clear refusal."""
+    WatchApprovals: _grpc.UnaryStreamMultiCallable[_policy_service_pb2.WatchApprovalsRequest, _policy_service_pb2.ApprovalEvent]
+    """WatchApprovals streams the approvals the caller may see as they arrive and as they are answered or expire:
+    the pending ones at once, then every change (SSE and WebSocket at the edge).
+    """
+    ListGrants: _grpc.UnaryUnaryMultiCallable[_policy_service_pb2.ListGrantsRequest, _policy_service_pb2.ListGrantsResponse]
+    """ListGrants pages through the grants in force, newest first: an admin sees every one, anyone else those it
+    holds and those on agents it owns.
+    """
+    RevokeGrant: _grpc.UnaryUnaryMultiCallable[_policy_service_pb2.RevokeGrantRequest, _policy_service_pb2.Grant]
+    """RevokeGrant ends a grant at once (its holder, the owner of its target, or an admin)."""
+    ListDecisions: _grpc.UnaryUnaryMultiCallable[_policy_service_pb2.ListDecisionsRequest, _policy_service_pb2.ListDecisionsResponse]
+    """ListDecisions pages through the decision log (every deny and ask, allows when kept), newest first. Admin
+    (policies:admin or policies:read).
+    """
 
 @_typing.type_check_only
 class PolicyServiceAsyncStub(PolicyServiceStub):
@@ -83,6 +126,49 @@ class PolicyServiceAsyncStub(PolicyServiceStub):
     WatchPolicies: _aio.UnaryStreamMultiCallable[_policy_service_pb2.WatchPoliciesRequest, _policy_service_pb2.PolicySet]  # type: ignore[assignment]
     """WatchPolicies streams the enabled policies: the current set at once, then the whole set again after each
     change. Internal: no HTTP route; the enforcing services follow it (agentvault.common.policy.sync).
+    """
+    ListConnections: _aio.UnaryUnaryMultiCallable[_policy_service_pb2.ListConnectionsRequest, _policy_service_pb2.ListConnectionsResponse]  # type: ignore[assignment]
+    """ListConnections pages through the connections this mesh and its agents have with callers, newest contact
+    first. An admin (or policies:admin/policies:read) sees every one; anyone else those seen by agents they own.
+    """
+    GetConnection: _aio.UnaryUnaryMultiCallable[_policy_service_pb2.GetConnectionRequest, _policy_service_pb2.Connection]  # type: ignore[assignment]
+    """GetConnection returns one connection with its recent trust changes."""
+    SetTrustLevel: _aio.UnaryUnaryMultiCallable[_policy_service_pb2.SetTrustLevelRequest, _policy_service_pb2.Connection]  # type: ignore[assignment]
+    """SetTrustLevel sets a connection's trust level, recording the reason; the owner of the agent that sees the
+    connection or an admin (policies:admin) may.
+    """
+    ListTrustChanges: _aio.UnaryUnaryMultiCallable[_policy_service_pb2.ListTrustChangesRequest, _policy_service_pb2.ListTrustChangesResponse]  # type: ignore[assignment]
+    """ListTrustChanges pages through a connection's trust changes, newest first."""
+    RequestCapability: _aio.UnaryUnaryMultiCallable[_policy_service_pb2.RequestCapabilityRequest, _policy_service_pb2.CapabilityDecision]  # type: ignore[assignment]
+    """RequestCapability is the permission request: the caller asks for a capability of an agent (a version
+    constraint, a purpose, limits and a duration). The policies answer allow (a grant), deny (with the reasons)
+    or ask (a pending approval, which the caller may wait for up to wait_seconds, or poll and watch).
+    """
+    ListApprovals: _aio.UnaryUnaryMultiCallable[_policy_service_pb2.ListApprovalsRequest, _policy_service_pb2.ListApprovalsResponse]  # type: ignore[assignment]
+    """ListApprovals pages through approvals, newest first: an admin sees every one, anyone else those it asked for
+    and those about agents it owns.
+    """
+    GetApproval: _aio.UnaryUnaryMultiCallable[_policy_service_pb2.GetApprovalRequest, _policy_service_pb2.Approval]  # type: ignore[assignment]
+    """GetApproval returns one approval (to its requester, the owner of its target, or an admin)."""
+    ApproveApproval: _aio.UnaryUnaryMultiCallable[_policy_service_pb2.ApproveApprovalRequest, _policy_service_pb2.Approval]  # type: ignore[assignment]
+    """ApproveApproval answers a pending approval yes: it becomes a grant (scoped to its caller, action and target,
+    expiring, limited in uses when asked, revocable). The owner of the target or an admin may.
+    """
+    DenyApproval: _aio.UnaryUnaryMultiCallable[_policy_service_pb2.DenyApprovalRequest, _policy_service_pb2.Approval]  # type: ignore[assignment]
+    """DenyApproval answers a pending approval no; its requester gets a clear refusal."""
+    WatchApprovals: _aio.UnaryStreamMultiCallable[_policy_service_pb2.WatchApprovalsRequest, _policy_service_pb2.ApprovalEvent]  # type: ignore[assignment]
+    """WatchApprovals streams the approvals the caller may see as they arrive and as they are answered or expire:
+    the pending ones at once, then every change (SSE and WebSocket at the edge).
+    """
+    ListGrants: _aio.UnaryUnaryMultiCallable[_policy_service_pb2.ListGrantsRequest, _policy_service_pb2.ListGrantsResponse]  # type: ignore[assignment]
+    """ListGrants pages through the grants in force, newest first: an admin sees every one, anyone else those it
+    holds and those on agents it owns.
+    """
+    RevokeGrant: _aio.UnaryUnaryMultiCallable[_policy_service_pb2.RevokeGrantRequest, _policy_service_pb2.Grant]  # type: ignore[assignment]
+    """RevokeGrant ends a grant at once (its holder, the owner of its target, or an admin)."""
+    ListDecisions: _aio.UnaryUnaryMultiCallable[_policy_service_pb2.ListDecisionsRequest, _policy_service_pb2.ListDecisionsResponse]  # type: ignore[assignment]
+    """ListDecisions pages through the decision log (every deny and ask, allows when kept), newest first. Admin
+    (policies:admin or policies:read).
     """
 
 class PolicyServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -150,6 +236,127 @@ class PolicyServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_policy_service_pb2.PolicySet], _abc.AsyncIterator[_policy_service_pb2.PolicySet]]:
         """WatchPolicies streams the enabled policies: the current set at once, then the whole set again after each
         change. Internal: no HTTP route; the enforcing services follow it (agentvault.common.policy.sync).
+        """
+
+    @_abc_1.abstractmethod
+    def ListConnections(
+        self,
+        request: _policy_service_pb2.ListConnectionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_service_pb2.ListConnectionsResponse, _abc.Awaitable[_policy_service_pb2.ListConnectionsResponse]]:
+        """ListConnections pages through the connections this mesh and its agents have with callers, newest contact
+        first. An admin (or policies:admin/policies:read) sees every one; anyone else those seen by agents they own.
+        """
+
+    @_abc_1.abstractmethod
+    def GetConnection(
+        self,
+        request: _policy_service_pb2.GetConnectionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_service_pb2.Connection, _abc.Awaitable[_policy_service_pb2.Connection]]:
+        """GetConnection returns one connection with its recent trust changes."""
+
+    @_abc_1.abstractmethod
+    def SetTrustLevel(
+        self,
+        request: _policy_service_pb2.SetTrustLevelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_service_pb2.Connection, _abc.Awaitable[_policy_service_pb2.Connection]]:
+        """SetTrustLevel sets a connection's trust level, recording the reason; the owner of the agent that sees the
+        connection or an admin (policies:admin) may.
+        """
+
+    @_abc_1.abstractmethod
+    def ListTrustChanges(
+        self,
+        request: _policy_service_pb2.ListTrustChangesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_service_pb2.ListTrustChangesResponse, _abc.Awaitable[_policy_service_pb2.ListTrustChangesResponse]]:
+        """ListTrustChanges pages through a connection's trust changes, newest first."""
+
+    @_abc_1.abstractmethod
+    def RequestCapability(
+        self,
+        request: _policy_service_pb2.RequestCapabilityRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_service_pb2.CapabilityDecision, _abc.Awaitable[_policy_service_pb2.CapabilityDecision]]:
+        """RequestCapability is the permission request: the caller asks for a capability of an agent (a version
+        constraint, a purpose, limits and a duration). The policies answer allow (a grant), deny (with the reasons)
+        or ask (a pending approval, which the caller may wait for up to wait_seconds, or poll and watch).
+        """
+
+    @_abc_1.abstractmethod
+    def ListApprovals(
+        self,
+        request: _policy_service_pb2.ListApprovalsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_service_pb2.ListApprovalsResponse, _abc.Awaitable[_policy_service_pb2.ListApprovalsResponse]]:
+        """ListApprovals pages through approvals, newest first: an admin sees every one, anyone else those it asked for
+        and those about agents it owns.
+        """
+
+    @_abc_1.abstractmethod
+    def GetApproval(
+        self,
+        request: _policy_service_pb2.GetApprovalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_service_pb2.Approval, _abc.Awaitable[_policy_service_pb2.Approval]]:
+        """GetApproval returns one approval (to its requester, the owner of its target, or an admin)."""
+
+    @_abc_1.abstractmethod
+    def ApproveApproval(
+        self,
+        request: _policy_service_pb2.ApproveApprovalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_service_pb2.Approval, _abc.Awaitable[_policy_service_pb2.Approval]]:
+        """ApproveApproval answers a pending approval yes: it becomes a grant (scoped to its caller, action and target,
+        expiring, limited in uses when asked, revocable). The owner of the target or an admin may.
+        """
+
+    @_abc_1.abstractmethod
+    def DenyApproval(
+        self,
+        request: _policy_service_pb2.DenyApprovalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_service_pb2.Approval, _abc.Awaitable[_policy_service_pb2.Approval]]:
+        """DenyApproval answers a pending approval no; its requester gets a clear refusal."""
+
+    @_abc_1.abstractmethod
+    def WatchApprovals(
+        self,
+        request: _policy_service_pb2.WatchApprovalsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_policy_service_pb2.ApprovalEvent], _abc.AsyncIterator[_policy_service_pb2.ApprovalEvent]]:
+        """WatchApprovals streams the approvals the caller may see as they arrive and as they are answered or expire:
+        the pending ones at once, then every change (SSE and WebSocket at the edge).
+        """
+
+    @_abc_1.abstractmethod
+    def ListGrants(
+        self,
+        request: _policy_service_pb2.ListGrantsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_service_pb2.ListGrantsResponse, _abc.Awaitable[_policy_service_pb2.ListGrantsResponse]]:
+        """ListGrants pages through the grants in force, newest first: an admin sees every one, anyone else those it
+        holds and those on agents it owns.
+        """
+
+    @_abc_1.abstractmethod
+    def RevokeGrant(
+        self,
+        request: _policy_service_pb2.RevokeGrantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_service_pb2.Grant, _abc.Awaitable[_policy_service_pb2.Grant]]:
+        """RevokeGrant ends a grant at once (its holder, the owner of its target, or an admin)."""
+
+    @_abc_1.abstractmethod
+    def ListDecisions(
+        self,
+        request: _policy_service_pb2.ListDecisionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_service_pb2.ListDecisionsResponse, _abc.Awaitable[_policy_service_pb2.ListDecisionsResponse]]:
+        """ListDecisions pages through the decision log (every deny and ask, allows when kept), newest first. Admin
+        (policies:admin or policies:read).
         """
 
 def add_PolicyServiceServicer_to_server(servicer: PolicyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
