@@ -6,13 +6,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
 from agentvault.common import signing
 from agentvault.common.auth import bearer_token
-from agentvault.common.errors import Unauthenticated
+from agentvault.common.errors import PermissionDenied, ResourceExhausted, Unauthenticated
 from agentvault.common.interceptors import metadata_value
 from agentvault.common.secretbox import DecryptionError, SecretBox
 from agentvault.common.signed_requests import SignedRequests
@@ -31,6 +31,12 @@ def is_federation_token(token: str) -> bool:
     return token.startswith(TOKEN_PREFIX + "_")
 
 
+class PeerConnections(Protocol):
+    async def peer_blocked(self, name: str) -> bool: ...
+
+    async def peer_violation(self, name: str, reason: str, *, rate: bool) -> None: ...
+
+
 class FederationGate:
     """Admits a peer's call: its token, then its HMAC signature, freshness, no replay, and its rate."""
 
@@ -47,6 +53,8 @@ class FederationGate:
         self.settings = settings
         self.credentials = cache.credential_cache(settings.credential_cache_ttl)
         self.cache = cache
+        # Set once PolicyService is built: the peers' connections (trust, violations); None leaves them untracked.
+        self.connections: PeerConnections | None = None
         self.requests = SignedRequests(
             redis,
             scope="federation",
@@ -66,7 +74,18 @@ class FederationGate:
         if token is None:
             raise Unauthenticated("a federation token is required", "CREDENTIAL_MISSING")
         cred = await self._credential(token)
-        await self.requests.admit(metadata, grpc_method, request, token, cred.id, url_fields=SIGNED_URL_FIELDS)
+        if self.connections is not None and await self.connections.peer_blocked(cred.name):
+            raise PermissionDenied(f"peer {cred.name!r} is blocked on this mesh", "PEER_BLOCKED")
+        try:
+            await self.requests.admit(metadata, grpc_method, request, token, cred.id, url_fields=SIGNED_URL_FIELDS)
+        except (Unauthenticated, ResourceExhausted) as exc:
+            # A bad or replayed signature, or rate abuse, from a peer that holds a valid token: a violation of its
+            # connection, which may drop its trust (and, at blocked, shut it out).
+            if self.connections is not None:
+                await self.connections.peer_violation(
+                    cred.name, f"{exc.reason}: {exc}", rate=isinstance(exc, ResourceExhausted)
+                )
+            raise
         return cred, metadata_value(metadata, signing.REGISTRY_HEADER)[:255]
 
     async def _credential(self, token: str) -> CredentialRecord:

@@ -17,6 +17,8 @@ from agentvault.common import signing
 from agentvault.devserver.mesh import SERVICES
 from agentvault.federation.v1 import federation_service_pb2 as fpb
 from agentvault.federation.v1 import federation_service_pb2_grpc as fpb_grpc
+from agentvault.policy.v1 import policy_service_pb2 as ppb
+from agentvault.policy.v1 import policy_service_pb2_grpc as ppb_grpc
 from agentvault.registry.v1 import registry_service_pb2 as pb
 from agentvault.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from agentvault_registry.servicer import CallerKind, caller_kind
@@ -37,6 +39,7 @@ class Registry:
         self.agents = pb_grpc.RegistryServiceStub(channel)
         self.peers = fpb_grpc.PeerServiceStub(channel)
         self.federation = fpb_grpc.FederationServiceStub(channel)
+        self.channel = channel
         self.admin = bearer(handle.admin_token)
 
 
@@ -382,3 +385,34 @@ async def test_list_agents_answers_a_peer_through_the_peer_listing_only(reg: Reg
     assert all(a.owner for a in reply.agents)
     # Members' and admins' listings are not peers' queries: still the peer's three rows only.
     assert len(await inbound_rows(reg, "mesh-lister")) == 3
+
+
+async def test_a_peers_violations_drop_its_trust_until_it_is_blocked(reg: Registry) -> None:
+    # Bad signatures from a peer holding a valid token count against its connection: at TRUST_VIOLATION_LIMIT (5)
+    # within the window its trust drops a level, from untrusted to blocked, and a blocked peer is shut out.
+    token = await issue(reg, "mesh-abusive")
+    request = fpb.SearchAgentsRequest(search="x")
+    for _ in range(5):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await reg.federation.SearchAgents(request, metadata=[("authorization", f"Bearer {token}")])
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await reg.federation.SearchAgents(request, metadata=signed(token, request))
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "blocked" in (err.value.details() or "")
+    policies = ppb_grpc.PolicyServiceStub(reg.channel)
+    found = await policies.ListConnections(ppb.ListConnectionsRequest(trust_level="blocked"), metadata=reg.admin)
+    peer = next(c for c in found.connections if c.caller_kind == "peer" and c.caller_id == "mesh-abusive")
+    detail = await policies.GetConnection(ppb.GetConnectionRequest(id=peer.id), metadata=reg.admin)
+    assert detail.recent_changes[0].from_level == "untrusted" and "signed" in detail.recent_changes[0].reason
+    # An admin lets it back in.
+    await policies.SetTrustLevel(
+        ppb.SetTrustLevelRequest(id=peer.id, trust_level="untrusted", reason="clock fixed"), metadata=reg.admin
+    )
+
+    async def admitted() -> None:
+        try:
+            await reg.federation.SearchAgents(request, metadata=signed(token, request))
+        except grpc.aio.AioRpcError as exc:
+            raise AssertionError(exc.details()) from None
+
+    await eventually(admitted, 10)
