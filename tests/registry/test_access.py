@@ -19,6 +19,7 @@ from agentvault.common.policy import Outcome, PolicyEngine, Trust, tool_target
 from agentvault.common.policy.enforcer import Enforcer
 from agentvault.common.policy.request import Caller
 from agentvault.common.policy.sync import load_set
+from agentvault.devserver.embedded import free_port
 from agentvault.policy.v1 import policy_service_pb2 as ppb
 from agentvault.policy.v1 import policy_service_pb2_grpc as ppb_grpc
 from agentvault.registry.v1 import registry_service_pb2 as pb
@@ -64,6 +65,7 @@ async def access(mesh_factory: MeshFactory) -> AsyncIterator[Access]:
             "TRUST_VIOLATION_LIMIT": "3",
             "TRUST_PROMOTE_AFTER": "3",
             "TRUST_PROMOTE_UP_TO": "trusted",
+            "REGISTRY_METRICS_PORT": str(free_port()),
         },
     )
     async with grpc.aio.insecure_channel(mesh.address("registry")) as channel:
@@ -480,3 +482,30 @@ async def test_a_limited_grant_is_spent_exactly_once_across_enforcers(access: Ac
         await pool.close()
     ended = await access.policies.ListGrants(ppb.ListGrantsRequest(include_ended=True), metadata=asker.md)
     assert [(g.id, g.uses_left) for g in ended.grants] == [(granted.grant.id, 0)]
+
+
+async def test_decisions_and_approvals_are_counted_in_the_metrics(access: Access, http: aiohttp.ClientSession) -> None:
+    owner, asker = await member(access, "owner"), await member(access, "counted")
+    agent = await agent_of(access, owner, ("tool", "counted", "1.0.0"))
+
+    async def scrape() -> dict[str, float]:
+        async with http.get(f"http://127.0.0.1:{access.mesh.env['REGISTRY_METRICS_PORT']}/metrics") as r:
+            text = await r.text()
+        found = {}
+        for line in text.splitlines():
+            if line.startswith(("policy_decisions_total{", "policy_approvals_total{")):
+                name, value = line.rsplit(" ", 1)
+                found[name] = float(value)
+        return found
+
+    deny = 'policy_decisions_total{action="capability.request",outcome="deny"}'
+    created = 'policy_approvals_total{event="created"}'
+    before = await scrape()
+    assert (await request(access, asker, agent, "counted")).decision == "deny"
+    await policy(
+        access,
+        f'@decision("ask")\npermit(principal == {person(asker)}, action == Action::"capability.request", resource);',
+    )
+    assert (await request(access, asker, agent, "counted")).decision == "ask"
+    after = await scrape()
+    assert after[deny] == before.get(deny, 0) + 1 and after[created] == before.get(created, 0) + 1
