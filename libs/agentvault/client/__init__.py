@@ -1,4 +1,4 @@
-"""Typed asyncio clients for an AgentVault mesh (registry, federation admin, discovery), and the `agentvault` CLI."""
+"""Typed asyncio clients for an AgentVault mesh (registry, policies, federation, discovery) and the `agentvault` CLI."""
 
 from agentvault.client.base import GrpcClient, RetryPolicy
 from agentvault.client.convert import (
@@ -26,6 +26,8 @@ from agentvault.client.errors import (
     UnavailableError,
 )
 from agentvault.client.federation import FederationClient
+from agentvault.client.identity import IdentityClient
+from agentvault.client.policy import Explanation, PolicyClient
 from agentvault.client.registry import IDEMPOTENT_METHODS, AgentFilters, RegistryClient
 
 __all__ = [
@@ -36,13 +38,16 @@ __all__ = [
     "DeadlineExceededError",
     "DiscoveryClient",
     "DiscoveryFilters",
+    "Explanation",
     "FailedPreconditionError",
     "FederationClient",
     "FieldViolation",
     "GrpcClient",
+    "IdentityClient",
     "InvalidArgumentError",
     "NotFoundError",
     "PermissionDeniedError",
+    "PolicyClient",
     "RegistryClient",
     "RetryPolicy",
     "UnauthenticatedError",

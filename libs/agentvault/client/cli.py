@@ -2,7 +2,8 @@
 
 Exit codes: 0 success, 1 the call failed (server error, unreachable, not found, denied), 2 bad usage or input,
 including a request the server rejected as INVALID_ARGUMENT. Errors are one line on stderr (then one line per
-invalid field), never a traceback.
+invalid field), never a traceback. A watch (`approvals watch`) prints a line per event and exits 0 when the server
+ends it or on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import grpc
 
 from agentvault.client.base import GrpcClient
-from agentvault.client.cli_commands import Handler, UsageError, health
+from agentvault.client.cli_commands import Handler, UsageError, approvals_watch, health
 from agentvault.client.cli_output import render
 from agentvault.client.cli_parser import PROG, build_parser
 from agentvault.client.discovery import DiscoveryClient
@@ -36,7 +37,7 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-async def _run(args: argparse.Namespace, client: GrpcClient) -> dict[str, Any]:
+async def _run(args: argparse.Namespace, client: GrpcClient) -> dict[str, Any] | None:
     async with client:
         handler: Handler = args.handler
         return await handler(client, args)
@@ -80,8 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         address = getattr(args, ADDRESS_FLAGS[client_class.ADDRESS_ENV])  # None: the client reads the environment
         client = client_class(address, token=args.token, timeout=args.timeout, root_certificates=roots, tls=args.tls)
         data = asyncio.run(_run(args, client))
-        print(render(data, args.output, args.columns))
-        if args.handler is health and data.get("status") not in ("healthy", "degraded"):
+        if data is not None:  # None: a watch, which printed as it went
+            print(render(data, args.output, args.columns))
+        if args.handler is health and data is not None and data.get("status") not in ("healthy", "degraded"):
             return EXIT_FAILED
         sys.stdout.flush()
     except ClientError as exc:
@@ -89,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ValueError) as exc:  # ValueError: a bad setting or enum word found late
         return _fail(f"error: {exc}", EXIT_USAGE)
     except KeyboardInterrupt:
-        return 130
+        # Ctrl-C is how a watch is meant to end; anything else was cut short.
+        return EXIT_OK if args.handler is approvals_watch else 130
     except BrokenPipeError:
         # The reader (e.g. `| head`) went away; point stdout at /dev/null so the exit flush stays quiet.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

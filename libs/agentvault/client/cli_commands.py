@@ -6,15 +6,18 @@ import argparse
 import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from agentvault.client.convert import enum_number, from_dict, parse_capability, parse_endpoint, to_dict
 from agentvault.client.discovery import DiscoveryClient, DiscoveryFilters
 from agentvault.client.federation import FederationClient
 from agentvault.client.identity import IdentityClient
+from agentvault.client.policy import Explanation, PolicyClient
 from agentvault.client.registry import AgentFilters, RegistryClient
 from agentvault.federation.v1 import federation_service_pb2 as fpb
 from agentvault.identity.v1 import identity_service_pb2 as ipb
+from agentvault.policy.v1 import policy_service_pb2 as ppb
 from agentvault.registry.v1 import registry_service_pb2 as pb
 
 # Scalar agent fields settable from a flag of the same name (with - for _).
@@ -27,22 +30,29 @@ class UsageError(Exception):
     """Bad command-line input, found after argparse accepted the syntax."""
 
 
-# Each command's handler takes the client its command names (RegistryClient unless told otherwise).
-Handler = Callable[[Any, argparse.Namespace], Awaitable[dict[str, Any]]]
+# Each command's handler takes the client its command names (RegistryClient unless told otherwise) and returns the
+# reply to print, or None when it printed its output itself as it came (a watch).
+Handler = Callable[[Any, argparse.Namespace], Awaitable[dict[str, Any] | None]]
 
 
 # --------------------------------------------------------------------------------------------- input
 
 
-def _read_json(path: str) -> Any:
+def _read_text(path: str) -> str:
+    """The text of the file at `path`, or of stdin for "-"."""
     try:
         if path == "-":
-            text = sys.stdin.read()
-        else:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
+            return sys.stdin.read()
+        with open(path, encoding="utf-8") as f:
+            return f.read()
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{'stdin' if path == '-' else path}: not UTF-8 text") from None
+
+
+def _read_json(path: str) -> Any:
+    text = _read_text(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
@@ -128,6 +138,19 @@ async def agents_update(client: RegistryClient, args: argparse.Namespace) -> dic
 async def agents_delete(client: RegistryClient, args: argparse.Namespace) -> dict[str, Any]:
     await client.delete_agent(args.id)
     return {}
+
+
+async def agents_import_card(client: RegistryClient, args: argparse.Namespace) -> dict[str, Any]:
+    if (args.url is None) == (args.file is None):
+        raise UsageError("give the card's URL or --file PATH (one of them)")
+    card = json.dumps(_read_json(args.file)) if args.file is not None else ""
+    agent = await client.import_agent_card(card_url=args.url or "", card=card, did=args.did, sharing=args.sharing or "")
+    return to_dict(agent)
+
+
+async def agents_card(client: RegistryClient, args: argparse.Namespace) -> dict[str, Any]:
+    # The REST route answers with the card itself (response_body: "card"), so print that.
+    return dict(to_dict(await client.get_agent_card(args.id)).get("card") or {})
 
 
 async def keys_create(client: RegistryClient, args: argparse.Namespace) -> dict[str, Any]:
@@ -288,3 +311,166 @@ async def discover(client: DiscoveryClient, args: argparse.Namespace) -> dict[st
         **_filters(args, DISCOVERY_FILTERS),
     )
     return to_dict(reply)
+
+
+# ------------------------------------------------------------------------------------ policy control plane
+
+
+def _policy_text(args: argparse.Namespace) -> str | None:
+    if args.text is not None and args.text_file is not None:
+        raise UsageError("--text and --text-file exclude each other")
+    if args.text_file is not None:
+        return _read_text(args.text_file)
+    return args.text
+
+
+def _policy_from_args(args: argparse.Namespace) -> tuple[ppb.Policy, list[str]]:
+    """The policy the flags describe, and the fields they set (the update mask)."""
+    policy = ppb.Policy()
+    paths: list[str] = []
+    text = _policy_text(args)
+    for name, value in (("name", args.name), ("description", args.description), ("text", text)):
+        if value is not None:
+            setattr(policy, name, value)
+            paths.append(name)
+    if args.enabled is not None:
+        policy.enabled = args.enabled
+        paths.append("enabled")
+    return policy, paths
+
+
+async def policies_create(client: PolicyClient, args: argparse.Namespace) -> dict[str, Any]:
+    if args.text is None and args.text_file is None:
+        raise UsageError("give the policy's Cedar text: --text-file PATH (- for stdin) or --text TEXT")
+    policy, _ = _policy_from_args(args)
+    return to_dict(await client.create_policy(policy))
+
+
+async def policies_list(client: PolicyClient, args: argparse.Namespace) -> dict[str, Any]:
+    return to_dict(ppb.ListPoliciesResponse(policies=[p async for p in client.iter_policies()]))
+
+
+async def policies_get(client: PolicyClient, args: argparse.Namespace) -> dict[str, Any]:
+    return to_dict(await client.get_policy(args.id))
+
+
+async def policies_update(client: PolicyClient, args: argparse.Namespace) -> dict[str, Any]:
+    policy, paths = _policy_from_args(args)
+    if not paths:
+        raise UsageError("nothing to update: give at least one of --name, --description, --text(-file), --enable")
+    policy.id = args.id
+    return to_dict(await client.update_policy(policy, paths))
+
+
+async def policies_delete(client: PolicyClient, args: argparse.Namespace) -> dict[str, Any]:
+    await client.delete_policy(args.id)
+    return {}
+
+
+def _epoch(value: str) -> int:
+    """--at: epoch seconds, or an ISO 8601 time (UTC unless it names its offset)."""
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"--at: expected epoch seconds or an ISO 8601 time, got {value!r}") from None
+    return int((when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp())
+
+
+async def policies_explain(client: PolicyClient, args: argparse.Namespace) -> dict[str, Any]:
+    what = Explanation(
+        caller_id=args.caller_id,
+        caller_kind=args.caller_kind,
+        trust_level=args.trust,
+        scopes=args.scope or (),
+        action=args.action,
+        agent_id=args.agent_id,
+        name=args.name,
+        version=args.version,
+        capability_kind=args.capability_kind,
+        payload_size=args.payload_size,
+        time=_epoch(args.at) if args.at else 0,
+    )
+    return to_dict(await client.explain(what))
+
+
+async def approvals_list(client: PolicyClient, args: argparse.Namespace) -> dict[str, Any]:
+    approvals = [a async for a in client.iter_approvals(status=args.status)]
+    return to_dict(ppb.ListApprovalsResponse(approvals=approvals))
+
+
+async def approvals_get(client: PolicyClient, args: argparse.Namespace) -> dict[str, Any]:
+    return to_dict(await client.get_approval(args.id))
+
+
+async def approvals_approve(client: PolicyClient, args: argparse.Namespace) -> dict[str, Any]:
+    return to_dict(await client.approve(args.id, duration_seconds=args.duration, uses=args.uses, note=args.note))
+
+
+async def approvals_deny(client: PolicyClient, args: argparse.Namespace) -> dict[str, Any]:
+    return to_dict(await client.deny(args.id, note=args.note))
+
+
+def _event_line(event: dict[str, Any], output: str) -> str:
+    if output == "json":
+        return json.dumps(event, separators=(",", ":"), ensure_ascii=False)
+    approval = event.get("approval", {})
+    cells = [event.get("event", ""), *(str(approval.get(k, "")) for k in ("id", "status", "caller", "target"))]
+    return "  ".join(cells)
+
+
+async def approvals_watch(client: PolicyClient, args: argparse.Namespace) -> None:
+    """Prints each event as it comes, one line each (JSON, or -o table's fields), until the stream ends."""
+    async for event in client.watch_approvals(include_answered=args.include_answered):
+        print(_event_line(to_dict(event), args.output), flush=True)
+
+
+async def grants_list(client: PolicyClient, args: argparse.Namespace) -> dict[str, Any]:
+    return to_dict(ppb.ListGrantsResponse(grants=[g async for g in client.iter_grants(include_ended=args.all)]))
+
+
+async def grants_revoke(client: PolicyClient, args: argparse.Namespace) -> dict[str, Any]:
+    return to_dict(await client.revoke_grant(args.id))
+
+
+async def connections_list(client: PolicyClient, args: argparse.Namespace) -> dict[str, Any]:
+    connections = [c async for c in client.iter_connections(trust_level=args.trust_level, agent_id=args.agent_id)]
+    return to_dict(ppb.ListConnectionsResponse(connections=connections))
+
+
+async def connections_get(client: PolicyClient, args: argparse.Namespace) -> dict[str, Any]:
+    return to_dict(await client.get_connection(args.id))
+
+
+async def connections_set_trust(client: PolicyClient, args: argparse.Namespace) -> dict[str, Any]:
+    return to_dict(await client.set_trust_level(args.id, args.level, args.reason))
+
+
+async def connections_changes(client: PolicyClient, args: argparse.Namespace) -> dict[str, Any]:
+    return to_dict(ppb.ListTrustChangesResponse(changes=[c async for c in client.iter_trust_changes(args.id)]))
+
+
+async def decisions_list(client: PolicyClient, args: argparse.Namespace) -> dict[str, Any]:
+    decisions = []
+    async for decision in client.iter_decisions(outcome=args.outcome, page_size=min(args.limit, 500)):
+        decisions.append(decision)
+        if len(decisions) >= args.limit:
+            break
+    return to_dict(ppb.ListDecisionsResponse(decisions=decisions))
+
+
+async def capabilities_request(client: PolicyClient, args: argparse.Namespace) -> dict[str, Any]:
+    decision = await client.request_capability(
+        args.agent_id,
+        args.capability,
+        kind=args.kind,
+        version_constraint=args.version_constraint,
+        purpose=args.purpose,
+        max_calls=args.max_calls,
+        duration_seconds=args.duration,
+        wait_seconds=args.wait,
+    )
+    return to_dict(decision)

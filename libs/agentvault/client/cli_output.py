@@ -13,6 +13,21 @@ LIST_COLUMNS: dict[str, tuple[str, ...]] = {
     "peers": ("id", "name", "registry_url", "protocol", "is_active", "health_status", "agent_count", "is_down"),
     "credentials": ("id", "name", "create_time", "revoke_time", "last_used_time"),
     "clients": ("client_id", "name", "scopes", "grant_types", "agent_id", "disabled", "create_time"),
+    "policies": ("id", "name", "enabled", "description", "created_by", "update_time"),
+    "approvals": ("id", "status", "caller", "action", "target", "purpose", "create_time", "expire_time"),
+    "grants": ("id", "caller", "action", "target", "uses_left", "expire_time", "granted_by", "revoke_time"),
+    "connections": (
+        "id",
+        "caller_kind",
+        "caller_id",
+        "agent_id",
+        "trust_level",
+        "interactions",
+        "violations",
+        "last_seen_time",
+    ),
+    "changes": ("change_time", "from_level", "to_level", "changed_by", "reason"),
+    "decisions": ("decide_time", "outcome", "caller", "action", "target", "reason"),
 }
 DISCOVERED_COLUMNS = ("did", "name", "version", "agent_type", "health_status", "registry_name", "is_federated", "score")
 PEER_STAT_COLUMNS = ("name", "status", "from_cache", "result_count", "latency_ms", "error")

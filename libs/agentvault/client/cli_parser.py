@@ -4,21 +4,37 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+from collections.abc import Callable
 from typing import Any
 
 from agentvault.client.base import DEFAULT_TIMEOUT, TOKEN_ENV, GrpcClient
 from agentvault.client.cli_commands import (
     WRITABLE_FIELDS,
     Handler,
+    agents_card,
     agents_create,
     agents_delete,
     agents_get,
+    agents_import_card,
     agents_list,
     agents_update,
+    approvals_approve,
+    approvals_deny,
+    approvals_get,
+    approvals_list,
+    approvals_watch,
+    capabilities_request,
+    connections_changes,
+    connections_get,
+    connections_list,
+    connections_set_trust,
     credentials_create,
     credentials_list,
     credentials_revoke,
+    decisions_list,
     discover,
+    grants_list,
+    grants_revoke,
     health,
     invitations_create,
     invitations_delete,
@@ -39,6 +55,12 @@ from agentvault.client.cli_commands import (
     peers_get,
     peers_list,
     peers_update,
+    policies_create,
+    policies_delete,
+    policies_explain,
+    policies_get,
+    policies_list,
+    policies_update,
     whoami,
 )
 from agentvault.client.cli_output import DISCOVERED_COLUMNS
@@ -46,9 +68,18 @@ from agentvault.client.convert import enum_words
 from agentvault.client.discovery import DiscoveryClient
 from agentvault.client.federation import FederationClient
 from agentvault.client.identity import IdentityClient
+from agentvault.client.policy import PolicyClient
 from agentvault.client.registry import RegistryClient
 from agentvault.federation.v1 import federation_service_pb2 as fpb
 from agentvault.registry.v1 import registry_service_pb2 as pb
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
 
 PROG = "agentvault"
 DISTRIBUTION = "agentvault-mesh"
@@ -56,6 +87,13 @@ DISTRIBUTION = "agentvault-mesh"
 SHARING_WORDS = enum_words(pb.Sharing.DESCRIPTOR)
 KIND_WORDS = enum_words(pb.CapabilityKind.DESCRIPTOR)
 ROLE_WORDS = enum_words(pb.Role.DESCRIPTOR)
+# The policy control plane's words (strings in the API, checked here too for a clear usage error).
+TRUST_LEVELS = ("blocked", "untrusted", "basic", "trusted")
+CALLER_KINDS = ("person", "agent", "service", "peer", "client")
+ACTIONS = ("agent.read", "message.send", "tool.list", "tool.invoke", "session.handoff", "capability.request")
+OUTCOMES = ("allow", "deny", "ask")
+APPROVAL_STATUSES = ("pending", "approved", "denied", "expired")
+REQUEST_KINDS = ("tool", "skill", "model")
 # "auto" is the unspecified protocol: learned from the peer's discovery document.
 PROTOCOL_WORDS = ["auto", *enum_words(fpb.PeerProtocol.DESCRIPTOR)]
 
@@ -186,6 +224,133 @@ def _peer_fields(parser: argparse.ArgumentParser, *, create: bool) -> None:
     )
 
 
+def _policy_fields(parser: argparse.ArgumentParser, *, create: bool) -> None:
+    parser.add_argument("--name", required=create, help="unique name, 1-200 characters")
+    parser.add_argument("--description", help="what it is for, at most 2000 characters")
+    parser.add_argument("--text-file", metavar="PATH", help="file holding one Cedar policy; - for stdin")
+    parser.add_argument("--text", help="one Cedar policy, inline (instead of --text-file)")
+    state = parser.add_mutually_exclusive_group()
+    on, off = ("--enabled", "--disabled") if create else ("--enable", "--disable")
+    state.add_argument(
+        on,
+        dest="enabled",
+        action="store_const",
+        const=True,
+        default=None,
+        help="put it in force" + (" (default: disabled, kept but deciding nothing)" if create else ""),
+    )
+    state.add_argument(off, dest="enabled", action="store_const", const=False, help="keep it but decide nothing")
+
+
+def _add_policy_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], command: Callable[..., argparse.ArgumentParser]
+) -> None:
+    """policies, approvals, grants, connections, decisions and capabilities: the registry's PolicyService."""
+    pc = PolicyClient
+    policies = commands.add_parser("policies", help="the mesh's Cedar policies (admin, or policies:admin)")
+    policy_cmds = policies.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    command(policy_cmds, "list", policies_list, "list every policy, by name", pc)
+    command(policy_cmds, "get", policies_get, "show one policy", pc).add_argument("id")
+    _policy_fields(command(policy_cmds, "create", policies_create, "store a policy, checked against the schema", pc),
+                   create=True)  # fmt: skip
+    update = command(policy_cmds, "update", policies_update, "change the fields given (and only those)", pc)
+    update.add_argument("id")
+    _policy_fields(update, create=False)
+    command(policy_cmds, "delete", policies_delete, "remove a policy", pc).add_argument("id")
+    explain = command(
+        policy_cmds,
+        "explain",
+        policies_explain,
+        "what the enabled policies would decide, and why (nothing is done)",
+        pc,
+    )
+    explain.add_argument("--caller-kind", choices=CALLER_KINDS, default="", help="who would act (default client)")
+    explain.add_argument(
+        "--caller-id", required=True, metavar="ID", help="a principal, agent, service, peer or client id"
+    )
+    explain.add_argument("--trust", choices=TRUST_LEVELS, default="", help="its connection's trust (default untrusted)")
+    explain.add_argument("--scope", action="append", help="a scope its credential carries; repeat for more")
+    explain.add_argument("--action", required=True, choices=ACTIONS)
+    explain.add_argument("--agent-id", required=True, metavar="ID", help="the target agent (or the one offering it)")
+    explain.add_argument("--name", default="", help="the tool's or capability's name")
+    explain.add_argument("--version", default="", help="the tool's or capability's version")
+    explain.add_argument(
+        "--capability-kind", choices=REQUEST_KINDS, default="", help="a capability's kind (default skill)"
+    )
+    explain.add_argument(
+        "--at", metavar="EPOCH", default="", help="decide at this time: epoch seconds or ISO 8601 (default now)"
+    )
+    explain.add_argument("--payload-size", type=int, default=0, metavar="BYTES", help="the request's size")  # fmt: skip
+
+    approvals = commands.add_parser("approvals", help="requests the policies asked a person about")
+    approval_cmds = approvals.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    command(approval_cmds, "list", approvals_list, "list the approvals you may see, newest first", pc).add_argument(
+        "--status", choices=APPROVAL_STATUSES, default="", help="only this status"
+    )
+    command(approval_cmds, "get", approvals_get, "show one approval", pc).add_argument("id")
+    approve = command(approval_cmds, "approve", approvals_approve, "answer yes: it becomes a grant", pc)
+    approve.add_argument("id")
+    approve.add_argument(
+        "--duration", type=int, default=0, metavar="SECONDS", help="the grant's life (default: as asked)"
+    )
+    approve.add_argument("--uses", type=int, default=0, metavar="N", help="the grant's uses (default: as asked)")
+    approve.add_argument("--note", default="", help="for the caller, at most 500 characters")
+    deny = command(approval_cmds, "deny", approvals_deny, "answer no", pc)
+    deny.add_argument("id")
+    deny.add_argument("--note", default="", help="why, for the caller, at most 500 characters")
+    command(
+        approval_cmds, "watch", approvals_watch, "print each approval event as one JSON line until Ctrl-C", pc
+    ).add_argument("--include-answered", action="store_true", help="also approvals answered or expired")
+
+    grants = commands.add_parser("grants", help="permits for one caller, action and target, until they expire")
+    grant_cmds = grants.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    command(grant_cmds, "list", grants_list, "list the grants in force you may see, newest first", pc).add_argument(
+        "--all", action="store_true", help="also those expired, revoked or spent"
+    )
+    command(grant_cmds, "revoke", grants_revoke, "end a grant at once", pc).add_argument("id")
+
+    connections = commands.add_parser("connections", help="callers this mesh and its agents have seen, and their trust")
+    connection_cmds = connections.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    list_connections = command(connection_cmds, "list", connections_list, "list connections, latest contact first", pc)
+    list_connections.add_argument("--trust-level", choices=TRUST_LEVELS, default="", help="only this trust level")
+    list_connections.add_argument(
+        "--agent-id", default="", metavar="ID", help="only those seen by this agent (- for the mesh itself)"
+    )
+    command(connection_cmds, "get", connections_get, "show one connection and its recent trust changes", pc
+            ).add_argument("id")  # fmt: skip
+    set_trust = command(connection_cmds, "set-trust", connections_set_trust, "set a connection's trust level", pc)
+    set_trust.add_argument("id")
+    set_trust.add_argument("--level", required=True, choices=TRUST_LEVELS)
+    set_trust.add_argument("--reason", required=True, help="why, 1-500 characters; recorded with the change")
+    command(connection_cmds, "changes", connections_changes, "list a connection's trust changes, newest first", pc
+            ).add_argument("id")  # fmt: skip
+
+    decisions = commands.add_parser("decisions", help="the decision log (admin, or policies:read)")
+    decision_cmds = decisions.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    listed = command(decision_cmds, "list", decisions_list, "list logged decisions, newest first", pc)
+    listed.add_argument("--outcome", choices=OUTCOMES, default="", help="only this outcome")
+    # The log holds every decision of its retention period: the newest few are what a terminal wants.
+    listed.add_argument(
+        "--limit", type=positive_int, default=100, metavar="N", help="at most this many, newest first (100)"
+    )
+
+    capabilities = commands.add_parser("capabilities", help="ask for an agent's capability (a permission request)")
+    capability_cmds = capabilities.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    ask = command(
+        capability_cmds, "request", capabilities_request, "ask; prints the decision: allow, deny or ask (exit 0)", pc
+    )
+    ask.add_argument("agent_id", help="the agent offering it (its UUID)")
+    ask.add_argument("capability", help="the capability's name")
+    ask.add_argument("--kind", choices=REQUEST_KINDS, default="", help="its kind (default: any kind with this name)")
+    ask.add_argument("--version-constraint", default="", metavar="C", help='e.g. ">=1.2,<2" (default: any version)')
+    ask.add_argument("--purpose", default="", help="why, shown to whoever approves; at most 2000 characters")
+    ask.add_argument("--max-calls", type=int, default=0, metavar="N", help="the grant's most calls (default unlimited)")
+    ask.add_argument("--duration", type=int, default=0, metavar="SECONDS", help="the grant's life (default 3600)")
+    ask.add_argument(
+        "--wait", type=int, default=0, metavar="SECONDS", help="when asked, wait this long for an answer (max 60)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -226,6 +391,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--clear", action="append", choices=WRITABLE_FIELDS, metavar="FIELD", help="reset a field to empty"
     )
     command(agent_cmds, "delete", agents_delete, "remove an agent").add_argument("id")
+    import_card = command(agent_cmds, "import-card", agents_import_card, "register an agent from its A2A agent card")
+    import_card.add_argument(
+        "url", nargs="?", help="where the card is (http(s); a bare origin reads /.well-known/agent-card.json)"
+    )
+    import_card.add_argument("--file", "-f", metavar="PATH", help="instead of a URL: the card JSON; - for stdin")
+    import_card.add_argument("--did", default="", help="the agent's DID (default: did:web from the card)")
+    import_card.add_argument("--sharing", choices=SHARING_WORDS, help="who may see it (default local)")
+    command(agent_cmds, "card", agents_card, "show an agent as an A2A 1.0 agent card").add_argument("id")
 
     keys = commands.add_parser("keys", help="issue, list and revoke API keys (admin only)")
     key_cmds = keys.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -330,6 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     _capability_filters(find)
     _page_options(find, 200)
     find.set_defaults(columns={"agents": DISCOVERED_COLUMNS})
+
+    _add_policy_commands(commands, command)
 
     command(commands, "health", health, "the registry's health and agent count")
     command(commands, "whoami", whoami, "the principal behind the credential: its id owns the agents it creates")

@@ -139,6 +139,29 @@ class RegistryClient(GrpcClient):
     async def delete_agent(self, id: str, *, timeout: float | None = None) -> None:
         await self._call(self._stub.DeleteAgent, pb.DeleteAgentRequest(id=id), timeout)
 
+    async def import_agent_card(
+        self,
+        *,
+        card_url: str = "",
+        card: str = "",
+        did: str = "",
+        sharing: str | int = "",
+        timeout: float | None = None,
+    ) -> pb.Agent:
+        """Registers an agent owned by the caller from its A2A agent card: fetched from `card_url`, or `card` (JSON
+        text); exactly one of them. Never retried."""
+        request = pb.ImportAgentCardRequest(
+            card_url=card_url,
+            card=card,
+            did=did,
+            sharing=enum_number(pb.Sharing.DESCRIPTOR, sharing, "sharing"),  # type: ignore[arg-type]
+        )
+        return await self._call(self._stub.ImportAgentCard, request, timeout)
+
+    async def get_agent_card(self, id: str, *, timeout: float | None = None) -> pb.GetAgentCardResponse:
+        """The agent as an A2A 1.0 AgentCard (the response's `card`)."""
+        return await self._call(self._stub.GetAgentCard, pb.GetAgentCardRequest(id=id), timeout)
+
     async def health(self, *, timeout: float | None = None) -> pb.GetHealthResponse:
         return await self._call(self._stub.GetHealth, pb.GetHealthRequest(), timeout)
 
