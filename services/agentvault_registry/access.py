@@ -56,6 +56,8 @@ APPROVALS_PENDING = Gauge("policy_approvals_pending", "Approvals waiting for an 
 PEER_TRUST_MEMO_SECONDS = 1.0
 # A peer over its rate limit is counted one violation per this many seconds (the limiter's window).
 RATE_ABUSE_SECONDS = 60.0
+# How many answered approvals a watch that asks for them starts with.
+ANSWERED_AT_START = 100
 # A watcher that falls this many events behind is dropped (its stream ends with RESOURCE_EXHAUSTED) so that one
 # slow reader never holds memory for everyone else's events.
 WATCH_QUEUE = 256
@@ -228,7 +230,6 @@ class RegistryControlPlane:
 @dataclass(eq=False)  # each watcher is itself (hashable by identity), however alike two are
 class _Watcher:
     principal: Principal
-    include_answered: bool
     queue: asyncio.Queue[ppb.ApprovalEvent | None]
 
 
@@ -264,8 +265,6 @@ class ApprovalHub:
             p = watcher.principal
             if not approval.visible_to(p.id, _is_admin(p)):
                 continue
-            if event not in ("created", "pending") and not watcher.include_answered and approval.status == "pending":
-                continue
             try:
                 watcher.queue.put_nowait(message)
             except asyncio.QueueFull:
@@ -275,10 +274,17 @@ class ApprovalHub:
                     watcher.queue.put_nowait(None)  # tells the stream it fell behind
 
     async def watch(self, principal: Principal, include_answered: bool) -> AsyncIterator[ppb.ApprovalEvent]:
-        watcher = _Watcher(principal, include_answered, asyncio.Queue(WATCH_QUEUE))
+        watcher = _Watcher(principal, asyncio.Queue(WATCH_QUEUE))
         self._watchers.add(watcher)
         try:
             admin = _is_admin(principal)
+            if include_answered:
+                recent = await self.store.page_approvals(
+                    ANSWERED_AT_START * 2, None, status="", viewer=None if admin else principal.id
+                )
+                answered = [a for a in recent if a.status != "pending"][:ANSWERED_AT_START]
+                for approval in reversed(answered):
+                    yield ppb.ApprovalEvent(event=approval.status, approval=approval_to_proto(approval))
             for approval in await self.store.pending():
                 if approval.visible_to(principal.id, admin):
                     yield ppb.ApprovalEvent(event="pending", approval=approval_to_proto(approval))

@@ -20,12 +20,15 @@ MAX_REASON = 500
 
 @dataclass(frozen=True)
 class TrustRules:
-    """How trust evolves by itself: `violation_limit` violations within `violation_window` drop it one level
-    (0: never); `promote_after` interactions without a violation raise it one level up to `promote_up_to`
-    (0: never)."""
+    """How trust evolves by itself: `violation_limit` violations within `violation_window` drop it one level, not
+    below `floor` (0: never); `promote_after` interactions without a violation raise it one level up to
+    `promote_up_to` (0: never). The floor is untrusted by default: shutting a caller out altogether (blocked) is
+    a person's decision unless the operator lets the rules make it, since retried requests or a skewed clock can
+    look like violations too."""
 
     violation_limit: int = 5
     violation_window: float = 3600.0
+    floor: Trust = Trust.UNTRUSTED
     promote_after: int = 0
     promote_up_to: Trust = Trust.BASIC
 
@@ -122,7 +125,7 @@ class ConnectionStore:
                 if window is None or now - window > timedelta(seconds=rules.violation_window):
                     window, violations = now, 0
                 violations += 1
-                if rules.violation_limit and violations >= rules.violation_limit and level is not Trust.BLOCKED:
+                if rules.violation_limit and violations >= rules.violation_limit and level.rank > rules.floor.rank:
                     reason = (
                         f"{violations} violations within {rules.violation_window:g} s "
                         f"(limit {rules.violation_limit}); the last: {violation}"

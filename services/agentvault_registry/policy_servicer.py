@@ -370,8 +370,12 @@ def trust_rules(env: Env) -> TrustRules:
     up_to = env.str("TRUST_PROMOTE_UP_TO", Trust.BASIC.value)
     if up_to not in set(Trust) or up_to == Trust.BLOCKED:
         raise ValueError("TRUST_PROMOTE_UP_TO must be untrusted, basic or trusted")
+    floor = env.str("TRUST_VIOLATION_FLOOR", Trust.UNTRUSTED.value)
+    if floor not in set(Trust):
+        raise ValueError(f"TRUST_VIOLATION_FLOOR must be one of: {', '.join(Trust)}")
     return TrustRules(
         violation_limit=env.int("TRUST_VIOLATION_LIMIT", 5, minimum=0, maximum=1_000_000),
+        floor=Trust(floor),
         violation_window=env.float("TRUST_VIOLATION_WINDOW_SECONDS", 3600.0, minimum=1.0),
         promote_after=env.int("TRUST_PROMOTE_AFTER", 0, minimum=0, maximum=1_000_000_000),
         promote_up_to=Trust(up_to),

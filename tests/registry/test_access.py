@@ -323,6 +323,18 @@ async def test_waiting_for_the_answer_and_denial(access: Access) -> None:
     answer = await request(access, asker, agent, "merge", wait_seconds=30)
     await answering
     assert answer.decision == "deny" and answer.approval.status == "denied" and "not now" in answer.reasons[0]
+    # A watch that asks for answered ones starts with them (the pending ones only, otherwise).
+    for include, expected in ((True, [("approved", "review"), ("denied", "merge")]), (False, [])):
+        watch = access.policies.WatchApprovals(ppb.WatchApprovalsRequest(include_answered=include), metadata=asker.md)
+        try:
+            start = []
+            # A probe that is pending, so that the start of the stream is known to be over when it arrives.
+            probe = await request(access, asker, agent, "review", purpose="probe")
+            while (event := await asyncio.wait_for(watch.read(), 10)).approval.id != probe.approval.id:
+                start.append((event.event, event.approval.target.rsplit("/", 1)[-1].rstrip('"')))
+        finally:
+            watch.cancel()
+        assert [e for e in start if e[0] != "pending"] == expected
 
 
 async def test_an_unanswered_approval_expires(access: Access) -> None:

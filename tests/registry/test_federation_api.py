@@ -45,7 +45,11 @@ class Registry:
 
 @pytest.fixture(scope="module")
 async def reg(mesh_factory: MeshFactory) -> AsyncIterator[Registry]:
-    handle = mesh_factory(services=SERVICES[:1], name="fedapi", env={"FEDERATION_RATE_LIMIT_PER_MINUTE": "40"})
+    handle = mesh_factory(
+        services=SERVICES[:1],
+        name="fedapi",
+        env={"FEDERATION_RATE_LIMIT_PER_MINUTE": "40", "TRUST_VIOLATION_FLOOR": "blocked"},
+    )
     async with grpc.aio.insecure_channel(handle.address("registry")) as channel:
         yield Registry(handle, channel)
 
@@ -389,7 +393,8 @@ async def test_list_agents_answers_a_peer_through_the_peer_listing_only(reg: Reg
 
 async def test_a_peers_violations_drop_its_trust_until_it_is_blocked(reg: Registry) -> None:
     # Bad signatures from a peer holding a valid token count against its connection: at TRUST_VIOLATION_LIMIT (5)
-    # within the window its trust drops a level, from untrusted to blocked, and a blocked peer is shut out.
+    # within the window its trust drops a level, from untrusted to blocked (this mesh lets the rules block:
+    # TRUST_VIOLATION_FLOOR), and a blocked peer is shut out.
     token = await issue(reg, "mesh-abusive")
     request = fpb.SearchAgentsRequest(search="x")
     for _ in range(5):

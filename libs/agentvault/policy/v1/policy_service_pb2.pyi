@@ -1243,7 +1243,9 @@ class WatchApprovalsRequest(_message.Message):
 
     INCLUDE_ANSWERED_FIELD_NUMBER: _builtins.int
     include_answered: _builtins.bool
-    """Also send approvals answered or expired (default: only pending ones and their outcome)."""
+    """At the start, also the latest answered and expired approvals (up to 100, oldest first), before the pending
+    ones; every answer given while watching is sent either way.
+    """
     def __init__(
         self,
         *,
@@ -1266,8 +1268,8 @@ class ApprovalEvent(_message.Message):
     EVENT_FIELD_NUMBER: _builtins.int
     APPROVAL_FIELD_NUMBER: _builtins.int
     event: _builtins.str
-    """created (a new pending approval), approved, denied, expired, or pending (one already waiting when the
-    watch began).
+    """created (a new pending approval), approved, denied or expired (an answer, or the end of its time); at the
+    start: pending for one already waiting, its status for an answered one (include_answered).
     """
     @_builtins.property
     def approval(self) -> Global___Approval:
