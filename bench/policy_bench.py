@@ -10,11 +10,13 @@ ceilings measured in the same run:
   least one Cedar decision through cedarpy costs here;
 * bare cedarpy, 1,000 policies: the same call given the whole set, which is what the engine's slicing avoids;
 * bare cedarpy, one request's slice: the same call given only the candidates the engine picks for it, in one
-  set, so the difference to `engine.decide` is the engine's own cost (mostly its second Cedar call, for the
-  pair's own policies, which the engine keeps apart from the general ones to bound memory).
+  set, the one Cedar call `engine.decide` makes, so the difference is the engine's own cost in Python.
 
 Also: the cost of a first decision for a new caller/tool pair (its own candidates and entities are parsed then),
-of a full `replace` of 1,000 new policies, and of a `replace` that changes one policy.
+measured on a second engine with the same policies and grants so that the new pairs do not push the 1,000 active
+ones out of the first engine's cache; the memory an active pair costs (the growth of this process's resident
+memory while the 1,000 pairs are first decided, per pair, and what the engine charges its caches per pair); and
+the cost of a full `replace` of 1,000 new policies, and of a `replace` that changes one policy.
 """
 
 from __future__ import annotations
@@ -123,6 +125,26 @@ def summary(samples: list[tuple[float, float]]) -> dict[str, float]:
     }
 
 
+def rss_bytes() -> int:
+    """This process's resident memory, from /proc (0 where there is none)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def charged_bytes(engine: PolicyEngine) -> int:
+    """What the engine's caches count against their budgets (candidate sets twice: by content and by request)."""
+    return engine._handles.bytes + engine._state.slices.bytes + engine._entities.bytes
+
+
+def with_grants(engine: PolicyEngine) -> PolicyEngine:
+    for i in range(100):
+        grant_caller = caller(Principal(Kind.AGENT, f"agent-{i}"), Trust.BASIC, "mesh-a")
+        engine.grant(Grant.of(f"g{i}", grant_caller, "tool.invoke", tool_target(f"agent-{i % TOOLS}", "tool"), 2e9))
+    return engine
+
+
 def run(quick: bool, output: Path) -> int:
     calls, warmup = (3_000, 1_000) if quick else (30_000, 5_000)
     info = machine()
@@ -131,9 +153,7 @@ def run(quick: bool, output: Path) -> int:
     start = time.perf_counter()
     engine = PolicyEngine(texts, clock=lambda: 1_795_000_000.0)  # a Thursday, 13:33 UTC
     replace_all_ms = (time.perf_counter() - start) * 1000
-    for i in range(100):
-        grant_caller = caller(Principal(Kind.AGENT, f"agent-{i}"), Trust.BASIC, "mesh-a")
-        engine.grant(Grant.of(f"g{i}", grant_caller, "tool.invoke", tool_target(f"agent-{i % TOOLS}", "tool"), 2e9))
+    with_grants(engine)
     changed = dict(texts, **{"caller-0": texts["caller-0"].replace("< ", "<= ", 1)})
     start = time.perf_counter()
     engine.replace(changed)
@@ -154,11 +174,15 @@ def run(quick: bool, output: Path) -> int:
     requests = [
         (*rng.choice(pairs), {"payload_size": rng.randint(0, 20_000), "calls_in_window": 5}) for _ in range(4096)
     ]
+    rss_before, charged_before = rss_bytes(), charged_bytes(engine)
     sizes = sorted(len(engine._slice(engine._state, "tool.invoke", who, what.uid).ids) for who, what, _ in requests)
     slice_sizes = f"{sizes[0]}/{sizes[len(sizes) // 2]}/{sizes[-1]}"
     outcomes = {o: 0 for o in Outcome}
     for who, what, ctx in requests:
         outcomes[engine.decide(who, "tool.invoke", what, ctx).outcome] += 1
+    used = len({(who, what) for who, what, _ in requests})
+    rss_per_pair = (rss_bytes() - rss_before) / used
+    charged_per_pair = (charged_bytes(engine) - charged_before) / used
     position = iter(range(10**12))
 
     def decide() -> None:
@@ -170,6 +194,7 @@ def run(quick: bool, output: Path) -> int:
         engine.explain(who, "tool.invoke", what, ctx)
 
     fresh = iter(range(10**12))
+    newcomer = with_grants(PolicyEngine(changed, clock=engine.clock))
 
     seen = {(who.id, what.id) for who, what in pairs}
     unseen = [
@@ -183,7 +208,7 @@ def run(quick: bool, output: Path) -> int:
     def first_decision() -> None:
         # A pair never seen: its entities and its own candidates (the caller's and the tool's) are parsed now.
         who, what = unseen[next(fresh) % len(unseen)]
-        engine.decide(who, "tool.invoke", what, {"payload_size": 10})
+        newcomer.decide(who, "tool.invoke", what, {"payload_size": 10})
 
     one = cedarpy.PolicySet.from_str(texts["general-6"])
     whole = cedarpy.PolicySet.from_str("\n".join(texts.values()))
@@ -233,6 +258,8 @@ def run(quick: bool, output: Path) -> int:
           f"load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")  # fmt: skip
     print(f"candidate slice: {slice_sizes} policies of {len(texts) + 100} per decision (min/median/max)")
     print(f"outcomes over the request mix: {', '.join(f'{k} {v}' for k, v in outcomes.items())}")
+    print(f"memory per active pair ({used} pairs): {rss_per_pair / 1024:.1f} KiB resident, "
+          f"{charged_per_pair / 1024:.1f} KiB charged to the engine's caches")  # fmt: skip
     print(f"replace(): 1,000 new policies {replace_all_ms:.0f} ms (parse + schema validation, once per policy text); "
           f"one policy changed {replace_one_ms:.1f} ms")  # fmt: skip
     payload = {
@@ -243,6 +270,9 @@ def run(quick: bool, output: Path) -> int:
         "figures": figures,
         "outcomes": {str(k): v for k, v in outcomes.items()},
         "slice_sizes": slice_sizes,
+        "active_pairs": used,
+        "rss_per_pair_bytes": round(rss_per_pair),
+        "charged_per_pair_bytes": round(charged_per_pair),
         "load_average_at_end": list(os.getloadavg()),
         "replace_all_ms": round(replace_all_ms, 1),
         "replace_one_ms": round(replace_one_ms, 2),

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import calendar
+import json
+import re
+import time
+from collections.abc import Callable
 
+import cedarpy
 import pytest
 
 from agentvault.common.auth import Role
 from agentvault.common.policy import (
+    Caller,
     Grant,
     Outcome,
     PolicyEngine,
     PolicyError,
+    Target,
     Trust,
     agent_target,
     caller,
@@ -20,6 +27,7 @@ from agentvault.common.policy import (
     tool_target,
     validate,
 )
+from agentvault.common.policy.request import counters
 from agentvault.common.principal import Kind, Principal, peer, person
 
 MESH = "mesh-a"
@@ -171,6 +179,115 @@ def test_policies_naming_one_caller_or_target_apply_to_it_only() -> None:
     assert e.decide(AGENT, "tool.invoke", tool_target("other", "tool")).outcome is Outcome.ALLOW
     d = e.decide(OTHER, "tool.invoke", tool_target("other", "tool"))
     assert (d.outcome, d.policies) == (Outcome.DENY, ("forbid-agent-2",))
+
+
+OVERFLOW = "+ 9223372036854775800"  # added to a counter above 7: an evaluation error, not false
+MIXED = {
+    # General: naming no one caller or target, shared by every pair's set.
+    "g-trusted": "permit(principal, action, resource) when { principal.trust_rank >= 3 };",
+    "g-big": "forbid(principal, action, resource) when { context.payload_size > 1000 };",
+    "g-clients-ask": '@decision("ask") permit(principal is Caller::Client, action, resource);',
+    "g-overflow": 'forbid(principal, action == Action::"tool.invoke", resource) when '
+    f"{{ context.calls_today {OVERFLOW} < 0 }};",
+    "g-permit-error": "permit(principal is Caller::Agent, action, resource) when "
+    f"{{ context.calls_in_window {OVERFLOW} > 0 }};",
+    # Own: naming one caller or one target, added to a copy of the general set for each pair.
+    **{
+        f"c-{i}": f'permit(principal == Caller::Agent::"a{i}", action == Action::"tool.invoke", resource) '
+        "when { context.calls_in_window < 5 };"
+        for i in range(4)
+    },
+    "c-forbid-a1": 'forbid(principal == Caller::Agent::"a1", action, resource) when { context.payload_size > 500 };',
+    "c-ask-a2": '@decision("ask") permit(principal == Caller::Agent::"a2", action, resource);',
+    "c-overflow-a3": 'forbid(principal == Caller::Agent::"a3", action, resource) when '
+    f"{{ context.concurrent_calls {OVERFLOW} < 0 }};",
+    "t-0": 'permit(principal is Caller::Agent, action, resource == Target::Tool::"x0/t") '
+    "when { principal.trust_rank >= 2 };",
+    "t-forbid-1": 'forbid(principal, action, resource == Target::Tool::"x1/t") when { context.payload_size > 100 };',
+}
+
+
+def reference(policies: dict[str, str], grants: list[Grant]) -> Callable[..., tuple[Outcome, set[str]]]:
+    """The engine's rule applied to one Cedar call over every policy and grant: no slicing, no caching."""
+    texts = [f'@id("{pid}")\n{text}' for pid, text in policies.items()]
+    texts += [f'@id("{g.policy_id}")\n{g.text()}' for g in grants]
+    whole = cedarpy.PolicySet.from_str("\n".join(texts))
+    ids = {key: node.annotations["id"] for key, node in whole.to_pst().static_policies.items()}
+    utc = time.gmtime(THURSDAY_10)
+
+    def decide(who: Caller, what: Target, ctx: dict[str, int]) -> tuple[Outcome, set[str]]:
+        request = {
+            "principal": {"type": who.type, "id": who.id},
+            "action": {"type": "Action", "id": "tool.invoke"},
+            "resource": {"type": what.type, "id": what.id},
+            "context": {"now": THURSDAY_10, "hour": utc.tm_hour, "weekday": utc.tm_wday, **counters(ctx)},
+        }
+        result = cedarpy.is_authorized(request, whole, json.dumps([who.entity(), what.entity()]))
+        named = {result.diagnostics.id_annotations_by_reason[r] for r in result.diagnostics.reasons}
+        errors = (re.search(r"policy\d+", str(error)) for error in result.diagnostics.errors)
+        broken = {ids[m.group(0)] for m in errors if m and policies[ids[m.group(0)]].startswith("forbid")}
+        denied = named if result.decision is cedarpy.Decision.Deny else set()  # Cedar's satisfied forbids, if any
+        if denied or broken:  # a forbid that fails to evaluate applies
+            return Outcome.DENY, denied | broken
+        if not named:
+            return Outcome.DENY, set()
+        plain = {pid for pid in named if not policies.get(pid, "").startswith('@decision("ask")')}
+        return (Outcome.ALLOW, plain) if plain else (Outcome.ASK, named)
+
+    return decide
+
+
+def test_one_cedar_call_over_the_pairs_set_decides_as_cedar_over_the_whole_set() -> None:
+    # Each pair's set is the general set parsed once plus the pair's own policies added to a copy, cached by
+    # content: a set reused for the wrong pair, a policy lost in the copy or a misnamed error would show here.
+    e = engine(MIXED)
+    a0, a4 = (caller(Principal(Kind.AGENT, f"a{i}"), Trust.BASIC, MESH) for i in (0, 4))
+    grants = [
+        Grant.of("a0-x1", a0, "tool.invoke", tool_target("x1", "t"), THURSDAY_10 + 60),
+        Grant.of("a4-x2", a4, "tool.invoke", tool_target("x2", "t"), THURSDAY_10 + 60),
+    ]
+    for g in grants:
+        e.grant(g)
+    cedar = reference(MIXED, grants)
+    trusts = [Trust.BASIC, Trust.TRUSTED, Trust.UNTRUSTED, Trust.BASIC, Trust.TRUSTED]
+    callers = [caller(Principal(Kind.AGENT, f"a{i}"), trust, MESH) for i, trust in enumerate(trusts)]
+    callers.append(external_client("c"))
+    contexts = [
+        {},
+        {"payload_size": 200},
+        {"payload_size": 600, "calls_in_window": 3},
+        {"payload_size": 2000},
+        {"calls_in_window": 9},
+        {"calls_today": 9},
+        {"concurrent_calls": 9, "calls_in_window": 6},
+        {"calls_today": 9, "concurrent_calls": 9, "payload_size": 700},
+    ]
+    seen = set()
+    for _ in range(2):  # the second time from the engine's caches
+        for who in callers:
+            for what in (tool_target(f"x{i}", "t") for i in range(3)):
+                for ctx in contexts:
+                    d, expected = e.decide(who, "tool.invoke", what, ctx), cedar(who, what, ctx)
+                    assert (d.outcome, set(d.policies)) == expected, (who.id, what.id, ctx)
+                    assert e.explain(who, "tool.invoke", what, ctx).decision == d
+                    seen.add((d.outcome, frozenset(d.policies)))
+    assert {o for o, _ in seen} == set(Outcome) and len(seen) > 12  # the mix covers every kind of answer
+    assert len(e._handles) > 6  # and many pairs' sets, sharing one general set
+
+
+def test_forbids_from_the_general_and_the_own_policies_are_named_in_order() -> None:
+    e = engine(MIXED)
+    a3 = caller(Principal(Kind.AGENT, "a3"), Trust.BASIC, MESH)
+    # Both forbids fail to evaluate, one in the general set and one added for the pair (Cedar renumbers its
+    # positional ids when adding): each is named by its own id, the general ones first.
+    d = e.decide(
+        a3, "tool.invoke", tool_target("x1", "t"), {"calls_today": 9, "concurrent_calls": 9, "payload_size": 2000}
+    )
+    assert d.outcome is Outcome.DENY
+    assert d.policies == ("g-big", "t-forbid-1", "g-overflow", "c-overflow-a3")
+    assert d.reasons[-1] == "policy 'c-overflow-a3' forbids this (its condition could not be evaluated)"
+    d = e.decide(a3, "tool.invoke", tool_target("x0", "t"), {"concurrent_calls": 9})
+    assert (d.outcome, d.policies) == (Outcome.DENY, ("c-overflow-a3",))
 
 
 # Constraints and time ---------------------------------------------------------------------------------------------
