@@ -326,7 +326,7 @@ class ApprovalHub:
             try:
                 for approval in await self.store.expire_due():
                     await self.publish("expired", approval)
-                APPROVALS_PENDING.set(len(await self.store.pending()))
+                APPROVALS_PENDING.set(await self.store.count_pending())
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

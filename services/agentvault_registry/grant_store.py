@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import asyncpg
 
@@ -241,6 +241,11 @@ class GrantStore:
         )
         return [_approval(r) for r in rows]
 
+    async def count_pending(self) -> int:
+        return int(
+            await self.pool.fetchval("SELECT count(*) FROM approvals WHERE status = 'pending' AND expires_at > now()")
+        )
+
     async def answer(
         self,
         approval_id: uuid.UUID,
@@ -306,14 +311,3 @@ class GrantStore:
                 RETURNING {APPROVAL_COLUMNS}"""
         )
         return [_approval(r) for r in rows]
-
-    async def prune(self, older_than: timedelta) -> int:
-        """Deletes answered approvals and ended grants older than `older_than`; how many rows went."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            a = await conn.execute(
-                "DELETE FROM approvals WHERE status <> 'pending' AND created_at < now() - $1::interval", older_than
-            )
-            g = await conn.execute(
-                f"DELETE FROM grants WHERE NOT ({LIVE}) AND created_at < now() - $1::interval", older_than
-            )
-        return int(a.split()[-1]) + int(g.split()[-1])

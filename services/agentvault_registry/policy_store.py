@@ -196,11 +196,18 @@ class PolicyStore:
         ]
 
     async def prune_decisions(self, retention_days: int) -> int:
-        """Deletes decisions older than the retention; how many went."""
-        result = await self.pool.execute(
-            "DELETE FROM policy_decisions WHERE decided_at < now() - make_interval(days => $1)", retention_days
-        )
-        return int(result.split()[-1])
+        """Deletes what is older than the retention: decisions, answered or expired approvals, and grants that have
+        ended (expired, revoked or spent); how many rows went."""
+        removed = 0
+        async with self.pool.acquire() as conn, conn.transaction():
+            for statement in (
+                "DELETE FROM policy_decisions WHERE decided_at < now() - make_interval(days => $1)",
+                "DELETE FROM approvals WHERE expires_at < now() - make_interval(days => $1)"
+                " AND (status <> 'pending' OR expires_at <= now())",
+                f"DELETE FROM grants WHERE NOT ({LIVE}) AND created_at < now() - make_interval(days => $1)",
+            ):
+                removed += int((await conn.execute(statement, retention_days)).split()[-1])
+        return removed
 
 
 class DecisionLogPruner:

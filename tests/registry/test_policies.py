@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -356,6 +357,34 @@ async def test_decision_log_retention(mesh: MeshHandle) -> None:
                 age_days,
                 marker,
             )
+        # Approvals and grants of the same age: the old answered approval and the old ended grant go, the rest stays.
+        approvals, grants = [], []
+        for age_days, status in ((45, "denied"), (45, "pending"), (0, "approved")):
+            approval = uuid.uuid4()
+            approvals.append(approval)
+            await pool.execute(
+                """INSERT INTO approvals (id, status, caller, requested_by, action, target, target_agent_id,
+                       grant_action, grant_target, grant_duration_seconds, created_at, expires_at)
+                   VALUES ($1, $2, $3, 'p', 'capability.request', 't', 'a', 'tool.invoke', 't', 60,
+                           now() - make_interval(days => $4), now() - make_interval(days => $4) + interval '1 hour')""",
+                approval,
+                status,
+                marker,
+                age_days,
+            )
+        for age_days, revoked in ((45, True), (45, False), (0, True)):
+            grant = uuid.uuid4()
+            grants.append(grant)
+            await pool.execute(
+                """INSERT INTO grants (id, caller, holder, action, target, target_agent_id, expires_at, granted_by,
+                       created_at, revoked_at)
+                   VALUES ($1, $2, 'p', 'tool.invoke', 't', 'a', now() + interval '1 day', 'policy',
+                           now() - make_interval(days => $3), CASE WHEN $4 THEN now() END)""",
+                grant,
+                marker,
+                age_days,
+                revoked,
+            )
         store = PolicyStore(pool)
         pruner = DecisionLogPruner(store, retention_days=30)
         # The registry's own pruner holds this period's lease: let it lapse, as it does after the hold.
@@ -366,6 +395,11 @@ async def test_decision_log_retention(mesh: MeshHandle) -> None:
             marker,
         )
         assert len(rows) == 2 and all(r["recent"] for r in rows)
+        # An old pending approval expired long ago (its time ran out): it goes too; a live grant stays however old.
+        kept = {r["id"] for r in await pool.fetch("SELECT id FROM approvals WHERE caller = $1", marker)}
+        assert kept == {approvals[2]}
+        kept = {r["id"] for r in await pool.fetch("SELECT id FROM grants WHERE caller = $1", marker)}
+        assert kept == {grants[1], grants[2]}
         # Another replica's turn within the same hold: nothing runs twice.
         assert await DecisionLogPruner(store, retention_days=30).run_once() is None
     finally:
