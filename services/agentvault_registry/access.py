@@ -43,6 +43,7 @@ from agentvault_registry.auth import Authenticator
 from agentvault_registry.connection_store import ConnectionRecord, ConnectionStore, TrustChangeRecord
 from agentvault_registry.grant_store import APPROVALS_CHANNEL, ApprovalRecord, GrantStore, NewGrant, NotPending
 from agentvault_registry.policy_store import DecisionRecord, GrantRecord, PolicyStore
+from agentvault_registry.servicer import may_see
 from agentvault_registry.store import Store
 
 log = logging.getLogger(__name__)
@@ -556,9 +557,7 @@ class AccessServicer:
             v.add("wait_seconds", f"must be from 0 to {MAX_WAIT}")
         v.raise_if_any()
         agent = await self.agents.get_agent(agent_id)
-        if agent is None or (
-            agent.spec.sharing == "private" and not (_is_admin(principal) or principal.owns(agent.owner))
-        ):
+        if agent is None or not may_see(agent.spec.sharing, agent.owner, principal):
             raise NotFound(f"agent {agent_id} not found", "AGENT_NOT_FOUND", id=agent_id)
         offered = [
             c

@@ -14,6 +14,7 @@ import aiohttp
 import asyncpg
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
 
 from agentvault.common.policy import Outcome, PolicyEngine, Trust, tool_target
 from agentvault.common.policy.enforcer import Enforcer
@@ -163,6 +164,16 @@ async def test_allow_makes_a_grant_that_explain_sees_until_revoked(access: Acces
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await access.policies.RevokeGrant(ppb.RevokeGrantRequest(id=grant.id), metadata=other.md)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+    # A private agent is not there for anyone but its owner and admins, capabilities included.
+    hidden = await agent_of(access, owner, ("tool", "secret", "1.0.0"))
+    hidden.sharing = pb.SHARING_PRIVATE
+    await access.registry.UpdateAgent(
+        pb.UpdateAgentRequest(agent=hidden, update_mask=field_mask_pb2.FieldMask(paths=["sharing"])), metadata=owner.md
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await request(access, other, hidden, "secret")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "AGENT_NOT_FOUND" in str(err.value.trailing_metadata())
 
     revoked = await access.policies.RevokeGrant(ppb.RevokeGrantRequest(id=grant.id), metadata=owner.md)
     assert revoked.revoke_time.seconds > 0
