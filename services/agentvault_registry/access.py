@@ -15,13 +15,14 @@ from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
+from google.protobuf import empty_pb2
 from prometheus_client import Counter, Gauge
 
 from agentvault.common import agents as agent_rules
 from agentvault.common import pagination
 from agentvault.common.errors import FailedPrecondition, NotFound, PermissionDenied, ResourceExhausted, invalid
 from agentvault.common.lru import Lru
-from agentvault.common.policy import Outcome, Trust, agent_target, capability_target, tool_target
+from agentvault.common.policy import ACTIONS, Outcome, Trust, agent_target, capability_target, remote, tool_target
 from agentvault.common.policy.api import (
     APPROVAL_STATUSES,
     CAPABILITY_KINDS,
@@ -32,9 +33,9 @@ from agentvault.common.policy.api import (
     MAX_PURPOSE,
     MAX_WAIT,
 )
-from agentvault.common.policy.enforcer import AuditEntry, Enforcer, default_trust
-from agentvault.common.policy.request import Caller, caller
-from agentvault.common.principal import ADMIN_SCOPE, POLICIES_ADMIN, POLICIES_READ, Principal
+from agentvault.common.policy.enforcer import CONNECTION_KINDS, SERVICE_TYPE, AuditEntry, Enforcer, default_trust
+from agentvault.common.policy.request import Caller, caller, parse_uid
+from agentvault.common.principal import ADMIN_SCOPE, POLICIES_ADMIN, POLICIES_ENFORCE, POLICIES_READ, Principal
 from agentvault.common.redis import follow_channel
 from agentvault.common.remote_auth import check_scope
 from agentvault.common.versions import ConstraintError, parse_constraint, parse_version
@@ -398,6 +399,38 @@ def _sequence(token: str, query: str) -> int | None:
 
 def _note(v: agent_rules.Violations, value: str) -> None:
     agent_rules.check_text(v, "note", value, max_len=MAX_NOTE, multiline=True)
+
+
+def _check_caller(v: agent_rules.Violations, at: str, caller_type: str, caller_id: str, agent_id: str) -> None:
+    """A caller of the enforcers' control plane: its Cedar type, its id and the agent that sees it."""
+    if caller_type not in remote.CALLER_TYPES:
+        v.add(at + "caller_type", f"must be one of: {', '.join(remote.CALLER_TYPES)}")
+    agent_rules.check_text(v, at + "caller_id", caller_id, max_len=remote.MAX_CALLER_ID, required=True)
+    agent_rules.check_text(v, at + "agent_id", agent_id, max_len=remote.MAX_AGENT_ID)
+
+
+def _check_uid(v: agent_rules.Violations, path: str, value: str, prefix: str, max_len: int) -> str:
+    """The entity type of a uid as the engine writes it (Caller::Agent::"id"); it ends up in a grant's Cedar text,
+    so nothing but a known type and one JSON string is accepted. "" when it is not one."""
+    agent_rules.check_text(v, path, value, max_len=max_len, required=True)
+    parsed = parse_uid(value) if len(value) <= max_len else None
+    if value.strip() and (parsed is None or not parsed[0].startswith(prefix)):
+        v.add(path, f'must be an entity uid, {prefix}<Type>::"<id>" with the id as a JSON string')
+        return ""
+    return parsed[0] if parsed else ""
+
+
+def _check_action(v: agent_rules.Violations, path: str, value: str) -> None:
+    if value not in ACTIONS:
+        v.add(path, f"must be one of: {', '.join(ACTIONS)}")
+
+
+def _check_policy_ids(v: agent_rules.Violations, path: str, values: Any) -> None:
+    if len(values) > remote.MAX_POLICY_IDS:
+        v.add(path, f"must be at most {remote.MAX_POLICY_IDS} (got {len(values)})")
+        return
+    for i, value in enumerate(values):
+        agent_rules.check_text(v, f"{path}[{i}]", value, max_len=remote.MAX_POLICY_ID, required=True)
 
 
 # The RPCs ------------------------------------------------------------------------------------------------------
@@ -811,6 +844,136 @@ class AccessServicer:
             message.decide_time.FromDatetime(at)
             decisions.append(message)
         return ppb.ListDecisionsResponse(decisions=decisions, next_page_token=token)
+
+    # Internal: the enforcers' control plane --------------------------------------------------------------------
+    # What RegistryControlPlane does for the Enforcer in here, as RPCs for the enforcing services elsewhere
+    # (agentvault.common.policy.remote.RemoteControlPlane). No HTTP route; scope policies:enforce.
+
+    async def _enforcing(self, context: grpc.aio.ServicerContext) -> Principal:
+        principal = await self._principal(context)
+        check_scope(principal, POLICIES_ENFORCE)
+        return principal
+
+    async def ResolveTrust(
+        self, request: ppb.ResolveTrustRequest, context: grpc.aio.ServicerContext
+    ) -> ppb.ResolveTrustResponse:
+        await self._enforcing(context)
+        v = agent_rules.Violations()
+        _check_caller(v, "", request.caller_type, request.caller_id, request.agent_id)
+        v.raise_if_any()
+        if request.caller_type == SERVICE_TYPE:
+            return ppb.ResolveTrustResponse(trust_level=Trust.TRUSTED.value)
+        trust = await self.control.trust(Caller(request.caller_type, request.caller_id), request.agent_id)
+        return ppb.ResolveTrustResponse(trust_level=Trust(trust).value)
+
+    async def RecordInteractions(
+        self, request: ppb.RecordInteractionsRequest, context: grpc.aio.ServicerContext
+    ) -> empty_pb2.Empty:
+        await self._enforcing(context)
+        v = agent_rules.Violations()
+        if len(request.interactions) > remote.MAX_BATCH:
+            v.add("interactions", f"must be at most {remote.MAX_BATCH} per call (got {len(request.interactions)})")
+        else:
+            for i, item in enumerate(request.interactions):
+                _check_caller(v, f"interactions[{i}].", item.caller_type, item.caller_id, item.agent_id)
+                agent_rules.check_text(v, f"interactions[{i}].violation", item.violation, max_len=MAX_NOTE)
+        v.raise_if_any()
+        for item in request.interactions:
+            if item.caller_type in CONNECTION_KINDS:  # a service has no connection to count against
+                await self.control.record(
+                    Caller(item.caller_type, item.caller_id), item.agent_id, item.violation.strip() or None
+                )
+        return empty_pb2.Empty()
+
+    async def ConsumeGrant(
+        self, request: ppb.ConsumeGrantRequest, context: grpc.aio.ServicerContext
+    ) -> ppb.ConsumeGrantResponse:
+        await self._enforcing(context)
+        grant_id = _uuid("grant_id", request.grant_id)
+        return ppb.ConsumeGrantResponse(consumed=await self.control.consume(str(grant_id)))
+
+    async def LogDecisions(
+        self, request: ppb.LogDecisionsRequest, context: grpc.aio.ServicerContext
+    ) -> empty_pb2.Empty:
+        await self._enforcing(context)
+        v = agent_rules.Violations()
+        if len(request.decisions) > remote.MAX_BATCH:
+            v.add("decisions", f"must be at most {remote.MAX_BATCH} per call (got {len(request.decisions)})")
+        else:
+            for i, d in enumerate(request.decisions):
+                at = f"decisions[{i}]."
+                _check_uid(v, at + "caller", d.caller, "Caller::", remote.MAX_LOG_UID)
+                _check_action(v, at + "action", d.action)
+                _check_uid(v, at + "target", d.target, "Target::", remote.MAX_LOG_UID)
+                if d.outcome not in set(Outcome):
+                    v.add(at + "outcome", "must be one of: allow, deny, ask")
+                _check_policy_ids(v, at + "policy_ids", d.policy_ids)
+                agent_rules.check_text(v, at + "reason", d.reason, max_len=remote.MAX_LOG_REASON, multiline=True)
+        v.raise_if_any()
+        if request.decisions:
+            await self.control.audit(
+                [
+                    AuditEntry(d.caller, d.action, d.target, d.outcome, tuple(d.policy_ids), d.reason)
+                    for d in request.decisions
+                ]
+            )
+        return empty_pb2.Empty()
+
+    async def CreateApproval(
+        self, request: ppb.CreateApprovalRequest, context: grpc.aio.ServicerContext
+    ) -> ppb.Approval:
+        principal = await self._enforcing(context)
+        r = request
+        v = agent_rules.Violations()
+        _check_uid(v, "caller", r.caller, "Caller::", remote.MAX_APPROVAL_UID)
+        agent_rules.check_text(v, "requested_by", r.requested_by, max_len=remote.MAX_REQUESTED_BY, required=True)
+        _check_action(v, "action", r.action)
+        _check_uid(v, "target", r.target, "Target::", remote.MAX_APPROVAL_UID)
+        try:
+            uuid.UUID(r.target_agent_id)
+        except ValueError:
+            v.add("target_agent_id", "must be the agent's UUID")
+        agent_rules.check_text(v, "purpose", r.purpose, max_len=MAX_PURPOSE, multiline=True)
+        if len(r.reasons) > remote.MAX_REASONS:
+            v.add("reasons", f"must be at most {remote.MAX_REASONS} (got {len(r.reasons)})")
+        else:
+            for i, reason in enumerate(r.reasons):
+                agent_rules.check_text(v, f"reasons[{i}]", reason, max_len=MAX_PURPOSE, required=True, multiline=True)
+        _check_policy_ids(v, "policy_ids", r.policy_ids)
+        _check_action(v, "grant_action", r.grant_action)
+        grant_type = _check_uid(v, "grant_target", r.grant_target, "Target::", remote.MAX_APPROVAL_UID)
+        if grant_type and r.grant_action in ACTIONS and ACTIONS[r.grant_action] != grant_type:
+            v.add("grant_action", f"{r.grant_action} applies to {ACTIONS[r.grant_action]}, not {grant_type}")
+        if not 0 <= r.grant_duration_seconds <= MAX_DURATION:
+            v.add("grant_duration_seconds", f"must be from 1 to {MAX_DURATION} (0: {DEFAULT_DURATION})")
+        if not 0 <= r.grant_uses <= MAX_CALLS:
+            v.add("grant_uses", f"must be from 0 (unlimited) to {MAX_CALLS}")
+        v.raise_if_any()
+        agent = await self.agents.get_agent(r.target_agent_id)
+        if agent is None:
+            raise NotFound(f"agent {r.target_agent_id} not found", "AGENT_NOT_FOUND", id=r.target_agent_id)
+        approval = await self.grants.create_approval(
+            caller=r.caller,
+            requested_by=r.requested_by.strip(),
+            action=r.action,
+            target=r.target,
+            target_agent_id=agent.id,
+            target_owner=agent.owner,
+            purpose=r.purpose,
+            reasons=list(r.reasons),
+            policy_ids=list(r.policy_ids),
+            grant_action=r.grant_action,
+            grant_target=r.grant_target,
+            grant_duration_seconds=r.grant_duration_seconds or DEFAULT_DURATION,
+            grant_uses=r.grant_uses or None,
+            ttl_seconds=self.settings.approval_ttl,
+        )
+        await self.approvals.publish("created", approval)
+        log.info(
+            "approval created",
+            extra={"approval_id": str(approval.id), "caller": approval.caller, "by": principal.id},
+        )
+        return approval_to_proto(approval)
 
 
 __all__ = ["AccessServicer", "AccessSettings", "ApprovalHub", "AuditEntry", "RegistryControlPlane"]

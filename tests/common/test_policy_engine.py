@@ -489,3 +489,17 @@ def test_bad_requests_are_clear_errors() -> None:
         e.replace({"bad\nid": INVOKE % "true"})
     with pytest.raises(ValueError, match="uses is at least 1"):
         e.grant(Grant.of("g", AGENT, "tool.invoke", TOOL, expires_at=THURSDAY_10 + 60, uses=0))
+
+
+def test_a_grant_naming_anything_but_an_entity_uid_is_refused() -> None:
+    # A grant's caller and target are written into Cedar text: a "uid" that closes the scope and widens it must not
+    # become a policy that allows everything.
+    engine = PolicyEngine()
+    injected = 'Caller::Agent::"a", action, resource) when { true }; //"'
+    with pytest.raises(ValueError, match="entity uids"):
+        engine.grant(Grant("g1", injected, "agent.read", 'Target::Agent::"b"', time.time() + 60))
+    with pytest.raises(ValueError, match="entity uids"):
+        engine.grant(Grant("g2", 'Caller::Agent::"a"', "agent.read", 'Target::Nope::"b"', time.time() + 60))
+    assert engine.grants() == []
+    outsider = external_client("z")
+    assert engine.decide(outsider, "agent.read", agent_target("b")).outcome is Outcome.DENY

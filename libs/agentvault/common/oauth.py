@@ -29,6 +29,7 @@ KNOWN_SCOPES = (
     principal.MESSAGES_SEND,
     principal.POLICIES_ADMIN,
     principal.POLICIES_READ,
+    principal.POLICIES_ENFORCE,
     principal.TOOLS_INVOKE,
 )
 

@@ -26,6 +26,9 @@ MESSAGES_SEND = "messages:send"
 # Writing policies and asking Explain; reading them (WatchPolicies) is POLICIES_READ, for the enforcing services.
 POLICIES_ADMIN = "policies:admin"
 POLICIES_READ = "policies:read"
+# The enforcing services' control plane (ResolveTrust, RecordInteractions, ConsumeGrant, LogDecisions,
+# CreateApproval): a service that enforces policies outside the registry.
+POLICIES_ENFORCE = "policies:enforce"
 TOOLS_INVOKE = "tools:invoke"
 
 # What an API key may do, by its role: an admin key may do everything, a member key what members did before scopes.

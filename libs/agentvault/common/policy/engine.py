@@ -17,7 +17,7 @@ from typing import Any
 import cedarpy
 
 from agentvault.common.lru import Lru
-from agentvault.common.policy.request import Caller, Target, Trust, check, counters, uid
+from agentvault.common.policy.request import Caller, Target, Trust, check, counters, parse_uid, uid
 from agentvault.common.policy.schema import COUNTERS, SCHEMA, PolicyError, PolicyMeta, parse_policy
 
 logger = logging.getLogger(__name__)
@@ -246,6 +246,9 @@ class PolicyEngine:
         """Adds (or replaces) a grant; PolicyError when its parts do not make a valid policy."""
         if grant.uses is not None and grant.uses < 1:
             raise ValueError("a grant's uses is at least 1 (None for unlimited)")
+        # Its caller and target are written into Cedar text: only uids as `uid` writes them, nothing more.
+        if parse_uid(grant.caller) is None or parse_uid(grant.target) is None:
+            raise ValueError('a grant\'s caller and target are entity uids, e.g. Caller::Agent::"a1"')
         parse_policy(grant.policy_id, grant.text())
         with self._lock:
             self._grants[grant.id] = grant

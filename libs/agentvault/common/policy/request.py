@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import functools
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,25 @@ from agentvault.common.principal import Kind, Principal
 def uid(type_: str, id_: str) -> str:
     """An entity's uid in Cedar's syntax, e.g. Caller::Agent::"a1": the key the engine indexes policies by."""
     return f"{type_}::{json.dumps(id_, ensure_ascii=False)}"
+
+
+# An entity uid as `uid` writes it: a known type, then the id as one JSON string (quotes inside escaped), nothing
+# after. What comes from outside and ends up in a grant's Cedar text must match this whole, so it cannot add text.
+_UID = re.compile(
+    r"(?P<type>(?:Caller::(?:Person|Agent|Service|Peer|Client))|(?:Target::(?:Agent|Tool|Capability)))"
+    r'::(?P<id>"(?:[^"\\\x00-\x1f]|\\.)*")'
+)
+
+
+def parse_uid(text: str) -> tuple[str, str] | None:
+    """(type, id) of a uid written by `uid`; None for anything else."""
+    match = _UID.fullmatch(text)
+    if match is None:
+        return None
+    try:
+        return match["type"], json.loads(match["id"])
+    except ValueError:
+        return None
 
 
 class Trust(enum.StrEnum):

@@ -1476,3 +1476,251 @@ class ListDecisionsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListDecisionsResponse: _TypeAlias = ListDecisionsResponse  # noqa: Y015
+
+@_typing.final
+class ResolveTrustRequest(_message.Message):
+    """ResolveTrustRequest names a caller and who sees it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALLER_TYPE_FIELD_NUMBER: _builtins.int
+    CALLER_ID_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    caller_type: _builtins.str
+    """Caller::Person, Caller::Agent, Caller::Peer, Caller::Client or Caller::Service."""
+    caller_id: _builtins.str
+    """The caller's id, 1-500 characters."""
+    agent_id: _builtins.str
+    """The agent that sees it (at most 64 characters); empty for the mesh itself."""
+    def __init__(
+        self,
+        *,
+        caller_type: _builtins.str = ...,
+        caller_id: _builtins.str = ...,
+        agent_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "caller_id", b"caller_id", "caller_type", b"caller_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveTrustRequest: _TypeAlias = ResolveTrustRequest  # noqa: Y015
+
+@_typing.final
+class ResolveTrustResponse(_message.Message):
+    """ResolveTrustResponse is the connection's trust."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRUST_LEVEL_FIELD_NUMBER: _builtins.int
+    trust_level: _builtins.str
+    """blocked, untrusted, basic or trusted."""
+    def __init__(
+        self,
+        *,
+        trust_level: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["trust_level", b"trust_level"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveTrustResponse: _TypeAlias = ResolveTrustResponse  # noqa: Y015
+
+@_typing.final
+class Interaction(_message.Message):
+    """Interaction is one decision made for a caller, counted against its connection."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALLER_TYPE_FIELD_NUMBER: _builtins.int
+    CALLER_ID_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    VIOLATION_FIELD_NUMBER: _builtins.int
+    caller_type: _builtins.str
+    """Caller::Person, Caller::Agent, Caller::Peer, Caller::Client or Caller::Service (not counted: no connection)."""
+    caller_id: _builtins.str
+    """The caller's id, 1-500 characters."""
+    agent_id: _builtins.str
+    """The agent that sees it (at most 64 characters); empty for the mesh itself."""
+    violation: _builtins.str
+    """Why it counts against the connection (at most 500 characters); empty when it does not."""
+    def __init__(
+        self,
+        *,
+        caller_type: _builtins.str = ...,
+        caller_id: _builtins.str = ...,
+        agent_id: _builtins.str = ...,
+        violation: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "caller_id", b"caller_id", "caller_type", b"caller_type", "violation", b"violation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Interaction: _TypeAlias = Interaction  # noqa: Y015
+
+@_typing.final
+class RecordInteractionsRequest(_message.Message):
+    """RecordInteractionsRequest is a batch of interactions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INTERACTIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def interactions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Interaction]:
+        """At most 500."""
+
+    def __init__(
+        self,
+        *,
+        interactions: _abc.Iterable[Global___Interaction] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["interactions", b"interactions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordInteractionsRequest: _TypeAlias = RecordInteractionsRequest  # noqa: Y015
+
+@_typing.final
+class ConsumeGrantRequest(_message.Message):
+    """ConsumeGrantRequest names a limited grant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    grant_id: _builtins.str
+    """The grant's UUID."""
+    def __init__(
+        self,
+        *,
+        grant_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grant_id", b"grant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsumeGrantRequest: _TypeAlias = ConsumeGrantRequest  # noqa: Y015
+
+@_typing.final
+class ConsumeGrantResponse(_message.Message):
+    """ConsumeGrantResponse says whether a use was spent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONSUMED_FIELD_NUMBER: _builtins.int
+    consumed: _builtins.bool
+    """False when the grant was already spent, revoked, expired or unknown."""
+    def __init__(
+        self,
+        *,
+        consumed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumed", b"consumed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsumeGrantResponse: _TypeAlias = ConsumeGrantResponse  # noqa: Y015
+
+@_typing.final
+class LogDecisionsRequest(_message.Message):
+    """LogDecisionsRequest is a batch of decision log entries (decide_time is ignored: the registry stamps them)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Decision]:
+        """At most 500."""
+
+    def __init__(
+        self,
+        *,
+        decisions: _abc.Iterable[Global___Decision] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decisions", b"decisions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogDecisionsRequest: _TypeAlias = LogDecisionsRequest  # noqa: Y015
+
+@_typing.final
+class CreateApprovalRequest(_message.Message):
+    """CreateApprovalRequest is an "ask" decision to wait for a person's answer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALLER_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    TARGET_AGENT_ID_FIELD_NUMBER: _builtins.int
+    PURPOSE_FIELD_NUMBER: _builtins.int
+    REASONS_FIELD_NUMBER: _builtins.int
+    POLICY_IDS_FIELD_NUMBER: _builtins.int
+    GRANT_ACTION_FIELD_NUMBER: _builtins.int
+    GRANT_TARGET_FIELD_NUMBER: _builtins.int
+    GRANT_DURATION_SECONDS_FIELD_NUMBER: _builtins.int
+    GRANT_USES_FIELD_NUMBER: _builtins.int
+    caller: _builtins.str
+    """Who asked: Caller::<Kind>::"<id>", at most 600 characters."""
+    requested_by: _builtins.str
+    """The principal that asked (who may read the approval), at most 128 characters."""
+    action: _builtins.str
+    """The action asked about."""
+    target: _builtins.str
+    """The target asked about: Target::<Type>::"<id>", at most 600 characters."""
+    target_agent_id: _builtins.str
+    """The agent the target belongs to (its UUID); its owner may answer."""
+    purpose: _builtins.str
+    """The caller's stated purpose, at most 2000 characters."""
+    grant_action: _builtins.str
+    """What an approval grants: this action on grant_target."""
+    grant_target: _builtins.str
+    """The grant's target, at most 600 characters."""
+    grant_duration_seconds: _builtins.int
+    """The grant's duration: 1 s to 30 days; 0 for 3600."""
+    grant_uses: _builtins.int
+    """The grant's uses: 0 (unlimited) to 1,000,000."""
+    @_builtins.property
+    def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The decision's reasons, at most 64 of at most 2000 characters each."""
+
+    @_builtins.property
+    def policy_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The policies that asked, at most 256 of at most 500 characters each."""
+
+    def __init__(
+        self,
+        *,
+        caller: _builtins.str = ...,
+        requested_by: _builtins.str = ...,
+        action: _builtins.str = ...,
+        target: _builtins.str = ...,
+        target_agent_id: _builtins.str = ...,
+        purpose: _builtins.str = ...,
+        reasons: _abc.Iterable[_builtins.str] | None = ...,
+        policy_ids: _abc.Iterable[_builtins.str] | None = ...,
+        grant_action: _builtins.str = ...,
+        grant_target: _builtins.str = ...,
+        grant_duration_seconds: _builtins.int = ...,
+        grant_uses: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "caller", b"caller", "grant_action", b"grant_action", "grant_duration_seconds", b"grant_duration_seconds", "grant_target", b"grant_target", "grant_uses", b"grant_uses", "policy_ids", b"policy_ids", "purpose", b"purpose", "reasons", b"reasons", "requested_by", b"requested_by", "target", b"target", "target_agent_id", b"target_agent_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateApprovalRequest: _TypeAlias = CreateApprovalRequest  # noqa: Y015

@@ -138,6 +138,31 @@ class PolicyServiceStub:
                 request_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ListDecisionsRequest.SerializeToString,
                 response_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ListDecisionsResponse.FromString,
                 _registered_method=True)
+        self.ResolveTrust = channel.unary_unary(
+                '/agentvault.policy.v1.PolicyService/ResolveTrust',
+                request_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ResolveTrustRequest.SerializeToString,
+                response_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ResolveTrustResponse.FromString,
+                _registered_method=True)
+        self.RecordInteractions = channel.unary_unary(
+                '/agentvault.policy.v1.PolicyService/RecordInteractions',
+                request_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.RecordInteractionsRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
+        self.ConsumeGrant = channel.unary_unary(
+                '/agentvault.policy.v1.PolicyService/ConsumeGrant',
+                request_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ConsumeGrantRequest.SerializeToString,
+                response_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ConsumeGrantResponse.FromString,
+                _registered_method=True)
+        self.LogDecisions = channel.unary_unary(
+                '/agentvault.policy.v1.PolicyService/LogDecisions',
+                request_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.LogDecisionsRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
+        self.CreateApproval = channel.unary_unary(
+                '/agentvault.policy.v1.PolicyService/CreateApproval',
+                request_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.CreateApprovalRequest.SerializeToString,
+                response_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.Approval.FromString,
+                _registered_method=True)
 
 
 class PolicyServiceServicer:
@@ -298,6 +323,46 @@ class PolicyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResolveTrust(self, request, context):
+        """ResolveTrust is the trust of a caller's connection as seen by an agent (or the mesh), created on first
+        contact at its kind's default; a Caller::Service is trusted without one. Internal (no HTTP route): the
+        enforcing services' control plane (agentvault.common.policy.remote), scope policies:enforce.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordInteractions(self, request, context):
+        """RecordInteractions counts interactions against their connections (a violation may drop its trust), at most
+        500 per call. Internal, scope policies:enforce.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConsumeGrant(self, request, context):
+        """ConsumeGrant spends one use of a limited grant, so that two enforcers never both spend its last use.
+        Internal, scope policies:enforce.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LogDecisions(self, request, context):
+        """LogDecisions appends to the decision log, at most 500 per call. Internal, scope policies:enforce.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateApproval(self, request, context):
+        """CreateApproval makes a pending approval of an "ask" decision, for the owner of its target agent to answer.
+        Internal, scope policies:enforce.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PolicyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -400,6 +465,31 @@ def add_PolicyServiceServicer_to_server(servicer, server):
                     servicer.ListDecisions,
                     request_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ListDecisionsRequest.FromString,
                     response_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ListDecisionsResponse.SerializeToString,
+            ),
+            'ResolveTrust': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveTrust,
+                    request_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ResolveTrustRequest.FromString,
+                    response_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ResolveTrustResponse.SerializeToString,
+            ),
+            'RecordInteractions': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordInteractions,
+                    request_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.RecordInteractionsRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'ConsumeGrant': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConsumeGrant,
+                    request_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ConsumeGrantRequest.FromString,
+                    response_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ConsumeGrantResponse.SerializeToString,
+            ),
+            'LogDecisions': grpc.unary_unary_rpc_method_handler(
+                    servicer.LogDecisions,
+                    request_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.LogDecisionsRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'CreateApproval': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateApproval,
+                    request_deserializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.CreateApprovalRequest.FromString,
+                    response_serializer=agentvault_dot_policy_dot_v1_dot_policy__service__pb2.Approval.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -945,6 +1035,141 @@ class PolicyService:
             '/agentvault.policy.v1.PolicyService/ListDecisions',
             agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ListDecisionsRequest.SerializeToString,
             agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ListDecisionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveTrust(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentvault.policy.v1.PolicyService/ResolveTrust',
+            agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ResolveTrustRequest.SerializeToString,
+            agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ResolveTrustResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordInteractions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentvault.policy.v1.PolicyService/RecordInteractions',
+            agentvault_dot_policy_dot_v1_dot_policy__service__pb2.RecordInteractionsRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConsumeGrant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentvault.policy.v1.PolicyService/ConsumeGrant',
+            agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ConsumeGrantRequest.SerializeToString,
+            agentvault_dot_policy_dot_v1_dot_policy__service__pb2.ConsumeGrantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LogDecisions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentvault.policy.v1.PolicyService/LogDecisions',
+            agentvault_dot_policy_dot_v1_dot_policy__service__pb2.LogDecisionsRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateApproval(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentvault.policy.v1.PolicyService/CreateApproval',
+            agentvault_dot_policy_dot_v1_dot_policy__service__pb2.CreateApprovalRequest.SerializeToString,
+            agentvault_dot_policy_dot_v1_dot_policy__service__pb2.Approval.FromString,
             options,
             channel_credentials,
             insecure,

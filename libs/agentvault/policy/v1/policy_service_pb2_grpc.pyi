@@ -99,6 +99,25 @@ class PolicyServiceStub:
     """ListDecisions pages through the decision log (every deny and ask, allows when kept), newest first. Admin
     (policies:admin or policies:read).
     """
+    ResolveTrust: _grpc.UnaryUnaryMultiCallable[_policy_service_pb2.ResolveTrustRequest, _policy_service_pb2.ResolveTrustResponse]
+    """ResolveTrust is the trust of a caller's connection as seen by an agent (or the mesh), created on first
+    contact at its kind's default; a Caller::Service is trusted without one. Internal (no HTTP route): the
+    enforcing services' control plane (agentvault.common.policy.remote), scope policies:enforce.
+    """
+    RecordInteractions: _grpc.UnaryUnaryMultiCallable[_policy_service_pb2.RecordInteractionsRequest, _empty_pb2.Empty]
+    """RecordInteractions counts interactions against their connections (a violation may drop its trust), at most
+    500 per call. Internal, scope policies:enforce.
+    """
+    ConsumeGrant: _grpc.UnaryUnaryMultiCallable[_policy_service_pb2.ConsumeGrantRequest, _policy_service_pb2.ConsumeGrantResponse]
+    """ConsumeGrant spends one use of a limited grant, so that two enforcers never both spend its last use.
+    Internal, scope policies:enforce.
+    """
+    LogDecisions: _grpc.UnaryUnaryMultiCallable[_policy_service_pb2.LogDecisionsRequest, _empty_pb2.Empty]
+    """LogDecisions appends to the decision log, at most 500 per call. Internal, scope policies:enforce."""
+    CreateApproval: _grpc.UnaryUnaryMultiCallable[_policy_service_pb2.CreateApprovalRequest, _policy_service_pb2.Approval]
+    """CreateApproval makes a pending approval of an "ask" decision, for the owner of its target agent to answer.
+    Internal, scope policies:enforce.
+    """
 
 @_typing.type_check_only
 class PolicyServiceAsyncStub(PolicyServiceStub):
@@ -169,6 +188,25 @@ class PolicyServiceAsyncStub(PolicyServiceStub):
     ListDecisions: _aio.UnaryUnaryMultiCallable[_policy_service_pb2.ListDecisionsRequest, _policy_service_pb2.ListDecisionsResponse]  # type: ignore[assignment]
     """ListDecisions pages through the decision log (every deny and ask, allows when kept), newest first. Admin
     (policies:admin or policies:read).
+    """
+    ResolveTrust: _aio.UnaryUnaryMultiCallable[_policy_service_pb2.ResolveTrustRequest, _policy_service_pb2.ResolveTrustResponse]  # type: ignore[assignment]
+    """ResolveTrust is the trust of a caller's connection as seen by an agent (or the mesh), created on first
+    contact at its kind's default; a Caller::Service is trusted without one. Internal (no HTTP route): the
+    enforcing services' control plane (agentvault.common.policy.remote), scope policies:enforce.
+    """
+    RecordInteractions: _aio.UnaryUnaryMultiCallable[_policy_service_pb2.RecordInteractionsRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    """RecordInteractions counts interactions against their connections (a violation may drop its trust), at most
+    500 per call. Internal, scope policies:enforce.
+    """
+    ConsumeGrant: _aio.UnaryUnaryMultiCallable[_policy_service_pb2.ConsumeGrantRequest, _policy_service_pb2.ConsumeGrantResponse]  # type: ignore[assignment]
+    """ConsumeGrant spends one use of a limited grant, so that two enforcers never both spend its last use.
+    Internal, scope policies:enforce.
+    """
+    LogDecisions: _aio.UnaryUnaryMultiCallable[_policy_service_pb2.LogDecisionsRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    """LogDecisions appends to the decision log, at most 500 per call. Internal, scope policies:enforce."""
+    CreateApproval: _aio.UnaryUnaryMultiCallable[_policy_service_pb2.CreateApprovalRequest, _policy_service_pb2.Approval]  # type: ignore[assignment]
+    """CreateApproval makes a pending approval of an "ask" decision, for the owner of its target agent to answer.
+    Internal, scope policies:enforce.
     """
 
 class PolicyServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -357,6 +395,55 @@ class PolicyServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_policy_service_pb2.ListDecisionsResponse, _abc.Awaitable[_policy_service_pb2.ListDecisionsResponse]]:
         """ListDecisions pages through the decision log (every deny and ask, allows when kept), newest first. Admin
         (policies:admin or policies:read).
+        """
+
+    @_abc_1.abstractmethod
+    def ResolveTrust(
+        self,
+        request: _policy_service_pb2.ResolveTrustRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_service_pb2.ResolveTrustResponse, _abc.Awaitable[_policy_service_pb2.ResolveTrustResponse]]:
+        """ResolveTrust is the trust of a caller's connection as seen by an agent (or the mesh), created on first
+        contact at its kind's default; a Caller::Service is trusted without one. Internal (no HTTP route): the
+        enforcing services' control plane (agentvault.common.policy.remote), scope policies:enforce.
+        """
+
+    @_abc_1.abstractmethod
+    def RecordInteractions(
+        self,
+        request: _policy_service_pb2.RecordInteractionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
+        """RecordInteractions counts interactions against their connections (a violation may drop its trust), at most
+        500 per call. Internal, scope policies:enforce.
+        """
+
+    @_abc_1.abstractmethod
+    def ConsumeGrant(
+        self,
+        request: _policy_service_pb2.ConsumeGrantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_service_pb2.ConsumeGrantResponse, _abc.Awaitable[_policy_service_pb2.ConsumeGrantResponse]]:
+        """ConsumeGrant spends one use of a limited grant, so that two enforcers never both spend its last use.
+        Internal, scope policies:enforce.
+        """
+
+    @_abc_1.abstractmethod
+    def LogDecisions(
+        self,
+        request: _policy_service_pb2.LogDecisionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
+        """LogDecisions appends to the decision log, at most 500 per call. Internal, scope policies:enforce."""
+
+    @_abc_1.abstractmethod
+    def CreateApproval(
+        self,
+        request: _policy_service_pb2.CreateApprovalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_service_pb2.Approval, _abc.Awaitable[_policy_service_pb2.Approval]]:
+        """CreateApproval makes a pending approval of an "ask" decision, for the owner of its target agent to answer.
+        Internal, scope policies:enforce.
         """
 
 def add_PolicyServiceServicer_to_server(servicer: PolicyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
