@@ -16,7 +16,7 @@ from agentvault.common.policy.enforcer import AuditEntry, Enforcer
 from agentvault.common.policy.remote import MAX_BATCH, RemoteControlPlane
 from agentvault.common.policy.request import Caller
 from agentvault.common.policy.sync import load_set
-from agentvault.common.token_source import GrpcTokenSource
+from agentvault.common.token_source import BearerInterceptor, GrpcTokenSource
 from agentvault.identity.v1 import identity_service_pb2_grpc as ipb_grpc
 from agentvault.policy.v1 import policy_service_pb2 as ppb
 from agentvault.policy.v1 import policy_service_pb2_grpc as ppb_grpc
@@ -35,6 +35,7 @@ class Plane:
     policies: ppb_grpc.PolicyServiceAsyncStub
     registry: pb_grpc.RegistryServiceAsyncStub
     tokens: GrpcTokenSource  # a client with policies:read and policies:enforce, as an enforcing service has
+    enforcing: grpc.aio.Channel  # to the registry with that client's BearerInterceptor, as the service's channel
 
     @property
     def admin(self) -> list[tuple[str, str]]:
@@ -47,7 +48,7 @@ class Plane:
         watch.cancel()
         engine = PolicyEngine()
         load_set(engine, current)
-        return Enforcer(engine, RemoteControlPlane(self.channel, self.tokens), **options)
+        return Enforcer(engine, RemoteControlPlane(self.enforcing), **options)
 
 
 @dataclass
@@ -71,11 +72,18 @@ async def tokens_for(mesh: MeshHandle, channel: grpc.aio.Channel, *scopes: str) 
 async def plane(mesh: MeshHandle) -> AsyncIterator[Plane]:
     async with grpc.aio.insecure_channel(mesh.address("registry")) as channel:
         tokens = await tokens_for(mesh, channel, "policies:read", "policies:enforce")
+        enforcing = grpc.aio.insecure_channel(mesh.address("registry"), interceptors=[BearerInterceptor(tokens)])
         try:
             yield Plane(
-                mesh, channel, ppb_grpc.PolicyServiceStub(channel), pb_grpc.RegistryServiceStub(channel), tokens
+                mesh,
+                channel,
+                ppb_grpc.PolicyServiceStub(channel),
+                pb_grpc.RegistryServiceStub(channel),
+                tokens,
+                enforcing,
             )
         finally:
+            await enforcing.close()
             await tokens.close()
 
 
@@ -187,7 +195,7 @@ async def test_decisions_reach_the_decision_log_in_batches(plane: Plane) -> None
     # More than one call's worth goes in batches of MAX_BATCH; one call of more is refused.
     caller = f'Caller::Client::"bulk-{secrets.token_hex(4)}"'
     entries = [AuditEntry(caller, "agent.read", target.uid, "deny", (), f"n{i}") for i in range(MAX_BATCH + 1)]
-    await RemoteControlPlane(plane.channel, plane.tokens).audit(entries)
+    await RemoteControlPlane(plane.enforcing).audit(entries)
     seen: set[str] = set()
     token = ""
     for _ in range(3):
@@ -204,7 +212,7 @@ async def test_decisions_reach_the_decision_log_in_batches(plane: Plane) -> None
 async def test_create_approval_is_pending_for_the_targets_owner(plane: Plane) -> None:
     owner, asker, other = await member(plane, "owner"), await member(plane, "asker"), await member(plane, "other")
     agent = await agent_of(plane, owner, "careful")
-    control = RemoteControlPlane(plane.channel, plane.tokens)
+    control = RemoteControlPlane(plane.enforcing)
     made = await control.create_approval(
         caller=f'Caller::Person::"{asker.principal_id}"',
         requested_by=asker.principal_id,
@@ -361,8 +369,9 @@ async def test_a_revoked_token_is_dropped_and_the_call_retried_with_a_new_one(pl
     made = await create_client(identity, plane.mesh.admin_token, name="revoked", scopes=["policies:enforce"])
     client_id, secret = made.client.client_id, made.client_secret
     tokens = GrpcTokenSource(plane.channel, plane.mesh.address("registry"), client_id, secret)
+    channel = grpc.aio.insecure_channel(plane.mesh.address("registry"), interceptors=[BearerInterceptor(tokens)])
     try:
-        control = RemoteControlPlane(plane.channel, tokens)
+        control = RemoteControlPlane(channel)
         assert await control.trust(external_client(f"retry-{secrets.token_hex(4)}"), "") is Trust.UNTRUSTED
         first = await tokens.token()
         assert (await revoke(identity, {"token": first}, basic(client_id, secret))).status == 200
@@ -370,4 +379,5 @@ async def test_a_revoked_token_is_dropped_and_the_call_retried_with_a_new_one(pl
         assert await control.trust(external_client(f"retry-{secrets.token_hex(4)}"), "") is Trust.UNTRUSTED
         assert await tokens.token() != first and tokens.fetches == 2
     finally:
+        await channel.close()
         await tokens.close()

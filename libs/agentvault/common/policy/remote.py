@@ -11,7 +11,6 @@ import grpc
 from agentvault.common.policy.api import MAX_NOTE
 from agentvault.common.policy.enforcer import CONNECTION_KINDS, SERVICE_TYPE, AuditEntry
 from agentvault.common.policy.request import Caller, Trust
-from agentvault.common.token_source import TokenSource
 from agentvault.policy.v1 import policy_service_pb2 as ppb
 from agentvault.policy.v1 import policy_service_pb2_grpc as ppb_grpc
 
@@ -37,32 +36,20 @@ T = TypeVar("T")
 
 
 class RemoteControlPlane:
-    """agentvault.common.policy.enforcer.ControlPlane over the registry's PolicyService, with the service's own
-    token (scope policies:enforce).
+    """agentvault.common.policy.enforcer.ControlPlane over the registry's PolicyService.
 
-    A call refused as UNAUTHENTICATED (the token expired or was revoked) drops that token and is tried once more
-    with a fresh one: nothing was done by the refused call, so even ConsumeGrant is safe to repeat. Any other error
-    reaches the Enforcer, which fails closed on trust and consume and logs a lost audit or interaction.
+    `channel` is the service's channel to the registry with its BearerInterceptor (token_source), which adds the
+    service's own token (scope policies:enforce) and, after UNAUTHENTICATED (a token expired or revoked), retries
+    once with a fresh one: nothing was done by the refused call, so even ConsumeGrant is safe to repeat. Any other
+    error reaches the Enforcer, which fails closed on trust and consume and logs a lost audit or interaction.
     """
 
-    def __init__(
-        self, channel: grpc.aio.Channel, tokens: TokenSource | None, *, timeout: float = TIMEOUT_SECONDS
-    ) -> None:
-        self.tokens = tokens
+    def __init__(self, channel: grpc.aio.Channel, *, timeout: float = TIMEOUT_SECONDS) -> None:
         self.timeout = timeout
         self._stub = ppb_grpc.PolicyServiceStub(channel)
 
     async def _call(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
-        for attempt in (1, 2):
-            token = await self.tokens.token() if self.tokens is not None else ""
-            metadata = (("authorization", f"Bearer {token}"),) if token else None
-            try:
-                return await method(request, metadata=metadata, timeout=self.timeout)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAUTHENTICATED or self.tokens is None or attempt == 2:
-                    raise
-                self.tokens.invalidate(token)
-        raise AssertionError("unreachable")
+        return await method(request, timeout=self.timeout)
 
     async def trust(self, caller: Caller, agent_id: str) -> Trust:
         if caller.type == SERVICE_TYPE:
