@@ -369,7 +369,8 @@ def _is_admin(principal: Principal) -> bool:
     return principal.has_scope(ADMIN_SCOPE) or principal.has_scope(POLICIES_ADMIN)
 
 
-def _uuid(field_path: str, value: str) -> uuid.UUID:
+def uuid_field(field_path: str, value: str) -> uuid.UUID:
+    """A required UUID field of a request; INVALID_ARGUMENT naming it otherwise."""
     if not value:
         raise invalid(field_path, "is required")
     try:
@@ -382,9 +383,10 @@ def _position(token: str, query: str) -> tuple[datetime, uuid.UUID] | None:
     after = pagination.decode(token, query)
     if after is None:
         return None
+    created, key = pagination.time_and_id(after)
     try:
-        return datetime.fromisoformat(after[0]), uuid.UUID(after[1])
-    except (ValueError, TypeError, IndexError):
+        return created, uuid.UUID(key)
+    except ValueError:
         raise invalid("page_token", "is not a valid page token") from None
 
 
@@ -486,7 +488,7 @@ class AccessServicer:
             raise invalid("trust_level", f"must be one of: {', '.join(Trust)}")
         agent_id = None if not request.agent_id else ("" if request.agent_id == "-" else request.agent_id)
         if agent_id:
-            _uuid("agent_id", agent_id)
+            uuid_field("agent_id", agent_id)
         sees_all = _is_admin(principal) or principal.has_scope(POLICIES_READ)
         records = await self.connections.page(
             size + 1,
@@ -519,7 +521,7 @@ class AccessServicer:
         self, request: ppb.GetConnectionRequest, context: grpc.aio.ServicerContext
     ) -> ppb.Connection:
         principal = await self._principal(context)
-        found = await self._connection(principal, _uuid("id", request.id), write=False)
+        found = await self._connection(principal, uuid_field("id", request.id), write=False)
         changes = [c for _, c in await self.connections.changes(found.id, 20)]
         return connection_to_proto(found, changes)
 
@@ -531,7 +533,7 @@ class AccessServicer:
         if request.trust_level not in set(Trust):
             v.add("trust_level", f"must be one of: {', '.join(Trust)}")
         agent_rules.check_text(v, "reason", request.reason, max_len=MAX_NOTE, required=True)
-        connection_id = _uuid("id", request.id)
+        connection_id = uuid_field("id", request.id)
         v.raise_if_any()
         await self._connection(principal, connection_id, write=True)
         updated = await self.connections.set_trust(
@@ -550,7 +552,7 @@ class AccessServicer:
         self, request: ppb.ListTrustChangesRequest, context: grpc.aio.ServicerContext
     ) -> ppb.ListTrustChangesResponse:
         principal = await self._principal(context)
-        connection_id = _uuid("connection_id", request.connection_id)
+        connection_id = uuid_field("connection_id", request.connection_id)
         size = pagination.page_size(request.page_size)
         before = _sequence(request.page_token, f"trust:{connection_id}")
         await self._connection(principal, connection_id, write=False)
@@ -723,7 +725,7 @@ class AccessServicer:
 
     async def GetApproval(self, request: ppb.GetApprovalRequest, context: grpc.aio.ServicerContext) -> ppb.Approval:
         principal = await self._principal(context)
-        return approval_to_proto(await self._approval(principal, _uuid("id", request.id)))
+        return approval_to_proto(await self._approval(principal, uuid_field("id", request.id)))
 
     async def _answer(
         self, context: grpc.aio.ServicerContext, approval_id: str, approve: bool, note: str, duration: int, uses: int
@@ -735,7 +737,7 @@ class AccessServicer:
             v.add("duration_seconds", f"must be from 1 to {MAX_DURATION} (0: as requested)")
         if not 0 <= uses <= MAX_CALLS:
             v.add("uses", f"must be from 0 (as requested) to {MAX_CALLS}")
-        key = _uuid("id", approval_id)
+        key = uuid_field("id", approval_id)
         v.raise_if_any()
         found = await self._approval(principal, key)
         if not (_is_admin(principal) or (found.target_owner and principal.owns(found.target_owner))):
@@ -803,7 +805,7 @@ class AccessServicer:
 
     async def RevokeGrant(self, request: ppb.RevokeGrantRequest, context: grpc.aio.ServicerContext) -> ppb.Grant:
         principal = await self._principal(context)
-        key = _uuid("id", request.id)
+        key = uuid_field("id", request.id)
         found = await self.grants.get_grant(key)
         if found is None or not (_is_admin(principal) or principal.id in (found.holder, found.target_owner)):
             raise NotFound(f"grant {key} not found", "GRANT_NOT_FOUND", id=str(key))
@@ -889,7 +891,7 @@ class AccessServicer:
         self, request: ppb.ConsumeGrantRequest, context: grpc.aio.ServicerContext
     ) -> ppb.ConsumeGrantResponse:
         await self._enforcing(context)
-        grant_id = _uuid("grant_id", request.grant_id)
+        grant_id = uuid_field("grant_id", request.grant_id)
         return ppb.ConsumeGrantResponse(consumed=await self.control.consume(str(grant_id)))
 
     async def LogDecisions(

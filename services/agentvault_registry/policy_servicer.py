@@ -37,6 +37,7 @@ from agentvault_registry.access import (
     ApprovalHub,
     RegistryControlPlane,
     grant_to_proto,
+    uuid_field,
 )
 from agentvault_registry.auth import Authenticator
 from agentvault_registry.connection_store import ConnectionStore, TrustRules
@@ -151,15 +152,6 @@ class PolicyHub:
 
     async def on_closed(self) -> None:
         pass
-
-
-def _policy_id(field_path: str, value: str) -> uuid.UUID:
-    if not value:
-        raise invalid(field_path, "is required")
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        raise invalid(field_path, "must be a UUID") from None
 
 
 def _check_fields(v: agent_rules.Violations, policy: ppb.Policy, fields: tuple[str, ...]) -> None:
@@ -282,11 +274,11 @@ class PolicyServicer(AccessServicer, ppb_grpc.PolicyServiceServicer):
 
     async def GetPolicy(self, request: ppb.GetPolicyRequest, context: grpc.aio.ServicerContext) -> ppb.Policy:
         await self._caller(context, POLICIES_ADMIN, POLICIES_READ)
-        return policy_to_proto(await self._get(_policy_id("id", request.id)))
+        return policy_to_proto(await self._get(uuid_field("id", request.id)))
 
     async def UpdatePolicy(self, request: ppb.UpdatePolicyRequest, context: grpc.aio.ServicerContext) -> ppb.Policy:
         principal = await self._caller(context, POLICIES_ADMIN)
-        policy_id = _policy_id("policy.id", request.policy.id)
+        policy_id = uuid_field("policy.id", request.policy.id)
         paths = list(dict.fromkeys(p for p in request.update_mask.paths if p))
         v = agent_rules.Violations()
         for path in paths:
@@ -314,7 +306,7 @@ class PolicyServicer(AccessServicer, ppb_grpc.PolicyServiceServicer):
         self, request: ppb.DeletePolicyRequest, context: grpc.aio.ServicerContext
     ) -> empty_pb2.Empty:
         principal = await self._caller(context, POLICIES_ADMIN)
-        policy_id = _policy_id("id", request.id)
+        policy_id = uuid_field("id", request.id)
         version = await self.store.delete(policy_id)
         if version is None:
             raise NotFound(f"policy {policy_id} not found", "POLICY_NOT_FOUND", id=str(policy_id))
