@@ -20,7 +20,7 @@ from prometheus_client import Counter, Gauge
 
 from agentvault.common import agents as agent_rules
 from agentvault.common import pagination
-from agentvault.common.errors import FailedPrecondition, NotFound, PermissionDenied, ResourceExhausted, invalid
+from agentvault.common.errors import Aborted, FailedPrecondition, NotFound, PermissionDenied, ResourceExhausted, invalid
 from agentvault.common.lru import Lru
 from agentvault.common.policy import ACTIONS, Outcome, Trust, agent_target, capability_target, remote, tool_target
 from agentvault.common.policy.api import (
@@ -749,7 +749,8 @@ class AccessServicer:
                 key, approve=approve, by=principal.id, note=note.strip(), duration_seconds=duration, uses=uses or None
             )
         except NotPending as exc:
-            raise FailedPrecondition(
+            # A conflict with the approval's state (someone answered first, or its time ran out): 409 at the edge.
+            raise Aborted(
                 f"approval {key} is {exc.approval.status}, not pending",
                 "APPROVAL_NOT_PENDING",
                 status=exc.approval.status,

@@ -290,7 +290,7 @@ async def test_ask_then_approve_then_grant_then_expiry(access: Access) -> None:
     # Answered twice: refused.
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await access.policies.DenyApproval(ppb.DenyApprovalRequest(id=approval_id), metadata=owner.md)
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.value.code() == grpc.StatusCode.ABORTED
     grants = await access.policies.ListGrants(ppb.ListGrantsRequest(), metadata=asker.md)
     assert [(g.id, g.uses_left, g.approval_id) for g in grants.grants] == [(approved.grant_id, 1, approval_id)]
     assert (await explain_invoke(access, asker, agent, "deploy")).decision == "allow"
@@ -370,7 +370,7 @@ async def test_an_unanswered_approval_expires(access: Access) -> None:
     assert got.status == "expired"
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await access.policies.ApproveApproval(ppb.ApproveApprovalRequest(id=approval_id), metadata=owner.md)
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.value.code() == grpc.StatusCode.ABORTED
     assert "expired" in (err.value.details() or "")
 
 
