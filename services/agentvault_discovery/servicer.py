@@ -13,7 +13,6 @@ import redis.asyncio as aioredis
 from prometheus_client import Gauge
 
 from agentvault.common import agents, pagination
-from agentvault.common.auth import AUTHORIZATION_KEY
 from agentvault.common.errors import (
     AgentVaultError,
     FieldViolation,
@@ -21,7 +20,7 @@ from agentvault.common.errors import (
     Unavailable,
     invalid,
 )
-from agentvault.common.interceptors import outgoing_metadata
+from agentvault.common.interceptors import caller_metadata
 from agentvault.common.jwt_auth import JwtValidator
 from agentvault.common.lru import Lru
 from agentvault.common.remote_auth import AdminGate, CallerResolver
@@ -75,14 +74,6 @@ def _registry_error(exc: grpc.aio.AioRpcError, what: str) -> AgentVaultError:
         return AgentVaultError(exc.details() or code.name, code.name, {"upstream": "registry"}, code)
     log.error("registry call %s failed: %s %s", what, code.name, exc.details())
     return Unavailable(f"the registry is unavailable ({code.name})", "REGISTRY_UNAVAILABLE")
-
-
-def _caller_metadata(context: grpc.aio.ServicerContext) -> list[tuple[str, str]]:
-    """The caller's credential, forwarded so the registry applies its visibility rules to the caller, not to us."""
-    forwarded = [
-        (k, v) for k, v in context.invocation_metadata() or () if k == AUTHORIZATION_KEY and isinstance(v, str)
-    ]
-    return outgoing_metadata(forwarded[:1])
 
 
 def _valid_position(position: list[Any] | None) -> list[Any] | None:
@@ -314,7 +305,7 @@ class DiscoveryServicer(dpb_grpc.DiscoveryServiceServicer):
                     capability_name=search.query.capability_name,
                     capability_version=r.capability_version,
                 ),
-                metadata=_caller_metadata(context),
+                metadata=caller_metadata(context),
                 timeout=REGISTRY_TIMEOUT_SECONDS,
             )
         except grpc.aio.AioRpcError as exc:

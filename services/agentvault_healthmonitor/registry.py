@@ -9,10 +9,10 @@ import grpc
 from google.protobuf import field_mask_pb2, timestamp_pb2
 
 from agentvault.common import agents as agent_rules
-from agentvault.common.agent_auth import AgentAuthUnavailable
+from agentvault.common.agent_auth import resolve_agent_auth
 from agentvault.common.enums import enum_words
 from agentvault.common.peers import load_peers
-from agentvault.common.secretbox import DecryptionError, SecretBox
+from agentvault.common.secretbox import SecretBox
 from agentvault.common.token_source import BearerInterceptor, TokenSource
 from agentvault.federation.v1 import federation_service_pb2 as fed_pb
 from agentvault.federation.v1 import federation_service_pb2_grpc as fed_grpc
@@ -117,31 +117,7 @@ class RegistryClient:
 
     async def agent_auth(self, agent_id: str) -> tuple[agent_rules.AgentAuth, str]:
         """How to authenticate to an agent, with its secret decrypted (ResolveAgentAuth, agents:connect)."""
-        reply = await self.registry_stub.ResolveAgentAuth(
-            reg_pb.ResolveAgentAuthRequest(agent_id=agent_id), metadata=self._metadata, timeout=CALL_TIMEOUT
-        )
-        a = reply.auth
-        auth = agent_rules.AgentAuth(
-            kind=AUTH_KIND.word(a.kind) or agent_rules.AUTH_NONE,
-            api_key_header=a.api_key_header,
-            token_url=a.token_url,
-            client_id=a.client_id,
-            scopes=tuple(a.scopes),
-            audience=a.audience,
-            token_endpoint_auth_method=a.token_endpoint_auth_method,
-            ca_pem=a.ca_pem,
-            secret_set=a.secret_set,
-        )
-        if not reply.encrypted_secret:
-            return auth, ""
-        if self.box is None:
-            raise AgentAuthUnavailable("the agent's secret cannot be read: FEDERATION_ENCRYPTION_KEYS is not set")
-        try:
-            return auth, self.box.decrypt(reply.encrypted_secret)
-        except DecryptionError:
-            raise AgentAuthUnavailable(
-                "the agent's secret cannot be decrypted with FEDERATION_ENCRYPTION_KEYS"
-            ) from None
+        return await resolve_agent_auth(self.registry_stub, agent_id, self.box, timeout=CALL_TIMEOUT)
 
     async def report_peer(self, peer_id: str, state: State) -> None:
         assert state.last_check is not None

@@ -265,7 +265,7 @@ class ApprovalHub:
         message = ppb.ApprovalEvent(event=event, approval=approval_to_proto(approval))
         for watcher in list(self._watchers):
             p = watcher.principal
-            if not approval.visible_to(p.id, _is_admin(p)):
+            if not approval.visible_to(p.id, _sees_approvals(p)):
                 continue
             try:
                 watcher.queue.put_nowait(message)
@@ -279,7 +279,7 @@ class ApprovalHub:
         watcher = _Watcher(principal, asyncio.Queue(WATCH_QUEUE))
         self._watchers.add(watcher)
         try:
-            admin = _is_admin(principal)
+            admin = _sees_approvals(principal)
             if include_answered:
                 recent = await self.store.page_approvals(
                     ANSWERED_AT_START * 2, None, status="", viewer=None if admin else principal.id
@@ -367,6 +367,12 @@ class ApprovalHub:
 
 def _is_admin(principal: Principal) -> bool:
     return principal.has_scope(ADMIN_SCOPE) or principal.has_scope(POLICIES_ADMIN)
+
+
+def _sees_approvals(principal: Principal) -> bool:
+    """Admins, and the enforcing services (policies:enforce): they hold what waits for an answer (a held message)
+    and must learn every answer; they cannot answer one (that stays with the target's owner or an admin)."""
+    return _is_admin(principal) or principal.has_scope(POLICIES_ENFORCE)
 
 
 def uuid_field(field_path: str, value: str) -> uuid.UUID:
@@ -719,7 +725,7 @@ class AccessServicer:
 
     async def _approval(self, principal: Principal, approval_id: uuid.UUID) -> ApprovalRecord:
         found = await self.grants.get_approval(approval_id)
-        if found is None or not found.visible_to(principal.id, _is_admin(principal)):
+        if found is None or not found.visible_to(principal.id, _sees_approvals(principal)):
             raise NotFound(f"approval {approval_id} not found", "APPROVAL_NOT_FOUND", id=str(approval_id))
         return found
 

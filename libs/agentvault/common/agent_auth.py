@@ -18,6 +18,7 @@ from agentvault.common import egress
 from agentvault.common.errors import Unavailable
 from agentvault.common.lru import Lru
 from agentvault.common.peers import TlsFiles
+from agentvault.common.secretbox import DecryptionError, SecretBox
 from agentvault.common.token_source import TokenSource
 
 log = logging.getLogger(__name__)
@@ -202,5 +203,42 @@ async def _send(
     kwargs: dict[str, Any],
 ) -> Answer:
     async with session.request(method, url, headers=headers, **kwargs) as response:
-        body = await response.content.read(max_body) if max_body else b""
-        return Answer(response.status, dict(response.headers), body)
+        # read(n) answers what has arrived so far, not n bytes: loop until EOF or the bound.
+        body = bytearray()
+        while len(body) < max_body:
+            chunk = await response.content.read(max_body - len(body))
+            if not chunk:
+                break
+            body += chunk
+        return Answer(response.status, dict(response.headers), bytes(body))
+
+
+async def resolve_agent_auth(
+    registry: Any, agent_id: str, box: SecretBox | None, *, timeout: float = 5.0
+) -> tuple[rules.AgentAuth, str]:
+    """How the mesh authenticates to an agent, with its secret decrypted: the registry's ResolveAgentAuth (scope
+    agents:connect) on `registry`, a RegistryService stub whose channel carries the service's own token."""
+    from agentvault.common.enums import enum_words
+    from agentvault.registry.v1 import registry_service_pb2 as reg_pb
+
+    reply = await registry.ResolveAgentAuth(reg_pb.ResolveAgentAuthRequest(agent_id=agent_id), timeout=timeout)
+    a = reply.auth
+    auth = rules.AgentAuth(
+        kind=enum_words(reg_pb.AgentAuthKind.DESCRIPTOR).word(a.kind) or rules.AUTH_NONE,
+        api_key_header=a.api_key_header,
+        token_url=a.token_url,
+        client_id=a.client_id,
+        scopes=tuple(a.scopes),
+        audience=a.audience,
+        token_endpoint_auth_method=a.token_endpoint_auth_method,
+        ca_pem=a.ca_pem,
+        secret_set=a.secret_set,
+    )
+    if not reply.encrypted_secret:
+        return auth, ""
+    if box is None:
+        raise AgentAuthUnavailable("the agent's secret cannot be read: FEDERATION_ENCRYPTION_KEYS is not set")
+    try:
+        return auth, box.decrypt(reply.encrypted_secret)
+    except DecryptionError:
+        raise AgentAuthUnavailable("the agent's secret cannot be decrypted with FEDERATION_ENCRYPTION_KEYS") from None

@@ -19,6 +19,7 @@ import grpc
 from opentelemetry import trace
 
 from agentvault.common import errors, tracing
+from agentvault.common.auth import AUTHORIZATION_KEY
 from agentvault.common.logs import request_id_var
 from agentvault.common.metrics import GRPC_HANDLED, GRPC_LATENCY
 
@@ -168,3 +169,12 @@ def outgoing_metadata(extra: list[tuple[str, str]] | None = None) -> list[tuple[
     tracing.inject(carrier)
     md.extend(carrier.items())
     return md
+
+
+def caller_metadata(context: grpc.aio.ServicerContext) -> list[tuple[str, str]]:
+    """The caller's own credential (and the request id and trace context), for a call made on its behalf: the
+    registry then applies its visibility rules to the caller, not to the service forwarding it."""
+    forwarded = [
+        (k, v) for k, v in context.invocation_metadata() or () if k == AUTHORIZATION_KEY and isinstance(v, str)
+    ]
+    return outgoing_metadata(forwarded[:1])

@@ -10,7 +10,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from agentvault.common.principal import AGENTS_CONNECT, AGENTS_READ, FEDERATION_RESOLVE, HEALTH_REPORT
+from agentvault.common.principal import (
+    AGENTS_CONNECT,
+    AGENTS_READ,
+    FEDERATION_RESOLVE,
+    HEALTH_REPORT,
+    POLICIES_ENFORCE,
+    POLICIES_READ,
+)
 from agentvault.common.settings import Env, SettingsError
 
 GRPC = "grpc"  # probed with grpc.health.v1
@@ -119,12 +126,26 @@ SERVICES: tuple[ServiceSpec, ...] = (
         scopes=(AGENTS_READ, AGENTS_CONNECT, FEDERATION_RESOLVE, HEALTH_REPORT),
     ),
     ServiceSpec(
+        "messaging",
+        "agentvault_messaging",
+        "MESSAGING_PORT",
+        50054,
+        proto_services=("agentvault.messaging.v1.MessagingService",),
+        calls=("registry",),
+        summary="the data plane: durable agent-to-agent messages, inboxes, delivery to external agents, dead letters",
+        # GetAgent of recipients for delivery (agents:read) and their credentials (agents:connect, ResolveAgentAuth);
+        # WatchPolicies (policies:read); ResolveTrust, RecordInteractions, ConsumeGrant, LogDecisions,
+        # CreateApproval and every approval's answer (policies:enforce). A sender's GetAgent goes out with the
+        # sender's own credential, so it sees only what the sender may.
+        scopes=(AGENTS_READ, AGENTS_CONNECT, POLICIES_READ, POLICIES_ENFORCE),
+    ),
+    ServiceSpec(
         "edge",
         "agentvault_edge",
         "EDGE_PORT",
         8080,
         kind=HTTP,
-        calls=("registry", "discovery", "health-monitor"),
+        calls=("registry", "discovery", "health-monitor", "messaging"),
         publish_var="EDGE_HOST_PORT",
         max_replicas=10,
         summary="the HTTP/JSON front door, serving /api/v1/..., /healthz, /readyz and /metrics on one port",

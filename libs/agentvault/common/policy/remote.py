@@ -59,12 +59,20 @@ class RemoteControlPlane:
         return Trust(answer.trust_level)
 
     async def record(self, caller: Caller, agent_id: str, violation: str | None) -> None:
-        if caller.type not in CONNECTION_KINDS:
-            return
-        interaction = ppb.Interaction(
-            caller_type=caller.type, caller_id=caller.id, agent_id=agent_id, violation=(violation or "")[:MAX_NOTE]
-        )
-        await self._call(self._stub.RecordInteractions, ppb.RecordInteractionsRequest(interactions=[interaction]))
+        await self.record_many([(caller, agent_id, violation)])
+
+    async def record_many(self, items: Sequence[tuple[Caller, str, str | None]]) -> None:
+        """Several interactions, in calls of at most MAX_BATCH (a buffered control plane's batches)."""
+        interactions = [
+            ppb.Interaction(
+                caller_type=caller.type, caller_id=caller.id, agent_id=agent_id, violation=(violation or "")[:MAX_NOTE]
+            )
+            for caller, agent_id, violation in items
+            if caller.type in CONNECTION_KINDS
+        ]
+        for start in range(0, len(interactions), MAX_BATCH):
+            request = ppb.RecordInteractionsRequest(interactions=interactions[start : start + MAX_BATCH])
+            await self._call(self._stub.RecordInteractions, request)
 
     async def consume(self, grant_id: str) -> bool:
         answer: ppb.ConsumeGrantResponse = await self._call(
