@@ -196,8 +196,11 @@ class DeliveryWorker:
             return
         try:
             auth = await self.agents.auth(row.recipient_agent)
+            message = row.proto()
+            # The sender's principal id names a person or client of this mesh: not the external agent's business.
+            message.sender.ClearField("principal_id")
             outbound = Outbound(
-                row.proto(), row.recipient_agent, row.endpoint, row.attempts, self.settings.delivery_timeout
+                message, row.recipient_agent, row.endpoint, row.attempts, self.settings.delivery_timeout
             )
             context = TransportContext(
                 self.session,

@@ -149,7 +149,7 @@ class A2ATransport:
                 # remembered as 0.3 that has moved on.
                 other = PROTOCOL_VERSION_0_3 if mode.version == PROTOCOL_VERSION_1_0 else PROTOCOL_VERSION_1_0
                 fallback = Mode(other, mode.streaming)
-                if answer.started or mode.version != PROTOCOL_VERSION_1_0 or fallback in tried:
+                if answer.started or fallback in tried:
                     raise _delivery_error(exc, context, token) from None
                 mode = fallback
             except a2a_errors.UnsupportedOperationError as exc:
