@@ -131,11 +131,14 @@ class MessagingServicer:
         return agent
 
     async def _inbox(self, principal: Principal, agent_id: str, context: grpc.aio.ServicerContext) -> str:
-        """The inbox the caller may read: its own, or an agent's when it is that agent, its owner or an admin."""
+        """The inbox the caller may read: its own, or an agent's when it is that agent, its owner or an admin.
+        An agent's credential names its owner, but an agent reads only its own inbox, never its siblings'."""
         if not agent_id:
             return inbox_of(principal)
-        if principal.kind is Kind.AGENT and principal.agent_id == agent_id:
-            return agent_inbox(agent_id)
+        if principal.kind is Kind.AGENT:
+            if principal.agent_id == agent_id:
+                return agent_inbox(agent_id)
+            raise PermissionDenied("an agent reads only its own inbox", "INBOX_NOT_YOURS")
         agent = await self._agent(agent_id, context, "agent_id")
         if not (principal.is_admin or principal.owns(agent.owner)):
             raise PermissionDenied(
@@ -193,7 +196,7 @@ class MessagingServicer:
             original = await self.store.get(uuid.UUID(message.in_reply_to))
             if original is None or not self._may_see(principal, original):
                 raise NotFound(f"message {message.in_reply_to} not found", "MESSAGE_NOT_FOUND")
-            if inbox_of(principal) != original.inbox and not principal.owns(original.recipient_owner):
+            if not _holds(principal, original):
                 raise PermissionDenied(
                     "only the recipient of a message (or its owner) may reply to it", "NOT_THE_RECIPIENT"
                 )
@@ -508,9 +511,7 @@ class MessagingServicer:
         key = model.require_uuid("message_id", message_id)
         model.require_uuid("receipt", receipt)
         row = await self.store.get(key)
-        if row is None or not (
-            principal.is_admin or row.inbox == inbox_of(principal) or principal.owns(row.recipient_owner)
-        ):
+        if row is None or not (principal.is_admin or _holds(principal, row)):
             raise NotFound(f"message {message_id} not found in an inbox of yours", "MESSAGE_NOT_FOUND")
         return row
 
@@ -664,6 +665,14 @@ class MessagingServicer:
         answer = mpb.GetMessageSchemaResponse()
         json_format.ParseDict(message_schema(), answer.schema)
         return answer
+
+
+def _holds(principal: Principal, row: Row) -> bool:
+    """Whether the caller holds the message as its recipient: it is in the caller's inbox, or (a person) in the
+    inbox of an agent it owns. An agent never holds its siblings' messages."""
+    if row.inbox == inbox_of(principal):
+        return True
+    return principal.kind is not Kind.AGENT and bool(row.recipient_owner) and principal.owns(row.recipient_owner)
 
 
 def _purpose(message: mpb.Message) -> str:

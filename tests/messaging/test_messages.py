@@ -222,3 +222,32 @@ async def test_an_inbox_stream_delivers_as_messages_arrive_within_its_in_flight_
     )
     assert (await asyncio.wait_for(third, 5)).message.id == ids[2]
     stream.cancel()
+
+
+async def test_an_agent_reads_only_its_own_inbox_even_beside_agents_of_its_owner(net: Net) -> None:
+    alice, bob, sibling = await local_agent(net), await local_agent(net), await local_agent(net)
+    sent = await net.messaging.SendMessage(
+        mpb.SendMessageRequest(message=text_message(bob, "for bob")), metadata=alice.md
+    )
+    # All three agents belong to the admin, whose id their credentials carry; still, only bob holds bob's mail.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await net.messaging.ReceiveMessages(mpb.ReceiveMessagesRequest(agent_id=bob.id), metadata=sibling.md)
+    assert reason(caught.value)[0] == "INBOX_NOT_YOURS"
+    got = await receive(net, bob)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await net.messaging.AckMessage(
+            mpb.AckMessageRequest(message_id=sent.message.id, receipt=got[0].receipt), metadata=sibling.md
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await net.messaging.SendMessage(
+            mpb.SendMessageRequest(message=mpb.Message(in_reply_to=sent.message.id, parts=[mpb.Part(text="x")])),
+            metadata=sibling.md,
+        )
+    assert caught.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED)
+    # Given back, it is the owner's (a person's) to read.
+    await net.messaging.NackMessage(
+        mpb.NackMessageRequest(message_id=sent.message.id, receipt=got[0].receipt), metadata=bob.md
+    )
+    owner = await net.messaging.ReceiveMessages(mpb.ReceiveMessagesRequest(agent_id=bob.id), metadata=net.admin)
+    assert [d.message.id for d in owner.deliveries] == [sent.message.id]
