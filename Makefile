@@ -94,6 +94,7 @@ bench: $(STAMP)
 	$(PY) -m bench.federation_bench
 	$(PY) -m bench.identity_bench
 	$(PY) -m bench.policy_bench
+	$(PY) -m bench.messaging_bench
 
 clean:
 	rm -rf .build .pytest_cache .mypy_cache .ruff_cache

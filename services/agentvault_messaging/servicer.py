@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 import uuid
@@ -16,6 +17,7 @@ import grpc
 from google.protobuf import empty_pb2, json_format
 
 from agentvault.common import errors, pagination
+from agentvault.common.auth import AUTHORIZATION_KEY
 from agentvault.common.enums import enum_words
 from agentvault.common.errors import (
     AlreadyExists,
@@ -27,6 +29,7 @@ from agentvault.common.errors import (
     invalid,
 )
 from agentvault.common.interceptors import caller_metadata
+from agentvault.common.lru import Lru
 from agentvault.common.policy.api import DEFAULT_DURATION
 from agentvault.common.policy.enforcer import Enforcer
 from agentvault.common.policy.engine import Outcome
@@ -41,7 +44,7 @@ from agentvault_messaging import metrics, model
 from agentvault_messaging.events import Hub, Watcher
 from agentvault_messaging.schema import message_schema
 from agentvault_messaging.settings import MessagingSettings
-from agentvault_messaging.store import INBOX, IdempotencyConflict, NewMessage, Row, Store
+from agentvault_messaging.store import INBOX, Holder, IdempotencyConflict, NewMessage, Row, Store, holds
 from agentvault_messaging.transports.base import Transport, choose
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,10 @@ DEFAULT_VISIBILITY = 30
 MAX_IN_FLIGHT = 1000
 DEFAULT_IN_FLIGHT = 100
 CONVERSE_QUEUE = 256
+# How long a recipient looked up for one credential is reused: a change of the agent (its endpoints, tags, owner,
+# sharing) or of the credential reaches sends within this time.
+AGENT_CACHE_SECONDS = 2.0
+AGENT_CACHE_BYTES = 32 * 1024 * 1024
 
 
 def inbox_of(principal: Principal) -> str:
@@ -107,6 +114,9 @@ class MessagingServicer:
         self.enforcer = enforcer
         self.control = control
         self.transports = transports
+        # Recipients as each credential sees them, briefly: a send costs no registry call while they are fresh.
+        # Keyed by the SHA-256 of the credential, bounded in bytes (agents are anyone's to register).
+        self._agents: Lru[tuple[bytes, str], tuple[reg_pb.Agent, float]] = Lru(50_000, budget=AGENT_CACHE_BYTES)
 
     # Who is calling ----------------------------------------------------------------------------------------
 
@@ -117,9 +127,16 @@ class MessagingServicer:
         """The agent as the caller may see it (its credential forwarded: a private agent of someone else is not
         found)."""
         model.require_uuid(path, agent_id)
+        metadata = tuple(caller_metadata(context))
+        credential = next((v for k, v in metadata if k == AUTHORIZATION_KEY), "")
+        key = (hashlib.sha256(credential.encode()).digest(), agent_id)
+        now = time.monotonic()
+        cached = self._agents.get(key)
+        if cached is not None and cached[1] > now:
+            return cached[0]
         try:
             agent: reg_pb.Agent = await self.registry.GetAgent(
-                reg_pb.GetAgentRequest(id=agent_id), metadata=tuple(caller_metadata(context)), timeout=REGISTRY_TIMEOUT
+                reg_pb.GetAgentRequest(id=agent_id), metadata=metadata, timeout=REGISTRY_TIMEOUT
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
@@ -128,6 +145,8 @@ class MessagingServicer:
                 raise NotFound(f"agent {agent_id} not found", "AGENT_NOT_FOUND", id=agent_id) from None
             log.warning("registry GetAgent failed: %s %s", exc.code().name, exc.details())
             raise Unavailable("the registry cannot be asked now", "REGISTRY_UNAVAILABLE") from None
+        # Python's objects weigh a few times the wire size.
+        self._agents.put(key, (agent, now + AGENT_CACHE_SECONDS), 4 * agent.ByteSize())
         return agent
 
     async def _inbox(self, principal: Principal, agent_id: str, context: grpc.aio.ServicerContext) -> str:
@@ -223,6 +242,11 @@ class MessagingServicer:
                 verdict = await self.enforcer.decide(
                     who, "message.send", target, agent_id=agent.id, payload_size=message.ByteSize()
                 )
+                if verdict.transient:
+                    raise Unavailable(
+                        "the policy engine cannot decide now (" + "; ".join(verdict.decision.reasons) + ")",
+                        "POLICY_UNAVAILABLE",
+                    )
                 if verdict.outcome is Outcome.DENY:
                     metrics.SENT.labels(route.transport, "denied").inc()
                     raise PermissionDenied(
@@ -453,11 +477,12 @@ class MessagingServicer:
             self.hub.drop_inbox_waiter(inbox, waiter)
 
     async def claim(self, inbox: str, count: int, visibility: float) -> list[Row]:
-        dead = await self.store.dead_letter_exhausted(inbox, self.settings.max_attempts)
+        claimed = await self.store.claim_inbox(inbox, count, visibility, self.settings.max_attempts)
+        dead = [r for r in claimed if r.status == "dead_lettered"]
+        rows = [r for r in claimed if r.status != "dead_lettered"]
         if dead:
             metrics.DEAD_LETTERED.labels(INBOX).inc(len(dead))
-        rows = await self.store.claim_inbox(inbox, count, visibility, self.settings.max_attempts)
-        await self.hub.publish([*dead, *rows])
+        await self.hub.publish(claimed)
         now = datetime.now(UTC)
         for row in rows:
             if row.attempts == 1:
@@ -473,14 +498,17 @@ class MessagingServicer:
         return empty_pb2.Empty()
 
     async def ack(self, principal: Principal, request: mpb.AckMessageRequest) -> None:
-        row = await self._receiver_row(principal, request.message_id, request.receipt)
-        result, acked = await self.store.ack(row.id, model.require_uuid("receipt", request.receipt))
+        key = model.require_uuid("message_id", request.message_id)
+        receipt = model.require_uuid("receipt", request.receipt)
+        result, acked = await self.store.ack(key, receipt, _holder(principal))
         if result == "acked" and acked is not None:
             await self.hub.publish([acked])
             return
         if result == "already":
             metrics.DUPLICATES.labels("ack").inc()
             return
+        if result == "missing":
+            raise NotFound(f"message {request.message_id} not found in an inbox of yours", "MESSAGE_NOT_FOUND")
         raise _stale(request.message_id)
 
     async def NackMessage(self, request: mpb.NackMessageRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
@@ -511,7 +539,8 @@ class MessagingServicer:
         key = model.require_uuid("message_id", message_id)
         model.require_uuid("receipt", receipt)
         row = await self.store.get(key)
-        if row is None or not (principal.is_admin or _holds(principal, row)):
+        holder = _holder(principal)
+        if row is None or (holder is not None and not holds(holder, row)):
             raise NotFound(f"message {message_id} not found in an inbox of yours", "MESSAGE_NOT_FOUND")
         return row
 
@@ -519,19 +548,23 @@ class MessagingServicer:
         self, request: mpb.StreamInboxRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[mpb.Delivery]:
         principal = await self._principal(context)
-        async for delivery in self.stream(principal, request, context):
+        async for delivery in await self.stream(principal, request, context):
             yield delivery
 
     async def stream(
         self, principal: Principal, request: mpb.StreamInboxRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[mpb.Delivery]:
         """An inbox's deliveries as they arrive; at most `max_in_flight` delivered and not yet acknowledged (or
-        past their visibility timeout) at a time: the receiver's pace sets the stream's."""
+        past their visibility timeout) at a time: the receiver's pace sets the stream's. The request is checked
+        here, before the first delivery is waited for, so that Converse can answer a bad subscribe."""
         limit = _seconds(request.max_in_flight, "max_in_flight", DEFAULT_IN_FLIGHT, MAX_IN_FLIGHT)
         visibility = _seconds(
             request.visibility_timeout_seconds, "visibility_timeout_seconds", DEFAULT_VISIBILITY, MAX_VISIBILITY
         )
         inbox = await self._inbox(principal, request.agent_id, context)
+        return self._deliveries(inbox, limit, visibility)
+
+    async def _deliveries(self, inbox: str, limit: int, visibility: int) -> AsyncIterator[mpb.Delivery]:
         waiter = self.hub.inbox_waiter(inbox)
         in_flight: dict[str, float] = {}  # message id -> when its visibility ends
         try:
@@ -561,8 +594,8 @@ class MessagingServicer:
         out: asyncio.Queue[mpb.ConverseResponse | None] = asyncio.Queue(CONVERSE_QUEUE)
         tasks: list[asyncio.Task[None]] = []
 
-        async def deliver(subscribe: mpb.StreamInboxRequest) -> None:
-            async for delivery in self.stream(principal, subscribe, context):
+        async def deliver(deliveries: AsyncIterator[mpb.Delivery]) -> None:
+            async for delivery in deliveries:
                 await out.put(mpb.ConverseResponse(delivery=delivery))
 
         async def handle(item: mpb.ConverseRequest) -> mpb.ConverseResponse:
@@ -580,8 +613,9 @@ class MessagingServicer:
             elif kind == "subscribe":
                 if tasks:
                     raise FailedPrecondition("this stream is already subscribed", "ALREADY_SUBSCRIBED")
-                await self._inbox(principal, item.subscribe.agent_id, context)  # refused here, not in the task
-                tasks.append(asyncio.create_task(deliver(item.subscribe)))
+                # Checked here, so that a bad subscribe is answered with its error rather than a dead task.
+                deliveries = await self.stream(principal, item.subscribe, context)
+                tasks.append(asyncio.create_task(deliver(deliveries)))
                 answer.done.SetInParent()
             else:
                 raise invalid("action", "must be one of subscribe, send, ack or nack")
@@ -667,12 +701,17 @@ class MessagingServicer:
         return answer
 
 
+def _holder(principal: Principal) -> Holder | None:
+    """Whose inbox messages the caller may take: its own inbox's, and (a person) those of agents it owns; None for
+    an admin. An agent never holds its siblings' messages, though its credential names their owner."""
+    if principal.is_admin and principal.kind is not Kind.AGENT:
+        return None
+    return inbox_of(principal), "" if principal.kind is Kind.AGENT else principal.id
+
+
 def _holds(principal: Principal, row: Row) -> bool:
-    """Whether the caller holds the message as its recipient: it is in the caller's inbox, or (a person) in the
-    inbox of an agent it owns. An agent never holds its siblings' messages."""
-    if row.inbox == inbox_of(principal):
-        return True
-    return principal.kind is not Kind.AGENT and bool(row.recipient_owner) and principal.owns(row.recipient_owner)
+    holder = _holder(principal)
+    return holder is None or holds(holder, row)
 
 
 def _purpose(message: mpb.Message) -> str:

@@ -95,6 +95,6 @@ class MessagingSettings:
             block_private_agent_urls=env.bool("MESSAGING_BLOCK_PRIVATE_AGENT_URLS", False),
             webhook_key=key,
             log_allows=env.bool("POLICY_DECISION_LOG_ALLOWS", True),
-            db_pool_size=env.int("MESSAGING_DB_POOL_SIZE", 10, minimum=2, maximum=200),
+            db_pool_size=env.int("MESSAGING_DB_POOL_SIZE", 20, minimum=2, maximum=200),
             poll_seconds=env.float("MESSAGING_POLL_SECONDS", 1.0, minimum=0.05),
         )

@@ -29,6 +29,19 @@ _COLUMNS = (
 )
 
 
+# Every column but the message's content: for answers and events that do not need it.
+_NO_BODY = _COLUMNS.replace("body,", "''::bytea AS body,")
+
+# Who may take a message from an inbox: (the caller's own inbox, a person's principal id for the agents it owns,
+# or "" for an agent, which holds only its own inbox).
+Holder = tuple[str, str]
+
+
+def holds(holder: Holder, row: Row) -> bool:
+    inbox, owner = holder
+    return row.inbox == inbox or (bool(owner) and row.recipient_owner == owner)
+
+
 @dataclass(frozen=True)
 class Row:
     id: uuid.UUID
@@ -211,35 +224,27 @@ class Store:
 
     # Inboxes ------------------------------------------------------------------------------------------------
 
-    async def dead_letter_exhausted(self, inbox: str, max_attempts: int) -> list[Row]:
-        """Messages of `inbox` due again after `max_attempts` deliveries without an ack: dead-lettered."""
-        records = await self.pool.fetch(
-            f"""
-            UPDATE messages SET status = 'dead_lettered', updated_at = now(), receipt = NULL,
-                status_reason = 'delivered ' || attempts || ' times without an ack'
-            WHERE inbox = $1 AND status IN ('accepted', 'delivered') AND transport = 'inbox'
-              AND visible_at <= now() AND attempts >= $2
-            RETURNING {_COLUMNS}
-            """,
-            inbox,
-            max_attempts,
-        )
-        return [Row.of(r) for r in records]
-
     async def claim_inbox(self, inbox: str, limit: int, visibility: float, max_attempts: int) -> list[Row]:
         """Up to `limit` deliverable messages of `inbox`, oldest first, each invisible to others for `visibility`
-        seconds from now and with a new receipt."""
+        seconds from now and with a new receipt; in the same statement, those already delivered `max_attempts`
+        times without an ack are dead-lettered instead (returned with that status). One indexed scan from the
+        head of the inbox, however long its backlog."""
         records = await self.pool.fetch(
             f"""
             WITH picked AS (
                 SELECT id FROM messages
                 WHERE inbox = $1 AND status IN ('accepted', 'delivered') AND transport = 'inbox'
-                  AND visible_at <= now() AND attempts < $4 AND (expire_at IS NULL OR expire_at > now())
+                  AND visible_at <= now() AND (expire_at IS NULL OR expire_at > now())
                 ORDER BY seq LIMIT $2
                 FOR UPDATE SKIP LOCKED
             )
-            UPDATE messages m SET status = 'delivered', attempts = m.attempts + 1, receipt = gen_random_uuid(),
-                visible_at = now() + make_interval(secs => $3), updated_at = now(), status_reason = ''
+            UPDATE messages m SET
+                status = CASE WHEN m.attempts >= $4 THEN 'dead_lettered' ELSE 'delivered' END,
+                attempts = CASE WHEN m.attempts >= $4 THEN m.attempts ELSE m.attempts + 1 END,
+                receipt = CASE WHEN m.attempts >= $4 THEN NULL ELSE gen_random_uuid() END,
+                status_reason = CASE WHEN m.attempts >= $4
+                    THEN 'delivered ' || m.attempts || ' times without an ack' ELSE '' END,
+                visible_at = now() + make_interval(secs => $3), updated_at = now()
             FROM picked WHERE m.id = picked.id
             RETURNING {", ".join("m." + c.strip() for c in _COLUMNS.split(","))}
             """,
@@ -250,19 +255,26 @@ class Store:
         )
         return sorted((Row.of(r) for r in records), key=lambda r: r.seq)
 
-    async def ack(self, message_id: uuid.UUID, receipt: uuid.UUID) -> tuple[str, Row | None]:
+    async def ack(self, message_id: uuid.UUID, receipt: uuid.UUID, holder: Holder | None) -> tuple[str, Row | None]:
         """("acked", row), ("already", row) when it was acknowledged before, ("stale", row) when the receipt is
-        not the current delivery's, ("missing", None)."""
+        not the current delivery's, ("missing", None) when there is no such message `holder` holds (None: an
+        admin, any). The common case is one statement that also checks the holder; the row comes back without its
+        body (events and answers do not need it)."""
+        inbox, owner = holder if holder is not None else ("", "")
         record = await self.pool.fetchrow(
             f"""UPDATE messages SET status = 'acknowledged', updated_at = now(), receipt = NULL
-                WHERE id = $1 AND receipt = $2 AND status = 'delivered' RETURNING {_COLUMNS}""",
+                WHERE id = $1 AND receipt = $2 AND status = 'delivered'
+                  AND ($3 = '' OR inbox = $3 OR ($4 <> '' AND recipient_owner = $4))
+                RETURNING {_NO_BODY}""",
             message_id,
             receipt,
+            inbox,
+            owner,
         )
         if record is not None:
             return "acked", Row.of(record)
         row = await self.get(message_id)
-        if row is None:
+        if row is None or (holder is not None and not holds(holder, row)):
             return "missing", None
         return ("already" if row.status == "acknowledged" else "stale"), row
 
@@ -449,7 +461,7 @@ class Store:
         if viewer is not None:
             ids = arg(list(viewer))
             where.append(
-                f"(sender_id = ANY({ids}::text[]) OR inbox = ANY({ids}::text[]) "
+                f"(sender_id = ANY({ids}::text[]) OR sender_inbox = ANY({ids}::text[]) OR inbox = ANY({ids}::text[]) "
                 f"OR recipient_owner = ANY({ids}::text[]))"
             )
         if conversation_id:

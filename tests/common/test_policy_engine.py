@@ -503,3 +503,21 @@ def test_a_grant_naming_anything_but_an_entity_uid_is_refused() -> None:
     assert engine.grants() == []
     outsider = external_client("z")
     assert engine.decide(outsider, "agent.read", agent_target("b")).outcome is Outcome.DENY
+
+
+def test_the_engine_says_which_actions_need_usage_counters() -> None:
+    engine = PolicyEngine()
+    engine.replace({"any": 'permit(principal, action == Action::"message.send", resource);'})
+    assert not engine.measures("message.send") and not engine.measures("tool.invoke")
+    engine.replace(
+        {
+            "any": 'permit(principal, action == Action::"message.send", resource);',
+            "rate": 'forbid(principal, action == Action::"tool.invoke", resource) '
+            "when { context.calls_in_window >= 10 };",
+            "size": 'forbid(principal, action == Action::"message.send", resource) when { context.payload_size > 9 };',
+        }
+    )
+    # payload_size is the request's own; only the meter's counters need counting.
+    assert engine.measures("tool.invoke") and not engine.measures("message.send")
+    engine.replace({"all": "permit(principal, action, resource) when { context.calls_today < 5 };"})
+    assert engine.measures("message.send") and engine.measures("agent.read")

@@ -181,6 +181,10 @@ def from_database_error(exc: BaseException) -> AgentVaultError | None:
         # an aborted call began ("another operation is in progress"). The client-side argument errors
         # (asyncpg's DataError, a ValueError) are bugs and stay INTERNAL.
         return store_unavailable("postgres")
+    if isinstance(exc, pg_errors.InternalClientError):
+        # The client's protocol state after the server vanished mid-statement ("cannot switch to state 15; another
+        # operation is in progress", seen when PostgreSQL was SIGKILLed under load): an outage, not a bug.
+        return store_unavailable("postgres")
     if isinstance(exc, asyncpg.SerializationError | asyncpg.DeadlockDetectedError):
         return Aborted("the transaction conflicted with another; retry", "TRANSACTION_CONFLICT")
     return None

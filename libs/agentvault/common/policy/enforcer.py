@@ -96,6 +96,9 @@ class Verdict:
     decision: Decision
     caller: Caller
     ticket: UsageTicket | None = None
+    # Denied because something the decision needs could not be read (the usage counters): fail closed, but a
+    # service that can say "try again" (UNAVAILABLE) should, rather than answer a refusal the caller would believe.
+    transient: bool = False
 
     @property
     def outcome(self) -> Outcome:
@@ -143,13 +146,15 @@ class Enforcer:
         caller = dataclasses.replace(caller, trust=trust)
         ticket: UsageTicket | None = None
         decision: Decision
-        if self.meter is not None:
+        # Counted only when a policy for this action reads a counter: one Redis round trip (two with `done`) less
+        # per call otherwise. A policy that starts reading one sees the calls from then on.
+        if self.meter is not None and self.engine.measures(action):
             try:
                 ticket = await self.meter.take(caller.uid, action, target.uid)
             except Exception as exc:
                 log.warning("usage counters unavailable; denying %s: %s", action, exc)
                 decision = Decision(Outcome.DENY, (), ("usage counters are unavailable; try again later",))
-                return await self._finish(caller, action, target, agent_id, decision, None, started)
+                return await self._finish(caller, action, target, agent_id, decision, None, started, transient=True)
         counters = ticket.counters(payload_size) if ticket is not None else {"payload_size": payload_size}
         decision = self.engine.decide(caller, action, target, counters)
         if decision.outcome is Outcome.ALLOW:
@@ -192,6 +197,8 @@ class Enforcer:
         decision: Decision,
         ticket: UsageTicket | None,
         started: float,
+        *,
+        transient: bool = False,
     ) -> Verdict:
         outcome = decision.outcome
         if ticket is not None and outcome is not Outcome.ALLOW:
@@ -208,9 +215,10 @@ class Enforcer:
             except Exception as exc:  # the decision stands; losing its log line is logged instead
                 log.error("cannot write the decision log: %s", exc, extra={"action": action, "outcome": outcome.value})
         if caller.type in CONNECTION_KINDS:
-            violation = f"refused {action} on {target.uid}" if outcome is Outcome.DENY else None
+            # An outage of ours is not the caller's violation.
+            violation = f"refused {action} on {target.uid}" if outcome is Outcome.DENY and not transient else None
             try:
                 await self.control.record(caller, agent_id, violation)
             except Exception as exc:
                 log.warning("cannot record the interaction: %s", exc)
-        return Verdict(decision, caller, ticket)
+        return Verdict(decision, caller, ticket, transient)

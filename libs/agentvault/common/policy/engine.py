@@ -33,6 +33,8 @@ SLICE_CACHE_BYTES = 64 << 20
 # when a pair's own policies are added to it (with_added_str shares the parsed policies; 9.3 measured).
 PARSED_BYTES_PER_CHAR = 32
 COPIED_BYTES_PER_CHAR = 12
+# The counters a usage meter measures (payload_size is the request's own size, known without one).
+MEASURED = tuple(name for name in COUNTERS if name != "payload_size")
 # The measured counters' part of Cedar's context as JSON: counters() checked the names and that each is an int.
 _COUNTERS_JSON = "".join(f',"{name}":%d' for name in COUNTERS) + "}"
 _counter_values = itemgetter(*COUNTERS)
@@ -129,7 +131,11 @@ class _Set:
         # action (None: any) -> (by caller uid, by target uid, the rest by caller type (None: any))
         self.index: dict[str | None, tuple[dict[str, list[str]], dict[str, list[str]], dict[str | None, list[str]]]]
         self.index = {}
+        # The actions (None: any) some policy of which reads a measured usage counter in its condition.
+        self.measured: set[str | None] = set()
         for pid, meta in self.metas.items():
+            if any(name in meta.condition for name in MEASURED):
+                self.measured.update(meta.actions if meta.actions is not None else (None,))
             for action in meta.actions if meta.actions is not None else (None,):
                 by_caller, by_target, rest = self.index.setdefault(action, ({}, {}, {}))
                 if meta.principal["op"] == "==":
@@ -224,6 +230,12 @@ class PolicyEngine:
 
     def policy_ids(self) -> list[str]:
         return list(self._state.policies.metas)
+
+    def measures(self, action: str) -> bool:
+        """Whether a policy that may apply to `action` reads a usage counter (calls_in_window, concurrent_calls,
+        calls_today): when none does, an enforcer need not count the call (payload_size is always given)."""
+        measured = self._state.policies.measured
+        return None in measured or action in measured
 
     def replace(self, policies: Mapping[str, str], version: int | None = None) -> int:
         """Swaps in a new policy set (id -> Cedar text); PolicyError (the first invalid one) leaves the old one."""
