@@ -9,6 +9,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -21,13 +22,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram,
 from agentvault.common.logs import request_id_var
 from agentvault.common.settings import SettingsError
 from agentvault_edge import advertisement, errors
+from agentvault_edge.a2a_routes import A2ARoutes
 from agentvault_edge.backends import Backends
 from agentvault_edge.forwarding import forwarded_metadata, is_metadata_text
 from agentvault_edge.http_request import HttpRequestParts, build_request
+from agentvault_edge.json_in import json_to_message
 from agentvault_edge.json_out import dumps, response_to_json
 from agentvault_edge.oauth_routes import OAuthRoutes, from_edge_error
 from agentvault_edge.openapi import build_openapi
-from agentvault_edge.request_body import parse_body, read_body
+from agentvault_edge.request_body import parse_body, parse_json, read_body
 from agentvault_edge.responses import error_response, json_response
 from agentvault_edge.routes import Route, RouteTable, build_routes, discover_services
 from agentvault_edge.server import DRAIN_KEY, Drain, EdgeRequestHandler
@@ -43,6 +46,8 @@ MAX_QUERY_FIELDS = 256
 SSE_RETRY_MS = 1000
 # Seconds a stream waits for its first message before the HTTP response starts without it.
 FIRST_MESSAGE_WAIT = 1.0
+# Seconds between WebSocket pings: a client that vanished without a close is noticed within two of them.
+WS_HEARTBEAT = 30.0
 
 HTTP_REQUESTS = Counter("http_requests_total", "HTTP requests answered by the edge.", ["method", "route", "code"])
 HTTP_LATENCY = Histogram(
@@ -72,6 +77,7 @@ class Edge:
         self.backends = Backends(settings.backends)
         self.drain = Drain()
         self.oauth = OAuthRoutes(settings, self.backends)
+        self.a2a = A2ARoutes(settings, self.backends, self.drain)
         self._openapi: bytes | None = None
         self._fixed: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]] = {
             "/healthz": self.healthz,
@@ -172,6 +178,9 @@ class Edge:
         if self.oauth.owns(raw_path):
             _route_var.set(raw_path)
             return await self.oauth.handle(request)
+        if self.a2a.owns(raw_path):
+            _route_var.set(self.a2a.label(raw_path))
+            return await self.a2a.handle(request)
         fixed = self._fixed.get(raw_path)
         if fixed is not None:
             _route_var.set(raw_path)
@@ -188,6 +197,8 @@ class Edge:
             raise errors.method_not_allowed(request.method, found)
         route = found.route
         _route_var.set(route.template.source)
+        if route.client_streaming:
+            return await self._bidi(request, route)
 
         raw_body = await read_body(request, self.settings.max_body_bytes, self.settings.body_timeout)
         body = parse_body(request, route, raw_body)
@@ -294,11 +305,7 @@ class Edge:
         self, request: web.Request, route: Route, call: Any, pending: asyncio.Future[Any]
     ) -> web.StreamResponse:
         """Each message one JSON text frame; a failure sends the error body, then closes with 1011."""
-        ws = web.WebSocketResponse(heartbeat=30)
-        if not ws.can_prepare(request).ok:
-            raise errors.bad_request("", "invalid WebSocket upgrade request")
-        ws.headers[REQUEST_ID_HEADER] = request_id_var.get()
-        await ws.prepare(request)
+        ws = await self._upgrade(request, web.WebSocketResponse(heartbeat=WS_HEARTBEAT))
 
         async def pump() -> None:
             nonlocal pending
@@ -307,24 +314,17 @@ class Edge:
                     await ws.send_str(self._event(route, item).decode("utf-8"))
                     pending = asyncio.ensure_future(call.read())
             except grpc.aio.AioRpcError as exc:
-                failure = errors.from_rpc_error(exc, route.service.full_name)
-                await ws.send_str(dumps(failure.body()).decode("utf-8"))
-                await ws.close(code=1011, message=failure.grpc_code.name.encode())
+                await _close_failed(ws, errors.from_rpc_error(exc, route.service.full_name), WSCloseCode.INTERNAL_ERROR)
                 return
             await ws.close()
 
         async def drain() -> None:
             # Client frames are ignored (server streaming takes one request); this notices the client closing.
-            # Bidirectional streams would read their requests here.
             async for frame in ws:
                 if frame.type in (WSMsgType.CLOSE, WSMsgType.ERROR):
                     break
 
-        async def going_away() -> None:
-            await self.drain.wait()
-            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"the edge is shutting down")
-
-        tasks = {asyncio.create_task(pump()), asyncio.create_task(drain()), asyncio.create_task(going_away())}
+        tasks = {asyncio.create_task(pump()), asyncio.create_task(drain()), asyncio.create_task(self._going_away(ws))}
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -335,6 +335,134 @@ class Edge:
             if not ws.closed:
                 await ws.close()
         return ws
+
+    async def _upgrade(self, request: web.Request, ws: web.WebSocketResponse) -> web.WebSocketResponse:
+        if not ws.can_prepare(request).ok:
+            raise errors.bad_request("", "invalid WebSocket upgrade request")
+        ws.headers[REQUEST_ID_HEADER] = request_id_var.get()
+        await ws.prepare(request)
+        return ws
+
+    async def _going_away(self, ws: web.WebSocketResponse) -> None:
+        await self.drain.wait()
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"the edge is shutting down")
+
+    async def _bidi(self, request: web.Request, route: Route) -> web.StreamResponse:
+        """A client- or bidirectional-streaming RPC, as a WebSocket only (a plain GET is told to upgrade: 426).
+
+        Each text frame from the client is one request message, a JSON object read as a request body is (strict,
+        at most max_body_bytes); an empty frame ends the requests (a gRPC half-close) while answers keep coming.
+        Each answer is one JSON text frame. A frame that is not a valid request ends the conversation: an error
+        frame in the edge's error shape, then close 1007 (1003 for a binary frame, 1008 for a request after the
+        empty frame; aiohttp itself closes 1009 on a frame over the bound, 1007 on invalid UTF-8). The call's end
+        closes the socket: 1000 when OK, else an error frame and 1011 with the gRPC status name as the reason, as
+        for server streams. The client closing cancels the call; the edge shutting down closes 1001.
+
+        Backpressure: the next frame is read only once the previous request was written to the call, and the next
+        answer read only once the previous one was sent, so neither side is buffered beyond a frame or two.
+        """
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            failure = errors.bad_request(
+                "",
+                f"{route.template.source} is a WebSocket (one JSON request per text frame): send the GET with "
+                "`Connection: Upgrade` and `Upgrade: websocket`",
+                http_status=426,
+            )
+            failure.headers["Upgrade"] = "websocket"
+            raise failure
+        if request.rel_url.raw_query_string:
+            raise errors.bad_request(
+                "", f"{route.template.source} takes its requests as WebSocket frames, not in the query string"
+            )
+        metadata = forwarded_metadata(request, b"", self.settings.max_forwarded_header_bytes)
+        # A frame over the bound is refused by aiohttp as it arrives (1009), never read whole into memory.
+        ws = web.WebSocketResponse(heartbeat=WS_HEARTBEAT, max_msg_size=self.settings.max_body_bytes)
+        await self._upgrade(request, ws)
+        # No deadline, as for a server stream: a conversation lasts as long as both sides want it.
+        call = self.backends.bidi_stream(route)(metadata=metadata)
+        answers = asyncio.create_task(self._bidi_answers(ws, route, call))
+        requests = asyncio.create_task(self._bidi_requests(ws, route, call))
+        going_away = asyncio.create_task(self.drain.wait())
+        tasks = (answers, requests, going_away)
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            call.cancel()
+        # Closed here, by the one task, once nothing reads the socket: a close from another task while one waits
+        # in receive() would drop the connection without the closing handshake.
+        ending: _Ending | None = None
+        if answers.done() and not answers.cancelled() and answers.exception() is None:
+            ending = answers.result()
+        elif requests.done() and not requests.cancelled() and requests.exception() is None:
+            ending = requests.result()
+        elif going_away.done() and not going_away.cancelled():
+            ending = _Ending(WSCloseCode.GOING_AWAY, reason=b"the edge is shutting down")
+        if not ws.closed:
+            if ending is None:
+                await ws.close()
+            elif ending.failure is not None:
+                await _close_failed(ws, ending.failure, ending.code)
+            else:
+                await ws.close(code=ending.code, message=ending.reason)
+        return ws
+
+    async def _bidi_answers(self, ws: web.WebSocketResponse, route: Route, call: Any) -> _Ending:
+        try:
+            while (item := await call.read()) is not grpc.aio.EOF:
+                await ws.send_str(self._event(route, item).decode("utf-8"))
+        except grpc.aio.AioRpcError as exc:
+            return _Ending(WSCloseCode.INTERNAL_ERROR, errors.from_rpc_error(exc, route.service.full_name))
+        return _Ending(WSCloseCode.OK)
+
+    async def _bidi_requests(self, ws: web.WebSocketResponse, route: Route, call: Any) -> _Ending | None:
+        """Writes each frame's request to the call; how the socket must close, or None when the client closed it."""
+        half_closed = False
+        while True:
+            frame = await ws.receive()
+            if frame.type is WSMsgType.BINARY:
+                failure = errors.bad_request("", "send each request as a JSON text frame, not a binary one")
+                return _Ending(WSCloseCode.UNSUPPORTED_DATA, failure)
+            if frame.type is not WSMsgType.TEXT:
+                return None  # closed by the client (CLOSE), or by aiohttp on a protocol error (ERROR)
+            if call.done():
+                continue  # the call has ended: the answer task has its status
+            if half_closed:
+                failure = errors.bad_request("", "no request may follow the empty frame that ended the requests")
+                return _Ending(WSCloseCode.POLICY_VIOLATION, failure)
+            if not frame.data.strip():
+                half_closed = True
+                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    await call.done_writing()
+                continue
+            request = route.request_class()
+            try:
+                json_to_message(parse_json(frame.data), request)
+            except FieldError as exc:
+                return _Ending(WSCloseCode.INVALID_TEXT, errors.bad_request(exc.field, exc.description))
+            except errors.EdgeError as failure:
+                return _Ending(WSCloseCode.INVALID_TEXT, failure)
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                # Refused only when the call has just ended; the answer task has its status.
+                await call.write(request)
+
+
+@dataclass(frozen=True)
+class _Ending:
+    """How a bidirectional WebSocket closes: its code, and the error frame sent before, if any."""
+
+    code: int
+    failure: errors.EdgeError | None = None
+    reason: bytes = b""
+
+
+async def _close_failed(ws: web.WebSocketResponse, failure: errors.EdgeError, code: int) -> None:
+    """An error frame in the edge's error shape, then the close: its reason is the gRPC status name."""
+    with contextlib.suppress(ConnectionError):
+        await ws.send_str(dumps(failure.body()).decode("utf-8"))
+    await ws.close(code=code, message=failure.grpc_code.name.encode())
 
 
 async def _close_backends(app: web.Application) -> None:

@@ -47,7 +47,12 @@ class Backends:
         found = self._callables.get(key)
         if found is None:
             channel = self.channel(self.address(route.api))
-            factory = channel.unary_stream if route.server_streaming else channel.unary_unary
+            # A client-streaming method is called as a bidirectional one: on the wire they are alike, and the
+            # WebSocket in front reads any number of answers (one, for a unary response) the same way.
+            if route.client_streaming:
+                factory: Any = channel.stream_stream
+            else:
+                factory = channel.unary_stream if route.server_streaming else channel.unary_unary
             found = factory(
                 route.grpc_path,
                 request_serializer=route.request_class.SerializeToString,
@@ -60,6 +65,9 @@ class Backends:
         return self._callable(route)
 
     def server_stream(self, route: Route) -> grpc.aio.UnaryStreamMultiCallable:
+        return self._callable(route)
+
+    def bidi_stream(self, route: Route) -> grpc.aio.StreamStreamMultiCallable:
         return self._callable(route)
 
     async def check(self, apis: Sequence[str], deadline: float) -> dict[str, dict[str, str]]:

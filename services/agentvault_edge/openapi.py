@@ -9,7 +9,14 @@ from google.api import field_behavior_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from agentvault.common.enums import enum_words
-from agentvault_edge.openapi_rules import AGENT_EXAMPLE, REGISTRY, auth_variants, constraints, endpoint_variants
+from agentvault_edge.openapi_rules import (
+    AGENT_EXAMPLE,
+    REGISTRY,
+    auth_variants,
+    constraints,
+    endpoint_variants,
+    request_objects,
+)
 from agentvault_edge.proto_comments import comments, field_description
 from agentvault_edge.routes import Route, RouteTable
 from agentvault_edge.transcode import (
@@ -110,6 +117,8 @@ class _SchemaBuilder:
             schema_obj["anyOf"] = auth_variants()
         if desc.full_name == REGISTRY + "Agent":
             schema_obj["examples"] = [AGENT_EXAMPLE]
+        if self.request:
+            schema_obj.update(request_objects().get(desc.full_name, {}))
         text = comments().get(desc.full_name, "")
         if desc.full_name == REGISTRY + "Agent" or desc.full_name == REGISTRY + "Capability":
             text = f"{text} Capabilities must be unique by (kind, name) within an agent.".strip()
@@ -120,7 +129,8 @@ class _SchemaBuilder:
     def field(self, fd: FieldDescriptor) -> dict[str, Any]:
         key = (fd.full_name.rsplit(".", 1)[0], fd.name)
         if is_map(fd):
-            return {"type": "object", "additionalProperties": self.value(message_type(fd).fields_by_name["value"])}
+            value = self.value(message_type(fd).fields_by_name["value"])
+            return {"type": "object", "additionalProperties": value, **self.rules.get(key, {})}
         if fd.is_repeated:
             items = {**self.value(fd), **self.rules.get((key[0], key[1] + "[]"), {})}
             return {"type": "array", "items": items, **self.rules.get(key, {})}
@@ -295,6 +305,22 @@ def _operation(route: Route, inputs: _SchemaBuilder, outputs: _SchemaBuilder, na
     return operation
 
 
+def _websocket(route: Route, inputs: _SchemaBuilder, outputs: _SchemaBuilder) -> dict[str, Any]:
+    """A client- or bidirectional-streaming route: a GET upgraded to a WebSocket, one JSON message per frame."""
+    text = comments().get(route.method.full_name, "").strip()
+    return {
+        "operationId": route.operation_id,
+        "summary": f"{route.service.name}.{route.method.name}",
+        **({"description": text} if text else {}),
+        "protocol": "websocket",
+        # Each text frame the client sends; an empty frame ends the requests.
+        "request": inputs.message(route.method.input_type),
+        # Each text frame the edge sends; before a close other than 1000 (1001 excepted), an Error frame.
+        "response": outputs.message(route.method.output_type),
+        "error": _ERROR_REF,
+    }
+
+
 def _leaf(desc: Descriptor, dotted: str) -> FieldDescriptor:
     current = desc
     parts = dotted.split(".")
@@ -362,8 +388,14 @@ def build_openapi(table: RouteTable, title: str = "AgentVault Mesh", version: st
     inputs, outputs = _SchemaBuilder(schemas, request=True), _SchemaBuilder(schemas, request=False)
     paths: dict[str, dict[str, Any]] = {}
     names = _variable_names(table)
+    websockets: dict[str, Any] = {}
     for route in table.routes:
         verb = route.http_method.lower()
+        if route.client_streaming:
+            # A WebSocket is no HTTP operation OpenAPI can describe (or a client like schemathesis call): it is
+            # listed beside the paths instead, with the schemas of its frames.
+            websockets[route.template.openapi_path] = _websocket(route, inputs, outputs)
+            continue
         if verb not in _OPENAPI_METHODS:
             continue
         chosen = names[normalized_path(route.template.openapi_path)]
@@ -380,6 +412,7 @@ def build_openapi(table: RouteTable, title: str = "AgentVault Mesh", version: st
             "description": "Generated from the google.api.http annotations of the gRPC services.",
         },
         "paths": dict(sorted(paths.items())),
+        "x-websockets": dict(sorted(websockets.items())),
         "components": {
             "schemas": schemas,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},

@@ -70,6 +70,11 @@ def parse_body(request: web.Request, route: Route, raw: bytes) -> Any:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise errors.bad_request("", "the request body is not valid UTF-8") from None
+    return parse_json(text)
+
+
+def parse_json(text: str) -> Any:
+    """JSON text as Python values (a body, or a WebSocket frame); anything malformed is a 400 EdgeError."""
     try:
         return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_object_without_duplicates)
     except _DuplicateKey as exc:

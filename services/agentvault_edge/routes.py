@@ -235,6 +235,11 @@ class Route:
     def server_streaming(self) -> bool:
         return bool(self.method.server_streaming)
 
+    @property
+    def client_streaming(self) -> bool:
+        """Client or bidirectional streaming: served only as a WebSocket, one request message per text frame."""
+        return bool(self.method.client_streaming)
+
 
 @dataclass
 class RouteMatch:
@@ -324,6 +329,8 @@ def _check_route(route: Route) -> None:
             f"{route.operation_id}: its response can carry {', '.join(leaks)}; an RPC that returns secrets "
             "must not have an HTTP route"
         )
+    if route.client_streaming:
+        _check_websocket_route(route)
     if route.body not in ("", "*") and route.body not in desc.fields_by_name:
         raise TemplateError(f"{route.operation_id}: body field {route.body!r} is not in {desc.full_name}")
     if route.response_body and route.response_body not in route.method.output_type.fields_by_name:
@@ -335,6 +342,18 @@ def _check_route(route: Route) -> None:
             raise TemplateError(f"{route.operation_id}: path variable {exc}") from None
         if ".".join(fd.name for fd in chain) != var.field_path:
             raise TemplateError(f"{route.operation_id}: path variable {var.field_path} must use proto field names")
+
+
+def _check_websocket_route(route: Route) -> None:
+    # The requests of a client-streaming RPC are the WebSocket's text frames, each a whole message; a WebSocket
+    # opens with a GET, and there is no one request for a path variable or a body to fill.
+    if route.http_method != "GET":
+        raise TemplateError(f"{route.operation_id}: a client-streaming RPC is a WebSocket and must be bound to get")
+    if route.template.variables or route.body:
+        raise TemplateError(
+            f"{route.operation_id}: a client-streaming RPC takes its requests as WebSocket frames, so its binding "
+            "can have neither path variables nor a body"
+        )
 
 
 def build_routes(services: Iterable[ServiceDescriptor]) -> RouteTable:
@@ -349,10 +368,6 @@ def build_routes(services: Iterable[ServiceDescriptor]) -> RouteTable:
         for method in service.methods:
             options = method.GetOptions()
             if not options.HasExtension(annotations_pb2.http):
-                continue
-            if method.client_streaming:
-                # Client and bidi streaming need a WebSocket protocol of their own; not served yet.
-                log.warning("skipping %s.%s: client streaming is not served over HTTP", service.name, method.name)
                 continue
             rule = options.Extensions[annotations_pb2.http]
             for n, (verb, path, binding) in enumerate(_bindings(rule)):

@@ -59,7 +59,8 @@ MAX_VISIBILITY = 43_200
 DEFAULT_VISIBILITY = 30
 MAX_IN_FLIGHT = 1000
 DEFAULT_IN_FLIGHT = 100
-CONVERSE_QUEUE = 256
+# Answers waiting for a slow Converse reader: deliveries are up to MESSAGING_MAX_MESSAGE_BYTES each, so a few.
+CONVERSE_QUEUE = 8
 # How long a recipient looked up for one credential is reused: a change of the agent (its endpoints, tags, owner,
 # sharing) or of the credential reaches sends within this time.
 AGENT_CACHE_SECONDS = 2.0
@@ -595,15 +596,25 @@ class MessagingServicer:
         tasks: list[asyncio.Task[None]] = []
 
         async def deliver(deliveries: AsyncIterator[mpb.Delivery]) -> None:
-            async for delivery in deliveries:
-                await out.put(mpb.ConverseResponse(delivery=delivery))
+            try:
+                async for delivery in deliveries:
+                    await out.put(mpb.ConverseResponse(delivery=delivery))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Deliveries stopped: said on the stream, which then ends (the caller subscribes again).
+                await out.put(_converse_error("", exc))
+                await out.put(None)
 
         async def handle(item: mpb.ConverseRequest) -> mpb.ConverseResponse:
             answer = mpb.ConverseResponse(request_id=item.request_id[:128])
             kind = item.WhichOneof("action")
             if kind == "send":
                 check_scope(principal, MESSAGES_SEND)
-                answer.sent.CopyFrom(await self.send(principal, item.send, context))
+                sent = await self.send(principal, item.send, context)
+                # The caller has the content: the answer says what became of it (bounds the stream's queue).
+                sent.message.ClearField("parts")
+                answer.sent.CopyFrom(sent)
             elif kind == "ack":
                 await self.ack(principal, item.ack)
                 answer.done.SetInParent()
@@ -626,14 +637,16 @@ class MessagingServicer:
                 async for item in request_iterator:
                     try:
                         answer = await handle(item)
-                    except errors.AgentVaultError as exc:
-                        answer = mpb.ConverseResponse(
-                            request_id=item.request_id[:128],
-                            error=mpb.ConverseError(code=exc.code.value[0], message=exc.message, reason=exc.reason),
-                        )
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:
+                        answer = _converse_error(item.request_id[:128], exc)
                     await out.put(answer)
             finally:
-                await out.put(None)
+                # Not when cancelled: nobody reads the queue then, and a full one would never take the marker.
+                me = asyncio.current_task()
+                if me is None or not me.cancelling():
+                    await out.put(None)
 
         reader = asyncio.create_task(read())
         try:
@@ -712,6 +725,18 @@ def _holder(principal: Principal) -> Holder | None:
 def _holds(principal: Principal, row: Row) -> bool:
     holder = _holder(principal)
     return holder is None or holds(holder, row)
+
+
+def _converse_error(request_id: str, exc: Exception) -> mpb.ConverseResponse:
+    """A failed request on a Converse stream, answered like a failed call (store outages as UNAVAILABLE)."""
+    known = exc if isinstance(exc, errors.AgentVaultError) else errors.from_store_error(exc)
+    if known is None:
+        log.error("a Converse request failed", exc_info=exc)
+        known = errors.AgentVaultError("internal error", "INTERNAL")
+    return mpb.ConverseResponse(
+        request_id=request_id,
+        error=mpb.ConverseError(code=known.code.value[0], message=known.message, reason=known.reason),
+    )
 
 
 def _purpose(message: mpb.Message) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -10,10 +11,16 @@ from agentvault.common import agents as agent_rules
 from agentvault.common import capability_schemas as schemas
 from agentvault.common import versions
 from agentvault.common.errors import InvalidArgument
+from agentvault.common.settings import Env
 from agentvault.registry.v1 import registry_service_pb2 as pb
 from agentvault_registry.convert import KIND, PROTOCOL, word
 
 A2A_PROTOCOL_VERSION = "1.0"
+# The versions the mesh's own A2A endpoint speaks (the edge's /a2a/agents/{id}: 1.0, and 0.3's JSON-RPC methods).
+MESH_A2A_VERSIONS = ("1.0", "0.3")
+# The edge's path of that endpoint, under the mesh's public URL (the edge serves it: services do not import each
+# other, so the path is spelled there too).
+MESH_A2A_PATH = "/a2a/agents/{id}"
 # How each endpoint protocol is spoken in A2A's terms (AgentInterface.protocol_binding); others are not listed.
 BINDINGS = {"a2a": "JSONRPC", "grpc": "GRPC", "http": "HTTP+JSON"}
 DEFAULT_MODES = ["application/json", "text/plain"]
@@ -21,8 +28,18 @@ VERSION_OUT_OF_RANGE = "VERSION_OUT_OF_RANGE"
 CAPABILITY_NOT_FOUND = "CAPABILITY_NOT_FOUND"
 
 
-def card_of(agent: pb.Agent) -> dict[str, Any]:
-    """The agent's AgentCard (A2A 1.0 JSON: camelCase). Every capability is a skill, tagged with its kind."""
+@functools.cache
+def mesh_url() -> str:
+    """The mesh's public base URL (its edge): OAUTH_ISSUER, as the authorization server reads it."""
+    return Env().str("OAUTH_ISSUER", "http://127.0.0.1:8080").rstrip("/")[:500]
+
+
+def card_of(agent: pb.Agent, base_url: str | None = None) -> dict[str, Any]:
+    """The agent's AgentCard (A2A 1.0 JSON: camelCase). Every capability is a skill, tagged with its kind.
+
+    The interfaces are the agent's own endpoints, then the mesh's A2A endpoint for it (at `base_url`, the mesh's
+    public URL by default): there a caller reaches the agent with the mesh's credentials, through its policies,
+    whether the agent reads an inbox or has an endpoint of its own."""
     skills = []
     for cap in agent.capabilities:
         kind = KIND.word(cap.kind) or "skill"
@@ -45,6 +62,12 @@ def card_of(agent: pb.Agent) -> dict[str, Any]:
         for e in agent.endpoints
         if (word := PROTOCOL.word(e.protocol)) in BINDINGS
     ]
+    own = bool(interfaces)
+    mesh_endpoint = (base_url or mesh_url()) + MESH_A2A_PATH.format(id=agent.id)
+    interfaces += [
+        {"url": mesh_endpoint, "protocolBinding": "JSONRPC", "protocolVersion": version}
+        for version in MESH_A2A_VERSIONS
+    ]
     legacy: dict[str, Any] = {}
     if interfaces:
         # What A2A 0.3 readers look for; 1.0 readers take supportedInterfaces.
@@ -55,7 +78,8 @@ def card_of(agent: pb.Agent) -> dict[str, Any]:
         "description": agent.description or agent.name,
         "version": agent.version,
         "supportedInterfaces": interfaces,
-        "capabilities": {},
+        # The mesh's endpoint streams; an agent's own endpoints may not, and the card has one capabilities field.
+        "capabilities": {} if own else {"streaming": True},
         "defaultInputModes": DEFAULT_MODES,
         "defaultOutputModes": DEFAULT_MODES,
         "skills": skills,

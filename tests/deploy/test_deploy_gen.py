@@ -39,14 +39,14 @@ def _load_generator() -> ModuleType:
 gen = _load_generator()
 
 # A service the list does not have yet, as its author would add it: one entry.
-MESSAGING = ServiceSpec(
-    "messaging",
-    "agentvault_messaging",
-    "MESSAGING_PORT",
-    50054,
-    proto_services=("agentvault.messaging.v1.MessagingService",),
+SESSIONS = ServiceSpec(
+    "sessions",
+    "agentvault_sessions",
+    "SESSIONS_PORT",
+    50056,
+    proto_services=("agentvault.sessions.v1.SessionService",),
     calls=("registry",),
-    summary="agent-to-agent messages",
+    summary="session handoff",
 )
 
 
@@ -88,11 +88,11 @@ def test_a_changed_entry_changes_every_file(tmp_path: Path) -> None:
 
 def test_a_new_service_is_one_entry(tmp_path: Path) -> None:
     root = _copy_tree(tmp_path)
-    services = (*SERVICES[:-1], MESSAGING, replace(service("edge"), calls=(*service("edge").calls, "messaging")))
+    services = (*SERVICES[:-1], SESSIONS, replace(service("edge"), calls=(*service("edge").calls, "sessions")))
     gen.write(root, services)
 
     scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["agentvault-messaging"] == "agentvault_messaging.__main__:main"
+    assert scripts["agentvault-sessions"] == "agentvault_sessions.__main__:main"
     assert set(scripts) >= {s.script for s in SERVICES}
 
     # Compose: valid, with the service wired like its siblings.
@@ -102,22 +102,22 @@ def test_a_new_service_is_one_entry(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     model: dict[str, Any] = yaml.safe_load(result.stdout)["services"]
-    messaging = model["messaging"]
-    assert messaging["command"] == ["agentvault-messaging"]
-    assert messaging["environment"]["MESSAGING_PORT"] == "50054"
-    assert messaging["environment"]["REGISTRY_ADDR"] == "registry:50051"
-    assert "DATABASE_URL" in messaging["environment"]
-    assert messaging["depends_on"]["registry"]["condition"] == "service_healthy"
-    assert model["edge"]["environment"]["MESSAGING_ADDR"] == "messaging:50054"
+    sessions = model["sessions"]
+    assert sessions["command"] == ["agentvault-sessions"]
+    assert sessions["environment"]["SESSIONS_PORT"] == "50056"
+    assert sessions["environment"]["REGISTRY_ADDR"] == "registry:50051"
+    assert "DATABASE_URL" in sessions["environment"]
+    assert sessions["depends_on"]["registry"]["condition"] == "service_healthy"
+    assert model["edge"]["environment"]["SESSIONS_ADDR"] == "sessions:50056"
 
     # Kubernetes: the base renders, validates strictly, and holds the new service's objects and ADDR.
     rendered = _run([_kubectl_binary(), "kustomize", root / "deploy" / "k8s" / "base"])
     assert rendered.returncode == 0, rendered.stderr
     objects = _objects(rendered.stdout)
-    kinds = {o["kind"] for o in objects if o["metadata"]["name"] == "messaging"}
+    kinds = {o["kind"] for o in objects if o["metadata"]["name"] == "sessions"}
     assert kinds == {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy"}
     config = next(o for o in objects if o["kind"] == "ConfigMap")["data"]
-    assert config["MESSAGING_ADDR"] == "messaging:50054"
+    assert config["SESSIONS_ADDR"] == "sessions:50056"
     result = _validate(tmp_path, rendered.stdout, K8S_VERSIONS[-1])
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from authlib.integrations.httpx_client import AsyncOAuth2Client, OAuthError
 
 from agentvault.devserver.embedded import free_port
-from agentvault.devserver.mesh import SERVICES
+from agentvault.common.services import service
 from agentvault_edge.oauth_routes import MAX_FORM_BYTES
 from agentvault_edge.server import DRAIN_KEY
 
@@ -23,7 +23,7 @@ from ..conftest import MeshFactory, MeshHandle, eventually
 from .conftest import Backend, edge_settings, start_edge
 
 AUDIENCE = "agentvault"
-REGISTRY_AND_EDGE = (SERVICES[0], SERVICES[3])
+REGISTRY_AND_EDGE = (service("registry"), service("edge"))
 
 
 @pytest.fixture(scope="module")

@@ -65,7 +65,14 @@ class LocalAgent:
 
 @pytest.fixture(scope="module")
 async def net(mesh_factory: MeshFactory) -> AsyncIterator[Net]:
-    mesh = mesh_factory(name="messaging", env={**MESSAGING_ENV, "MESSAGING_METRICS_PORT": str(free_port())})
+    edge = free_port()
+    # The edge's public URL is the issuer, as in a deployment: agent cards name the mesh's A2A endpoint under it.
+    env = {
+        "EDGE_PORT": str(edge),
+        "OAUTH_ISSUER": f"http://127.0.0.1:{edge}",
+        "MESSAGING_METRICS_PORT": str(free_port()),
+    }
+    mesh = mesh_factory(name="messaging", env={**MESSAGING_ENV, **env})
     async with (
         grpc.aio.insecure_channel(mesh.address("registry")) as reg,
         grpc.aio.insecure_channel(mesh.address("messaging")) as msg,

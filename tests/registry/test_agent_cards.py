@@ -276,8 +276,13 @@ async def test_served_card_parses_with_the_a2a_sdk(
         resolver = A2ACardResolver(client, mesh.url(f"/api/v1/agents/{agent['id']}"), "agent-card.json")
         card = await resolver.get_agent_card()
     assert card.name == "Served Agent" and card.version == "1.2.0" and card.description == "Registered directly"
-    assert [(i.url, i.protocol_binding) for i in card.supported_interfaces] == [
-        ("https://served.example/a2a", "JSONRPC")
+    # The agent's own endpoint first, then the mesh's A2A endpoint for it (under the mesh's public URL).
+    own = card.supported_interfaces[0]
+    assert (own.url, own.protocol_binding) == ("https://served.example/a2a", "JSONRPC")
+    assert [(i.url.endswith(f"/a2a/agents/{agent['id']}"), i.protocol_version) for i in card.supported_interfaces] == [
+        (False, "1.0"),
+        (True, "1.0"),
+        (True, "0.3"),
     ]
     skills = {s.id: s for s in card.skills}
     assert skills["summarize"].name == "Summarize" and list(skills["summarize"].tags) == ["text"]

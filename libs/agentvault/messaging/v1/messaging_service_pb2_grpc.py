@@ -189,7 +189,7 @@ class MessagingServiceServicer:
 
     def Converse(self, request_iterator, context):
         """Converse is a live conversation on one stream: the caller sends messages, acks and nacks; the mesh answers
-        each send and delivers the inbox as StreamInbox does.
+        each send and delivers the inbox as StreamInbox does (a WebSocket at the edge, one JSON request per frame).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

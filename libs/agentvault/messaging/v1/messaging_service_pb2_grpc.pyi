@@ -72,7 +72,7 @@ class MessagingServiceStub:
     """
     Converse: _grpc.StreamStreamMultiCallable[_messaging_service_pb2.ConverseRequest, _messaging_service_pb2.ConverseResponse]
     """Converse is a live conversation on one stream: the caller sends messages, acks and nacks; the mesh answers
-    each send and delivers the inbox as StreamInbox does.
+    each send and delivers the inbox as StreamInbox does (a WebSocket at the edge, one JSON request per frame).
     """
     ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_messaging_service_pb2.ListDeadLettersRequest, _messaging_service_pb2.ListDeadLettersResponse]
     """ListDeadLetters pages through dead-lettered messages, newest first, each with the reason (admins)."""
@@ -128,7 +128,7 @@ class MessagingServiceAsyncStub(MessagingServiceStub):
     """
     Converse: _aio.StreamStreamMultiCallable[_messaging_service_pb2.ConverseRequest, _messaging_service_pb2.ConverseResponse]  # type: ignore[assignment]
     """Converse is a live conversation on one stream: the caller sends messages, acks and nacks; the mesh answers
-    each send and delivers the inbox as StreamInbox does.
+    each send and delivers the inbox as StreamInbox does (a WebSocket at the edge, one JSON request per frame).
     """
     ListDeadLetters: _aio.UnaryUnaryMultiCallable[_messaging_service_pb2.ListDeadLettersRequest, _messaging_service_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
     """ListDeadLetters pages through dead-lettered messages, newest first, each with the reason (admins)."""
@@ -241,7 +241,7 @@ class MessagingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_messaging_service_pb2.ConverseResponse], _abc.AsyncIterator[_messaging_service_pb2.ConverseResponse]]:
         """Converse is a live conversation on one stream: the caller sends messages, acks and nacks; the mesh answers
-        each send and delivers the inbox as StreamInbox does.
+        each send and delivers the inbox as StreamInbox does (a WebSocket at the edge, one JSON request per frame).
         """
 
     @_abc_1.abstractmethod
