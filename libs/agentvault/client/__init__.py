@@ -1,4 +1,4 @@
-"""Typed asyncio clients for an AgentVault mesh (registry, policies, federation, discovery) and the `agentvault` CLI."""
+"""Typed asyncio clients for an AgentVault mesh (registry, policies, federation, discovery, messaging) and its CLI."""
 
 from agentvault.client.base import GrpcClient, RetryPolicy
 from agentvault.client.convert import (
@@ -27,6 +27,7 @@ from agentvault.client.errors import (
 )
 from agentvault.client.federation import FederationClient
 from agentvault.client.identity import IdentityClient
+from agentvault.client.messaging import MessagingClient
 from agentvault.client.policy import Explanation, PolicyClient
 from agentvault.client.registry import IDEMPOTENT_METHODS, AgentFilters, RegistryClient
 
@@ -45,6 +46,7 @@ __all__ = [
     "GrpcClient",
     "IdentityClient",
     "InvalidArgumentError",
+    "MessagingClient",
     "NotFoundError",
     "PermissionDeniedError",
     "PolicyClient",

@@ -2,8 +2,8 @@
 
 Exit codes: 0 success, 1 the call failed (server error, unreachable, not found, denied), 2 bad usage or input,
 including a request the server rejected as INVALID_ARGUMENT. Errors are one line on stderr (then one line per
-invalid field), never a traceback. A watch (`approvals watch`) prints a line per event and exits 0 when the server
-ends it or on Ctrl-C.
+invalid field), never a traceback. A watch or stream (`approvals watch`, `messages watch`, `inbox stream`) prints
+a line per event and exits 0 when the server ends it or on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -19,17 +19,22 @@ from typing import Any
 import grpc
 
 from agentvault.client.base import GrpcClient
-from agentvault.client.cli_commands import Handler, UsageError, approvals_watch, health
+from agentvault.client.cli_commands import STREAMS, Handler, UsageError, health
 from agentvault.client.cli_output import render
 from agentvault.client.cli_parser import PROG, build_parser
 from agentvault.client.discovery import DiscoveryClient
 from agentvault.client.errors import ClientError
+from agentvault.client.messaging import MessagingClient
 from agentvault.client.registry import RegistryClient
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 # The option naming each service's address, by the variable it defaults to.
-ADDRESS_FLAGS = {RegistryClient.ADDRESS_ENV: "registry", DiscoveryClient.ADDRESS_ENV: "discovery"}
+ADDRESS_FLAGS = {
+    RegistryClient.ADDRESS_ENV: "registry",
+    DiscoveryClient.ADDRESS_ENV: "discovery",
+    MessagingClient.ADDRESS_ENV: "messaging",
+}
 
 
 def _fail(message: str, code: int) -> int:
@@ -92,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"error: {exc}", EXIT_USAGE)
     except KeyboardInterrupt:
         # Ctrl-C is how a watch is meant to end; anything else was cut short.
-        return EXIT_OK if args.handler is approvals_watch else 130
+        return EXIT_OK if args.handler in STREAMS else 130
     except BrokenPipeError:
         # The reader (e.g. `| head`) went away; point stdout at /dev/null so the exit flush stays quiet.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import mimetypes
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from google.protobuf import json_format
+
+from agentvault.client.cli_output import render
 from agentvault.client.convert import enum_number, from_dict, parse_capability, parse_endpoint, to_dict
 from agentvault.client.discovery import DiscoveryClient, DiscoveryFilters
 from agentvault.client.federation import FederationClient
 from agentvault.client.identity import IdentityClient
+from agentvault.client.messaging import MAX_AWAIT_SECONDS, MessagingClient
 from agentvault.client.policy import Explanation, PolicyClient
 from agentvault.client.registry import AgentFilters, RegistryClient
 from agentvault.federation.v1 import federation_service_pb2 as fpb
 from agentvault.identity.v1 import identity_service_pb2 as ipb
+from agentvault.messaging.v1 import messaging_service_pb2 as mpb
 from agentvault.policy.v1 import policy_service_pb2 as ppb
 from agentvault.registry.v1 import registry_service_pb2 as pb
 
@@ -474,3 +481,182 @@ async def capabilities_request(client: PolicyClient, args: argparse.Namespace) -
         wait_seconds=args.wait,
     )
     return to_dict(decision)
+
+
+# ------------------------------------------------------------------------------------------ messaging
+
+
+def _message_from_args(args: argparse.Namespace) -> mpb.Message:
+    """The message `messages send` describes: one part (--text, --data or --file), its recipient and ids."""
+    if not args.to and not args.reply_to:
+        raise UsageError("give the recipient with --to AGENT_ID (or answer a message with --reply-to ID)")
+    message = mpb.Message(conversation_id=args.conversation, in_reply_to=args.reply_to, idempotency_key=args.key)
+    if args.to:
+        # A DID names the agent as well as its UUID does; the service looks either up.
+        recipient = mpb.Party(did=args.to) if args.to.startswith("did:") else mpb.Party(agent_id=args.to)
+        message.recipient.CopyFrom(recipient)
+    for item in args.header or ():
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--header: expected NAME=VALUE, got {item!r}")
+        message.headers[name] = value
+    part = message.parts.add()
+    if args.text is not None:
+        part.text = args.text
+    elif args.data is not None:
+        try:
+            json_format.ParseDict(json.loads(args.data), part.data)
+        except (json.JSONDecodeError, json_format.ParseError) as exc:
+            raise UsageError(f"--data: invalid JSON: {exc}") from None
+    else:
+        part.raw = _read_bytes(args.file)
+        if args.file != "-":
+            part.filename = os.path.basename(args.file)
+            part.media_type = mimetypes.guess_type(args.file)[0] or "application/octet-stream"
+    return message
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        if path == "-":
+            return sys.stdin.buffer.read()
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+async def messages_send(client: MessagingClient, args: argparse.Namespace) -> dict[str, Any]:
+    """Sends; with --wait-reply also waits for the answer: `reply` is the reply, or null when none came in time."""
+    # Checked here, since the server could only say so after the message was sent.
+    if args.wait_reply is not None and not 0 <= args.wait_reply <= MAX_AWAIT_SECONDS:
+        raise UsageError(f"--wait-reply: must be from 0 to {MAX_AWAIT_SECONDS} seconds")
+    sent = await client.send_message(_message_from_args(args))
+    data = to_dict(sent)
+    if args.wait_reply is not None:
+        reply = await client.await_reply(sent.message.id, wait_seconds=args.wait_reply)
+        data["reply"] = to_dict(reply) if reply is not None else None
+    return data
+
+
+async def messages_get(client: MessagingClient, args: argparse.Namespace) -> dict[str, Any]:
+    return to_dict(await client.get_message(args.id))
+
+
+async def messages_list(client: MessagingClient, args: argparse.Namespace) -> dict[str, Any]:
+    messages = []
+    async for message in client.iter_messages(
+        conversation_id=args.conversation,
+        correlation_id=args.correlation,
+        agent_id=args.agent,
+        status=args.status,
+        page_size=min(args.limit, 500),
+    ):
+        messages.append(message)
+        if len(messages) >= args.limit:
+            break
+    return to_dict(mpb.ListMessagesResponse(messages=messages))
+
+
+def _party(party: dict[str, Any]) -> str:
+    return str(party.get("agent_id") or party.get("did") or party.get("principal_id") or "")
+
+
+def _line(data: dict[str, Any], output: str, cells: Sequence[Any]) -> str:
+    """One line of a stream: compact JSON, or (-o table) the cells that matter, two spaces apart."""
+    if output == "json":
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return "  ".join(str(c) for c in cells)
+
+
+async def messages_watch(client: MessagingClient, args: argparse.Namespace) -> None:
+    """Prints each status change as it comes, one line each, until the stream ends or Ctrl-C."""
+    async for event in client.watch_messages(id=args.id, conversation_id=args.conversation, agent_id=args.agent):
+        data = to_dict(event)
+        m = data.get("message", {})
+        cells = (data.get("status"), m.get("id"), _party(m.get("sender", {})), _party(m.get("recipient", {})),
+                 m.get("conversation_id"), m.get("status_reason"))  # fmt: skip
+        print(_line(data, args.output, cells), flush=True)
+
+
+def _text(message: dict[str, Any]) -> str:
+    """A delivery's content on one line: its text parts, else what kinds of parts it has."""
+    parts = message.get("parts", [])
+    texts = [p["text"] for p in parts if "text" in p]
+    summary = " ".join(texts) if texts else ",".join(next(iter(p), "") for p in parts)
+    return json.dumps(summary, ensure_ascii=False)
+
+
+async def inbox_receive(client: MessagingClient, args: argparse.Namespace) -> dict[str, Any] | None:
+    """Takes messages from an inbox; with --ack prints them first and then acknowledges each."""
+    deliveries = await client.receive_messages(
+        agent_id=args.agent, max_messages=args.max, visibility_timeout_seconds=args.visibility, wait_seconds=args.wait
+    )
+    data = to_dict(mpb.ReceiveMessagesResponse(deliveries=deliveries))
+    if not args.ack:
+        return data
+    # Printed before they are acknowledged: an ack is the promise that the message was handled.
+    print(render(data, args.output, args.columns), flush=True)
+    for delivery in deliveries:
+        await client.ack(delivery.message.id, delivery.receipt)
+    return None
+
+
+async def inbox_ack(client: MessagingClient, args: argparse.Namespace) -> dict[str, Any]:
+    await client.ack(args.message_id, args.receipt)
+    return {}
+
+
+async def inbox_nack(client: MessagingClient, args: argparse.Namespace) -> dict[str, Any]:
+    await client.nack(
+        args.message_id, args.receipt, delay_seconds=args.delay, reason=args.reason, dead_letter=args.dead_letter
+    )
+    return {}
+
+
+async def inbox_stream(client: MessagingClient, args: argparse.Namespace) -> None:
+    """Prints each delivery as it arrives, one line each (acknowledged after printing with --ack), until Ctrl-C."""
+    async for delivery in client.stream_inbox(
+        agent_id=args.agent, max_in_flight=args.max_in_flight, visibility_timeout_seconds=args.visibility
+    ):
+        data = to_dict(delivery)
+        m = data.get("message", {})
+        cells = (m.get("id"), data.get("attempt"), data.get("receipt"), _party(m.get("sender", {})),
+                 m.get("conversation_id"), _text(m))  # fmt: skip
+        print(_line(data, args.output, cells), flush=True)
+        if args.ack:
+            await client.ack(delivery.message.id, delivery.receipt)
+
+
+async def dead_letters_list(client: MessagingClient, args: argparse.Namespace) -> dict[str, Any]:
+    messages = []
+    async for message in client.iter_dead_letters(agent_id=args.agent, page_size=min(args.limit, 500)):
+        messages.append(message)
+        if len(messages) >= args.limit:
+            break
+    return to_dict(mpb.ListDeadLettersResponse(messages=messages))
+
+
+async def dead_letters_replay(client: MessagingClient, args: argparse.Namespace) -> dict[str, Any]:
+    return to_dict(await client.replay_dead_letter(args.id))
+
+
+def _time(value: str, flag: str) -> datetime:
+    """An RFC 3339 / ISO 8601 time (UTC unless it names its offset)."""
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"{flag}: expected an RFC 3339 time like 2026-01-31T12:00:00Z, got {value!r}") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+async def dead_letters_purge(client: MessagingClient, args: argparse.Namespace) -> dict[str, Any]:
+    before = _time(args.before, "--before") if args.before else None
+    if not args.yes:
+        which = "every dead letter" if not (args.agent or before) else "the dead letters named"
+        raise UsageError(f"this deletes {which} for good: add --yes to go ahead")
+    return {"purged": await client.purge_dead_letters(agent_id=args.agent, before=before)}
+
+
+# Handlers that print as they go until the server ends them or Ctrl-C, which ends them cleanly (exit 0).
+STREAMS: tuple[Handler, ...] = (approvals_watch, messages_watch, inbox_stream)

@@ -28,6 +28,20 @@ LIST_COLUMNS: dict[str, tuple[str, ...]] = {
     ),
     "changes": ("change_time", "from_level", "to_level", "changed_by", "reason"),
     "decisions": ("decide_time", "outcome", "caller", "action", "target", "reason"),
+    # A dotted column reads a nested field.
+    "messages": (
+        "id",
+        "status",
+        "sender.agent_id",
+        "recipient.agent_id",
+        "conversation_id",
+        "in_reply_to",
+        "transport",
+        "attempts",
+        "create_time",
+        "status_reason",
+    ),
+    "deliveries": ("message.id", "attempt", "receipt", "message.sender.agent_id", "message.conversation_id"),
 }
 DISCOVERED_COLUMNS = ("did", "name", "version", "agent_type", "health_status", "registry_name", "is_federated", "score")
 PEER_STAT_COLUMNS = ("name", "status", "from_cache", "result_count", "latency_ms", "error")
@@ -45,8 +59,16 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _at(row: dict[str, Any], column: str) -> Any:
+    """The value of `column` in `row`; a dotted column ("sender.agent_id") reads a nested field."""
+    value: Any = row
+    for key in column.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
 def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
-    cells = [[c.upper() for c in columns]] + [[_cell(row.get(c)) for c in columns] for row in rows]
+    cells = [[c.upper() for c in columns]] + [[_cell(_at(row, c)) for c in columns] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in cells)
 

@@ -31,17 +31,28 @@ from agentvault.client.cli_commands import (
     credentials_create,
     credentials_list,
     credentials_revoke,
+    dead_letters_list,
+    dead_letters_purge,
+    dead_letters_replay,
     decisions_list,
     discover,
     grants_list,
     grants_revoke,
     health,
+    inbox_ack,
+    inbox_nack,
+    inbox_receive,
+    inbox_stream,
     invitations_create,
     invitations_delete,
     invitations_list,
     keys_create,
     keys_list,
     keys_revoke,
+    messages_get,
+    messages_list,
+    messages_send,
+    messages_watch,
     oauth_clients_create,
     oauth_clients_delete,
     oauth_clients_disable,
@@ -68,6 +79,7 @@ from agentvault.client.convert import enum_words
 from agentvault.client.discovery import DiscoveryClient
 from agentvault.client.federation import FederationClient
 from agentvault.client.identity import IdentityClient
+from agentvault.client.messaging import MAX_AWAIT_SECONDS, MAX_RECEIVE_WAIT_SECONDS, MessagingClient
 from agentvault.client.policy import PolicyClient
 from agentvault.client.registry import RegistryClient
 from agentvault.federation.v1 import federation_service_pb2 as fpb
@@ -94,6 +106,7 @@ ACTIONS = ("agent.read", "message.send", "tool.list", "tool.invoke", "session.ha
 OUTCOMES = ("allow", "deny", "ask")
 APPROVAL_STATUSES = ("pending", "approved", "denied", "expired")
 REQUEST_KINDS = ("tool", "skill", "model")
+MESSAGE_STATUSES = ("held", "accepted", "delivered", "acknowledged", "failed", "dead_lettered", "expired", "refused")
 # "auto" is the unspecified protocol: learned from the peer's discovery document.
 PROTOCOL_WORDS = ["auto", *enum_words(fpb.PeerProtocol.DESCRIPTOR)]
 
@@ -116,6 +129,13 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
         default=default(None),
         help="discovery service address, for discover and peers clear-cache (default: $DISCOVERY_ADDR, else "
         "127.0.0.1:$DISCOVERY_PORT)",
+    )
+    parser.add_argument(
+        "--messaging",
+        metavar="HOST:PORT",
+        default=default(None),
+        help="messaging service address, for messages, inbox and dead-letters (default: $MESSAGING_ADDR, else "
+        "127.0.0.1:$MESSAGING_PORT)",
     )
     parser.add_argument("--token", default=default(None), help=f"bearer credential (default: ${TOKEN_ENV})")
     parser.add_argument(
@@ -351,10 +371,110 @@ def _add_policy_commands(
     )
 
 
+def _add_messaging_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], command: Callable[..., argparse.ArgumentParser]
+) -> None:
+    """messages, inbox and dead-letters: the messaging service. The sender or receiver is the credential's
+    principal (an agent's own OAuth token, or a person's API key)."""
+    mc = MessagingClient
+    messages = commands.add_parser("messages", help="send messages to agents, read and watch their status")
+    message_cmds = messages.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    send = command(
+        message_cmds, "send", messages_send, "send one message; prints it with its id and status (accepted, held)", mc
+    )
+    send.add_argument("--to", default="", metavar="AGENT_ID", help="the recipient: its UUID (or DID)")
+    content = send.add_mutually_exclusive_group(required=True)
+    content.add_argument("--text", help="the content: text")
+    content.add_argument("--data", metavar="JSON", help="the content: any JSON value")
+    content.add_argument("--file", metavar="PATH", help="the content: a file's bytes (- for stdin)")
+    send.add_argument("--conversation", default="", metavar="ID", help="the conversation (default: a new one)")
+    send.add_argument(
+        "--reply-to", default="", metavar="ID", help="the message this answers (it goes to that message's sender)"
+    )
+    send.add_argument(
+        "--key", default="", metavar="IDEMPOTENCY_KEY", help="sending again with the same key gives the same message"
+    )
+    send.add_argument("--header", action="append", metavar="NAME=VALUE", help="a header; repeat for more")
+    send.add_argument(
+        "--wait-reply",
+        type=int,
+        metavar="SECONDS",
+        help=f"then wait this long (at most {MAX_AWAIT_SECONDS}) for the reply: printed as `reply` (null if none came)",
+    )
+    command(message_cmds, "get", messages_get, "show one message and its status", mc).add_argument("id")
+    listed = command(message_cmds, "list", messages_list, "list the messages you sent or received, newest first", mc)
+    listed.add_argument("--conversation", default="", metavar="ID", help="only this conversation")
+    listed.add_argument("--correlation", default="", metavar="ID", help="only this correlation id")
+    listed.add_argument("--agent", default="", metavar="AGENT_ID", help="only messages to or from this agent")
+    listed.add_argument("--status", choices=MESSAGE_STATUSES, default="", help="only this status")
+    listed.add_argument(
+        "--limit", type=positive_int, default=100, metavar="N", help="at most this many, newest first (100)"
+    )
+    watch = command(message_cmds, "watch", messages_watch, "print each status change as one JSON line until Ctrl-C", mc)
+    which = watch.add_mutually_exclusive_group(required=True)
+    which.add_argument("--id", default="", help="one message (its current status first)")
+    which.add_argument("--conversation", default="", metavar="ID", help="a conversation")
+    which.add_argument("--agent", default="", metavar="AGENT_ID", help="an agent's traffic")
+
+    inbox = commands.add_parser("inbox", help="read an inbox: yours, or an agent's you own (--agent)")
+    inbox_cmds = inbox.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    receive = command(
+        inbox_cmds, "receive", inbox_receive, "take messages; ack each (with its receipt) or it comes again", mc
+    )
+    receive.add_argument("--agent", default="", metavar="AGENT_ID", help="this agent's inbox (default: your own)")
+    receive.add_argument("--max", type=int, default=0, metavar="N", help="at most this many, 1-100 (default 10)")
+    receive.add_argument(
+        "--wait",
+        type=int,
+        default=0,
+        metavar="SECONDS",
+        help=f"when the inbox is empty, wait up to this long (at most {MAX_RECEIVE_WAIT_SECONDS}) for a message",
+    )
+    receive.add_argument(
+        "--visibility", type=int, default=0, metavar="SECONDS", help="how long each stays yours to ack (default 30)"
+    )
+    receive.add_argument("--ack", action="store_true", help="acknowledge each after printing it")
+    ack = command(inbox_cmds, "ack", inbox_ack, "a received message was handled: it is not delivered again", mc)
+    ack.add_argument("message_id")
+    ack.add_argument("receipt", help="the delivery's receipt")
+    nack = command(inbox_cmds, "nack", inbox_nack, "give a received message back (or dead-letter it)", mc)
+    nack.add_argument("message_id")
+    nack.add_argument("receipt", help="the delivery's receipt")
+    nack.add_argument("--delay", type=int, default=0, metavar="SECONDS", help="deliver it again after this long")
+    nack.add_argument("--reason", default="", help="why, at most 1024 characters (kept as its status reason)")
+    nack.add_argument("--dead-letter", action="store_true", help="dead-letter it now instead")
+    stream = command(
+        inbox_cmds, "stream", inbox_stream, "print each message as one JSON line as it arrives, until Ctrl-C", mc
+    )
+    stream.add_argument("--agent", default="", metavar="AGENT_ID", help="this agent's inbox (default: your own)")
+    stream.add_argument("--ack", action="store_true", help="acknowledge each after printing it")
+    stream.add_argument(
+        "--max-in-flight", type=int, default=0, metavar="N", help="at most this many unacknowledged (default 100)"
+    )
+    stream.add_argument(
+        "--visibility", type=int, default=0, metavar="SECONDS", help="how long each stays yours to ack (default 30)"
+    )
+
+    dead = commands.add_parser("dead-letters", help="messages that could not be delivered (admin only)")
+    dead_cmds = dead.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    dead_list = command(dead_cmds, "list", dead_letters_list, "list dead letters with the reason, newest first", mc)
+    dead_list.add_argument("--agent", default="", metavar="AGENT_ID", help="only those for this agent")
+    dead_list.add_argument(
+        "--limit", type=positive_int, default=100, metavar="N", help="at most this many, newest first (100)"
+    )
+    command(dead_cmds, "replay", dead_letters_replay, "send a dead letter again, its attempts reset", mc
+            ).add_argument("id")  # fmt: skip
+    purge = command(dead_cmds, "purge", dead_letters_purge, "delete dead letters: all, an agent's, or older ones", mc)
+    purge.add_argument("--agent", default="", metavar="AGENT_ID", help="only those for this agent")
+    purge.add_argument("--before", metavar="RFC3339", help="only those dead-lettered before this time")
+    purge.add_argument("--yes", action="store_true", help="yes, delete them (required)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Manage agents, API keys and federation peers of an AgentVault mesh, and search it.",
+        description="Manage agents, API keys and federation peers of an AgentVault mesh, search it, and message its "
+        "agents.",
         epilog="Exit codes: 0 ok, 1 the call failed, 2 bad usage or invalid input. With -o table, a page that has "
         "a next one ends with the line `next_page_token: TOKEN` (pass it to --page-token).",
     )
@@ -505,6 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     find.set_defaults(columns={"agents": DISCOVERED_COLUMNS})
 
     _add_policy_commands(commands, command)
+    _add_messaging_commands(commands, command)
 
     command(commands, "health", health, "the registry's health and agent count")
     command(commands, "whoami", whoami, "the principal behind the credential: its id owns the agents it creates")
