@@ -107,6 +107,8 @@ def table() -> str:
     rows = ["| reason | gRPC status | HTTP | raised by |", "| --- | --- | --- | --- |"]
     for reason, (code, owners) in sorted(collect().items()):
         http = EDGE_HTTP.get(reason) or HTTP_STATUS.get(code, 500)
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED and reason.endswith("_TOO_LARGE"):
+            http = 413  # the edge's rule (agentvault_edge.errors.from_rpc_error): too big, not too many
         rows.append(f"| `{reason}` | `{code.name}` | {http} | {', '.join(sorted(owners))} |")
     return "\n".join(rows)
 

@@ -203,7 +203,22 @@ def from_rpc_error(exc: grpc.aio.AioRpcError, service: str) -> EdgeError:
         log.warning("%s call failed in transport: %s %s", service, code.name, exc.details())
         text = f"the call to {service} failed in transport ({code.name.lower()}); see the edge log"
         details = [_error_info("TRANSPORT_LIMIT" if code is grpc.StatusCode.RESOURCE_EXHAUSTED else "INTERNAL")]
-    return EdgeError(HTTP_STATUS.get(code, 500), code, text, details, headers=_retry_after(details))
+    http_status = HTTP_STATUS.get(code, 500)
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and any(r.endswith("_TOO_LARGE") for r in _reasons(details)):
+        # Too big, not too many: retrying the same request cannot help, so not 429 (which invites a retry).
+        http_status = 413
+    return EdgeError(http_status, code, text, details, headers=_retry_after(details))
+
+
+def _reasons(details: list[message.Message]) -> list[str]:
+    """The google.rpc.ErrorInfo reasons among a service's details."""
+    found = []
+    for detail in details:
+        if isinstance(detail, any_pb2.Any) and detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            found.append(info.reason)
+    return found
 
 
 def _retry_after(details: list[message.Message]) -> dict[str, str] | None:

@@ -29,6 +29,7 @@ _DISC = "agentvault.discovery.v1."
 _HEALTH = "agentvault.healthmonitor.v1."
 _ID = "agentvault.identity.v1."
 _POLICY = "agentvault.policy.v1."
+_MSG = "agentvault.messaging.v1."
 _UUID_TEXT = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 
 
@@ -199,6 +200,7 @@ def constraints() -> dict[tuple[str, str], dict[str, Any]]:
     }
     found.update(_auth_constraints())
     found.update(_policy_constraints())
+    found.update(_messaging_constraints())
     found.update(_filters(REGISTRY + "ListAgentsRequest"))
     found.update(_filters(_DISC + "SearchAgentsRequest"))
     found.update(_filters(_FED + "SearchAgentsRequest"))
@@ -265,6 +267,118 @@ def _access_constraints() -> dict[tuple[str, str], dict[str, Any]]:
     for message in ("ListConnections", "ListTrustChanges", "ListApprovals", "ListGrants", "ListDecisions"):
         found[(_POLICY + message + "Request", "page_size")] = _page_size()
     return found
+
+
+# The messaging service's rules (agentvault_messaging.model; a service package the edge does not import, so they
+# are restated here, and tests/messaging/test_edge_messages.py checks the service against them).
+MESSAGE_ID_TEXT = r"^[\x21-\x7e]{1,128}$"  # conversation, correlation, task ids, idempotency keys
+MESSAGE_STATUSES = ("held", "accepted", "delivered", "acknowledged", "failed", "dead_lettered", "expired", "refused")
+MESSAGE_HEADER_NAME = r"^[A-Za-z0-9._-]{1,128}$"
+MAX_MESSAGE_PARTS = 64
+MAX_MESSAGE_HEADERS = 32
+MAX_MESSAGE_HEADER_VALUE = 1024
+MAX_MESSAGE_LIST = 16
+MAX_WAIT = 60  # AwaitReply
+MAX_LONG_POLL = 20  # ReceiveMessages
+MAX_RECEIVE = 100
+MAX_VISIBILITY = 43_200
+MAX_IN_FLIGHT = 1000
+
+
+_CONTENT: dict[str, dict[str, Any]] = {
+    "text": {"type": "string"},
+    "raw": {"type": "string"},
+    "url": {"type": "string", "minLength": 1},
+    "data": {},
+}
+
+
+def _one_content(kind: str) -> dict[str, Any]:
+    others = {other: {"type": "null"} for other in _CONTENT if other != kind}
+    return {"required": [kind], "properties": {kind: _CONTENT[kind], **others}}
+
+
+def _messaging_constraints() -> dict[tuple[str, str], dict[str, Any]]:
+    """MessagingService's checks (servicer.py and model.check)."""
+    message, part, party = _MSG + "Message", _MSG + "Part", _MSG + "Party"
+    some_uuid = {"pattern": optional(_UUID_TEXT)}
+    some_id = {"maxLength": 128, "pattern": optional(MESSAGE_ID_TEXT)}
+    found: dict[tuple[str, str], dict[str, Any]] = {
+        (message, "id"): some_uuid,
+        (message, "format_version"): {"enum": ["", "1"]},
+        (message, "in_reply_to"): some_uuid,
+        (message, "role"): {"enum": ["", "user", "agent"]},
+        (message, "parts"): {"minItems": 1, "maxItems": MAX_MESSAGE_PARTS},
+        # Exactly one kind of content (the others absent or null); `data` holds any JSON value, null too.
+        (message, "parts[]"): {"oneOf": [_one_content(kind) for kind in _CONTENT]},
+        (message, "headers"): {
+            "maxProperties": MAX_MESSAGE_HEADERS,
+            "propertyNames": {"pattern": whole(MESSAGE_HEADER_NAME)},
+            "additionalProperties": text_schema(MAX_MESSAGE_HEADER_VALUE),
+        },
+        (message, "extensions"): {"maxItems": MAX_MESSAGE_LIST},
+        (message, "extensions[]"): text_schema(256, required=True),
+        (message, "reference_task_ids"): {"maxItems": MAX_MESSAGE_LIST},
+        (message, "reference_task_ids[]"): text_schema(256, required=True),
+        (part, "url"): url_schema(("http", "https"), required=False),
+        (part, "filename"): text_schema(rules.MAX_NAME),
+        (part, "media_type"): text_schema(rules.MAX_NAME),
+        (party, "agent_id"): some_uuid,
+        (party, "did"): text_schema(rules.MAX_DID),
+        (party, "mesh"): text_schema(255),
+        (_MSG + "ListMessagesRequest", "page_size"): _page_size(),
+        (_MSG + "ListMessagesRequest", "conversation_id"): {"maxLength": 128},
+        (_MSG + "ListMessagesRequest", "correlation_id"): {"maxLength": 128},
+        (_MSG + "ListMessagesRequest", "agent_id"): some_uuid,
+        (_MSG + "ListMessagesRequest", "status"): {"enum": ["", *MESSAGE_STATUSES]},
+        (_MSG + "AwaitReplyRequest", "wait_seconds"): {"minimum": 0, "maximum": MAX_WAIT},
+        (_MSG + "WatchMessagesRequest", "id"): some_uuid,
+        (_MSG + "WatchMessagesRequest", "conversation_id"): {"maxLength": 128},
+        (_MSG + "WatchMessagesRequest", "agent_id"): some_uuid,
+        (_MSG + "ReceiveMessagesRequest", "agent_id"): some_uuid,
+        (_MSG + "ReceiveMessagesRequest", "max_messages"): {"minimum": 0, "maximum": MAX_RECEIVE},
+        (_MSG + "ReceiveMessagesRequest", "visibility_timeout_seconds"): {"minimum": 0, "maximum": MAX_VISIBILITY},
+        (_MSG + "ReceiveMessagesRequest", "wait_seconds"): {"minimum": 0, "maximum": MAX_LONG_POLL},
+        (_MSG + "NackMessageRequest", "delay_seconds"): {"minimum": 0, "maximum": MAX_VISIBILITY},
+        (_MSG + "NackMessageRequest", "reason"): text_schema(1024),
+        (_MSG + "StreamInboxRequest", "agent_id"): some_uuid,
+        (_MSG + "StreamInboxRequest", "max_in_flight"): {"minimum": 0, "maximum": MAX_IN_FLIGHT},
+        (_MSG + "StreamInboxRequest", "visibility_timeout_seconds"): {"minimum": 0, "maximum": MAX_VISIBILITY},
+        (_MSG + "ListDeadLettersRequest", "page_size"): _page_size(),
+        (_MSG + "ListDeadLettersRequest", "agent_id"): some_uuid,
+        (_MSG + "PurgeDeadLettersRequest", "agent_id"): some_uuid,
+    }
+    for name in ("conversation_id", "correlation_id", "idempotency_key", "task_id"):
+        found[(message, name)] = some_id
+    for name in ("GetMessageRequest", "AwaitReplyRequest", "ReplayDeadLetterRequest"):
+        found[(_MSG + name, "id")] = _UUID
+    for name in ("AckMessageRequest", "NackMessageRequest"):
+        found[(_MSG + name, "message_id")] = _UUID
+        found[(_MSG + name, "receipt")] = _UUID
+    return found
+
+
+def request_objects() -> dict[str, dict[str, Any]]:
+    """Extra schema keywords for whole request messages, by full name: rules that relate their fields (never
+    `properties` or `required` at the top: they would replace the message's own)."""
+    return {
+        # A recipient, or the message this one answers (its sender is then the recipient).
+        _MSG + "Message": {
+            "anyOf": [
+                {"required": ["recipient"], "properties": {"recipient": {"type": "object"}}},
+                {"required": ["in_reply_to"], "properties": {"in_reply_to": {"type": "string", "minLength": 1}}},
+            ]
+        },
+        # A recipient of this mesh is named by its id (agents of peer meshes are not reachable yet).
+        _MSG + "Party": {
+            "allOf": [
+                {
+                    "required": ["agent_id"],
+                    "properties": {"agent_id": {"type": "string", "minLength": 1}, "mesh": {"maxLength": 0}},
+                }
+            ]
+        },
+    }
 
 
 def _any_case(word: str) -> str:

@@ -32,7 +32,6 @@ ROLES = ("", "user", "agent")
 STATUSES = ("held", "accepted", "delivered", "acknowledged", "failed", "dead_lettered", "expired", "refused")
 # Statuses a message does not leave (except a dead letter, by replay).
 FINAL = frozenset({"acknowledged", "failed", "dead_lettered", "expired", "refused"})
-TOO_LARGE = "MESSAGE_TOO_LARGE"
 
 _HEADER_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _ID_TEXT = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII without spaces: ids pass through URLs and headers
@@ -120,7 +119,7 @@ def check(message: mpb.Message, max_bytes: int, *, path: str = "message", now: d
     if size > max_bytes:
         raise ResourceExhausted(
             f"the message is {size} bytes; at most {max_bytes} are accepted (MESSAGING_MAX_MESSAGE_BYTES)",
-            TOO_LARGE,
+            "MESSAGE_TOO_LARGE",
             size=str(size),
             limit=str(max_bytes),
         )

@@ -86,7 +86,7 @@ class Row:
         message.sender.CopyFrom(
             mpb.Party(kind=self.sender_kind, principal_id=self.sender_id, agent_id=self.sender_agent)
         )
-        if not with_content:
+        if not message.HasField("recipient"):  # a reply names none: it goes to the original's sender
             message.recipient.CopyFrom(mpb.Party(agent_id=self.recipient_agent, mesh=self.recipient_mesh))
         message.conversation_id = self.conversation_id
         message.correlation_id = self.correlation_id

@@ -14,8 +14,8 @@ import pytest
 import redis.asyncio as aioredis
 from authlib.integrations.httpx_client import AsyncOAuth2Client, OAuthError
 
-from agentvault.devserver.embedded import free_port
 from agentvault.common.services import service
+from agentvault.devserver.embedded import free_port
 from agentvault_edge.oauth_routes import MAX_FORM_BYTES
 from agentvault_edge.server import DRAIN_KEY
 
