@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import logging
@@ -705,6 +706,17 @@ class MessagingServicer:
         purged = await self.store.purge(request.agent_id, before)
         log.info("dead letters purged", extra={"count": purged, "by": principal.id})
         return mpb.PurgeDeadLettersResponse(purged=purged)
+
+    async def GetWebhookSecret(
+        self, request: mpb.GetWebhookSecretRequest, context: grpc.aio.ServicerContext
+    ) -> mpb.WebhookSecret:
+        principal = await self._principal(context)
+        agent = await self._agent(request.agent_id, context, "agent_id")
+        if principal.kind is Kind.AGENT or not (principal.is_admin or principal.owns(agent.owner)):
+            raise PermissionDenied("only the agent's owner or an admin may read its webhook secret", "NOT_THE_OWNER")
+        key = self.settings.signing_secret(agent.id)
+        log.info("webhook secret read", extra={"agent_id": agent.id, "by": principal.id})
+        return mpb.WebhookSecret(agent_id=agent.id, secret="whsec_" + base64.b64encode(key).decode())
 
     async def GetMessageSchema(
         self, request: mpb.GetMessageSchemaRequest, context: grpc.aio.ServicerContext

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import grpc
 import pytest
 from aiohttp import web
 from standardwebhooks import Webhook
@@ -75,8 +76,8 @@ class Hooks:
 def signing_secret(net: Net) -> Callable[[str], str]:
     """An agent's Standard Webhooks secret ("whsec_..."), derived as the messaging service derives it: from its
     MESSAGING_WEBHOOK_KEY, unset here, so from its own SERVICE_CLIENT_SECRET, which the test learns from the mesh's
-    environment (the dev mesh keeps every service's secret in SERVICE_CLIENT_SECRETS). The mesh has no API that
-    tells an agent its secret yet."""
+    environment (the dev mesh keeps every service's secret in SERVICE_CLIENT_SECRETS); the test compares it with what
+    GetWebhookSecret tells the owner."""
     spec = net.mesh.mesh.spec("messaging")
     settings = MessagingSettings.load(Env(net.mesh.mesh.service_env(spec)))
     assert not net.mesh.env.get("MESSAGING_WEBHOOK_KEY")
@@ -140,6 +141,14 @@ async def test_a_webhook_gets_the_signed_message_and_its_reply_comes_back(net: N
     # Another agent's secret does not verify it: the secret is the recipient's own.
     with pytest.raises(WebhookVerificationError):
         Webhook(hooks.secret_of(alice.id)).verify(hooks.raw["/reply-1"][0], headers)
+    # The agent's owner learns the secret from the mesh (as a real webhook agent would) and it verifies the request;
+    # an agent's own credential may not read it.
+    told = await net.messaging.GetWebhookSecret(mpb.GetWebhookSecretRequest(agent_id=hook.id), metadata=net.admin)
+    assert told.secret == hooks.secret_of(hook.id) and told.secret.startswith("whsec_")
+    Webhook(told.secret).verify(hooks.raw["/reply-1"][0], headers)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await net.messaging.GetWebhookSecret(mpb.GetWebhookSecretRequest(agent_id=hook.id), metadata=alice.md)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
     answer = await net.messaging.AwaitReply(mpb.AwaitReplyRequest(id=m.id, wait_seconds=15), metadata=alice.md)
     reply = answer.reply

@@ -103,6 +103,11 @@ class MessagingServiceStub:
                 request_serializer=agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.PurgeDeadLettersRequest.SerializeToString,
                 response_deserializer=agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.PurgeDeadLettersResponse.FromString,
                 _registered_method=True)
+        self.GetWebhookSecret = channel.unary_unary(
+                '/agentvault.messaging.v1.MessagingService/GetWebhookSecret',
+                request_serializer=agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.GetWebhookSecretRequest.SerializeToString,
+                response_deserializer=agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.WebhookSecret.FromString,
+                _registered_method=True)
         self.GetMessageSchema = channel.unary_unary(
                 '/agentvault.messaging.v1.MessagingService/GetMessageSchema',
                 request_serializer=agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.GetMessageSchemaRequest.SerializeToString,
@@ -217,6 +222,14 @@ class MessagingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetWebhookSecret(self, request, context):
+        """GetWebhookSecret answers the Standard Webhooks secret (whsec_...) with which the mesh signs what it POSTs to an
+        agent's http endpoint, so the agent can verify each request: the agent's owner or an admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetMessageSchema(self, request, context):
         """GetMessageSchema answers the JSON Schema (draft 2020-12) of the message format, as sent to SendMessage.
         """
@@ -291,6 +304,11 @@ def add_MessagingServiceServicer_to_server(servicer, server):
                     servicer.PurgeDeadLetters,
                     request_deserializer=agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.PurgeDeadLettersRequest.FromString,
                     response_serializer=agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.PurgeDeadLettersResponse.SerializeToString,
+            ),
+            'GetWebhookSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetWebhookSecret,
+                    request_deserializer=agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.GetWebhookSecretRequest.FromString,
+                    response_serializer=agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.WebhookSecret.SerializeToString,
             ),
             'GetMessageSchema': grpc.unary_unary_rpc_method_handler(
                     servicer.GetMessageSchema,
@@ -652,6 +670,33 @@ class MessagingService:
             '/agentvault.messaging.v1.MessagingService/PurgeDeadLetters',
             agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.PurgeDeadLettersRequest.SerializeToString,
             agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.PurgeDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetWebhookSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentvault.messaging.v1.MessagingService/GetWebhookSecret',
+            agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.GetWebhookSecretRequest.SerializeToString,
+            agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.WebhookSecret.FromString,
             options,
             channel_credentials,
             insecure,

@@ -82,6 +82,10 @@ class MessagingServiceStub:
     """PurgeDeadLetters deletes dead-lettered messages: all of them, one agent's, or those older than a time
     (admins).
     """
+    GetWebhookSecret: _grpc.UnaryUnaryMultiCallable[_messaging_service_pb2.GetWebhookSecretRequest, _messaging_service_pb2.WebhookSecret]
+    """GetWebhookSecret answers the Standard Webhooks secret (whsec_...) with which the mesh signs what it POSTs to an
+    agent's http endpoint, so the agent can verify each request: the agent's owner or an admin.
+    """
     GetMessageSchema: _grpc.UnaryUnaryMultiCallable[_messaging_service_pb2.GetMessageSchemaRequest, _messaging_service_pb2.GetMessageSchemaResponse]
     """GetMessageSchema answers the JSON Schema (draft 2020-12) of the message format, as sent to SendMessage."""
 
@@ -137,6 +141,10 @@ class MessagingServiceAsyncStub(MessagingServiceStub):
     PurgeDeadLetters: _aio.UnaryUnaryMultiCallable[_messaging_service_pb2.PurgeDeadLettersRequest, _messaging_service_pb2.PurgeDeadLettersResponse]  # type: ignore[assignment]
     """PurgeDeadLetters deletes dead-lettered messages: all of them, one agent's, or those older than a time
     (admins).
+    """
+    GetWebhookSecret: _aio.UnaryUnaryMultiCallable[_messaging_service_pb2.GetWebhookSecretRequest, _messaging_service_pb2.WebhookSecret]  # type: ignore[assignment]
+    """GetWebhookSecret answers the Standard Webhooks secret (whsec_...) with which the mesh signs what it POSTs to an
+    agent's http endpoint, so the agent can verify each request: the agent's owner or an admin.
     """
     GetMessageSchema: _aio.UnaryUnaryMultiCallable[_messaging_service_pb2.GetMessageSchemaRequest, _messaging_service_pb2.GetMessageSchemaResponse]  # type: ignore[assignment]
     """GetMessageSchema answers the JSON Schema (draft 2020-12) of the message format, as sent to SendMessage."""
@@ -268,6 +276,16 @@ class MessagingServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_messaging_service_pb2.PurgeDeadLettersResponse, _abc.Awaitable[_messaging_service_pb2.PurgeDeadLettersResponse]]:
         """PurgeDeadLetters deletes dead-lettered messages: all of them, one agent's, or those older than a time
         (admins).
+        """
+
+    @_abc_1.abstractmethod
+    def GetWebhookSecret(
+        self,
+        request: _messaging_service_pb2.GetWebhookSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_messaging_service_pb2.WebhookSecret, _abc.Awaitable[_messaging_service_pb2.WebhookSecret]]:
+        """GetWebhookSecret answers the Standard Webhooks secret (whsec_...) with which the mesh signs what it POSTs to an
+        agent's http endpoint, so the agent can verify each request: the agent's owner or an admin.
         """
 
     @_abc_1.abstractmethod
