@@ -324,13 +324,10 @@ class Edge:
                 if frame.type in (WSMsgType.CLOSE, WSMsgType.ERROR):
                     break
 
-        tasks = {asyncio.create_task(pump()), asyncio.create_task(drain()), asyncio.create_task(self._going_away(ws))}
+        tasks = (asyncio.create_task(pump()), asyncio.create_task(drain()), asyncio.create_task(self._going_away(ws)))
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            await _until_first_ends(tasks)
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             pending.cancel()
             if not ws.closed:
                 await ws.close()
@@ -383,13 +380,9 @@ class Edge:
         answers = asyncio.create_task(self._bidi_answers(ws, route, call))
         requests = asyncio.create_task(self._bidi_requests(ws, route, call))
         going_away = asyncio.create_task(self.drain.wait())
-        tasks = (answers, requests, going_away)
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            await _until_first_ends((answers, requests, going_away))
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             call.cancel()
         # Closed here, by the one task, once nothing reads the socket: a close from another task while one waits
         # in receive() would drop the connection without the closing handshake.
@@ -484,3 +477,13 @@ def create_app(settings: EdgeSettings, services: Sequence[ServiceDescriptor] | N
     for route in table.routes:
         log.debug("route %s %s -> %s", route.http_method, route.template.source, route.grpc_path)
     return app
+
+
+async def _until_first_ends(tasks: tuple[asyncio.Task[Any], ...]) -> None:
+    """Waits until one of a WebSocket's tasks ends (the client, the call, or shutdown), then ends the others."""
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

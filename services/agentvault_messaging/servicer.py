@@ -378,11 +378,8 @@ class MessagingServicer:
             agent_id=request.agent_id,
             status=request.status,
         )
-        token = ""
-        if len(rows) > size:
-            last = rows[size - 1]
-            token = pagination.encode([last.created_at.isoformat(), str(last.id)], query)
-        return mpb.ListMessagesResponse(messages=[r.proto() for r in rows[:size]], next_page_token=token)
+        page, token = pagination.page_of(rows, size, query)
+        return mpb.ListMessagesResponse(messages=[r.proto() for r in page], next_page_token=token)
 
     async def AwaitReply(
         self, request: mpb.AwaitReplyRequest, context: grpc.aio.ServicerContext
@@ -678,11 +675,8 @@ class MessagingServicer:
         query = f"dl:{request.agent_id}"
         after = _position(request.page_token, query)
         rows = await self.store.page(size + 1, after, viewer=None, agent_id=request.agent_id, status="dead_lettered")
-        token = ""
-        if len(rows) > size:
-            last = rows[size - 1]
-            token = pagination.encode([last.created_at.isoformat(), str(last.id)], query)
-        return mpb.ListDeadLettersResponse(messages=[r.proto() for r in rows[:size]], next_page_token=token)
+        page, token = pagination.page_of(rows, size, query)
+        return mpb.ListDeadLettersResponse(messages=[r.proto() for r in page], next_page_token=token)
 
     async def ReplayDeadLetter(
         self, request: mpb.ReplayDeadLetterRequest, context: grpc.aio.ServicerContext

@@ -715,13 +715,8 @@ class AccessServicer:
         records = await self.grants.page_approvals(
             size + 1, after, status=request.status, viewer=None if _is_admin(principal) else principal.id
         )
-        token = ""
-        if len(records) > size:
-            last = records[size - 1]
-            token = pagination.encode([last.created_at.isoformat(), str(last.id)], query)
-        return ppb.ListApprovalsResponse(
-            approvals=[approval_to_proto(r) for r in records[:size]], next_page_token=token
-        )
+        page, token = pagination.page_of(records, size, query)
+        return ppb.ListApprovalsResponse(approvals=[approval_to_proto(r) for r in page], next_page_token=token)
 
     async def _approval(self, principal: Principal, approval_id: uuid.UUID) -> ApprovalRecord:
         found = await self.grants.get_approval(approval_id)
@@ -804,11 +799,8 @@ class AccessServicer:
         after = _position(request.page_token, query)
         viewer = None if _is_admin(principal) or principal.has_scope(POLICIES_READ) else principal.id
         records = await self.grants.page_grants(size + 1, after, include_ended=request.include_ended, viewer=viewer)
-        token = ""
-        if len(records) > size:
-            last = records[size - 1]
-            token = pagination.encode([last.created_at.isoformat(), str(last.id)], query)
-        return ppb.ListGrantsResponse(grants=[grant_to_proto(r) for r in records[:size]], next_page_token=token)
+        page, token = pagination.page_of(records, size, query)
+        return ppb.ListGrantsResponse(grants=[grant_to_proto(r) for r in page], next_page_token=token)
 
     async def RevokeGrant(self, request: ppb.RevokeGrantRequest, context: grpc.aio.ServicerContext) -> ppb.Grant:
         principal = await self._principal(context)

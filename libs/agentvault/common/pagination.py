@@ -5,8 +5,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from agentvault.common.errors import invalid
 
@@ -58,3 +59,23 @@ def time_and_id(after: list[Any]) -> tuple[datetime, str]:
         return datetime.fromisoformat(str(after[0])), str(after[1])
     except ValueError:
         raise invalid("page_token", "is not a valid page token") from None
+
+
+class _Dated(Protocol):
+    @property
+    def created_at(self) -> datetime: ...
+
+    @property
+    def id(self) -> Any: ...
+
+
+D = TypeVar("D", bound=_Dated)
+
+
+def page_of(rows: Sequence[D], size: int, query_fingerprint: str) -> tuple[list[D], str]:
+    """A page of a list ordered newest first by (created_at, id), fetched with one row more than `size`: the page
+    and the token of the next one ("" on the last page)."""
+    if len(rows) <= size:
+        return list(rows), ""
+    last = rows[size - 1]
+    return list(rows[:size]), encode([last.created_at.isoformat(), str(last.id)], query_fingerprint)
