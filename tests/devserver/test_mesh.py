@@ -50,7 +50,7 @@ def test_each_service_is_given_only_its_own_secret(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("SERVICE_CLIENT_SECRET", "from-the-shell-" + "x" * 32)
     mesh = Mesh({"AGENTVAULT_ADMIN_TOKEN": "admin-token-for-people", "LOG_FORMAT": "text"})
     given = parse_service_secrets(mesh.env["SERVICE_CLIENT_SECRETS"])
-    assert set(given) == {s.name for s in identities()} == {"discovery", "health-monitor"}
+    assert set(given) == {s.name for s in identities()} == {"discovery", "health-monitor", "messaging"}
     assert len(set(given.values())) == len(given), "one secret per service"
     for spec in SERVICES:
         env = mesh.service_env(spec)

@@ -39,6 +39,7 @@ EXPECTED_SCOPES = {
     "discovery": {"federation:resolve"},
     # ResolvePeers, ListAgents (health-check URLs), ReportPeerHealth, ReportAgentHealth, ResolveAgentAuth.
     "health-monitor": {"agents:read", "agents:connect", "federation:resolve", "health:report"},
+    "messaging": {"agents:read", "agents:connect", "policies:read", "policies:enforce"},
 }
 
 
@@ -86,6 +87,7 @@ def test_the_service_list_names_each_identity_and_its_scopes() -> None:
     assert {s.name: s.client_id for s in identities()} == {
         "discovery": "svc-discovery",
         "health-monitor": "svc-health-monitor",
+        "messaging": "svc-messaging",
     }
     # The edge forwards its callers' credentials; the registry is the authorization server.
     assert [s.name for s in SERVICES if s.authorization_server] == ["registry"]
@@ -228,7 +230,7 @@ async def test_a_changed_secret_rotates_at_the_next_start_and_a_removed_one_disa
     [
         ("discovery", "must be <service>=<secret>"),
         ("edge=" + "e" * 40, "unknown service 'edge'"),
-        ("messaging=" + "m" * 40, "unknown service 'messaging'"),
+        ("mailer=" + "m" * 40, "unknown service 'mailer'"),
         ("discovery=short", "at least 32 characters"),
         ("discovery=" + "a" * 40 + ",discovery=" + "b" * 40, "discovery is given twice"),
         ("discovery=CHANGE-ME-generate-with-openssl-rand-base64-32", "placeholder"),
