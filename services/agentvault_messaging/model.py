@@ -68,9 +68,9 @@ def content(message: mpb.Message) -> mpb.Message:
                 getattr(out, name).CopyFrom(getattr(message, name))
         else:
             setattr(out, name, getattr(message, name))
-    recipient = out.recipient
-    recipient.ClearField("kind")
-    recipient.ClearField("principal_id")
+    if out.HasField("recipient"):  # (reading out.recipient alone would not add one; clearing its fields would)
+        out.recipient.ClearField("kind")
+        out.recipient.ClearField("principal_id")
     return out
 
 

@@ -158,8 +158,8 @@ async def test_a_webhook_gets_the_signed_message_and_its_reply_comes_back(net: N
         m.correlation_id,
         m.conversation_id,
     )
-    # (Its recipient is not shown: a reply's stored content has none, see the report on store.Row.proto.)
     assert reply.sender.agent_id == hook.id and reply.sender.kind == "agent"
+    assert reply.recipient.agent_id == alice.id  # the original's sender, though the reply named no recipient
     # It came through alice's inbox; AwaitReply took it from there.
     listed = await net.messaging.ListMessages(
         mpb.ListMessagesRequest(correlation_id=m.correlation_id, agent_id=hook.id), metadata=alice.md

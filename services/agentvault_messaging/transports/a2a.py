@@ -25,8 +25,7 @@ from agentvault.common import a2a_map, egress
 from agentvault.common.errors import Unavailable
 from agentvault.common.lru import Lru
 
-from .base import DELIVERED, DeliveryError, Outbound, Outcome, TransportContext
-from .http import RETRYABLE_STATUSES, retry_after_seconds
+from .base import DELIVERED, DeliveryError, Outbound, Outcome, TransportContext, status_error
 
 log = logging.getLogger(__name__)
 
@@ -300,12 +299,7 @@ def _status_error(response: httpx.Response, context: TransportContext, token: st
         # An expired or revoked access token: the next attempt fetches a fresh one.
         context.auth.source.invalidate(token)
         return DeliveryError("HTTP 401: the agent refused the access token")
-    if status in RETRYABLE_STATUSES or status >= 500:
-        retry_after = retry_after_seconds(response.headers.get("Retry-After")) if status in (429, 503) else None
-        return DeliveryError(f"HTTP {status}", retry_after=retry_after)
-    if 300 <= status < 400:
-        return DeliveryError(f"HTTP {status}: redirects are not followed", permanent=True)
-    return DeliveryError(f"HTTP {status}", permanent=True)
+    return status_error(status, response.headers.get("Retry-After"))
 
 
 def _text(exc: Exception) -> str:

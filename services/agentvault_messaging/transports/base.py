@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import pkgutil
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from email.utils import parsedate_to_datetime
+from typing import Any, ClassVar, Protocol
 
 import aiohttp
+from google.protobuf import json_format
 
 from agentvault.common.agent_auth import PreparedAuth
 from agentvault.messaging.v1 import messaging_service_pb2 as mpb
+from agentvault_messaging import model
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +129,60 @@ def choose(transports: Mapping[str, Transport], endpoints: list[tuple[str, str]]
     return None if best is None else (best[1], best[2])
 
 
+# Statuses worth trying again: the agent may take it later (timeout, throttled, its own failure: any 5xx too).
+RETRYABLE_STATUSES = frozenset({408, 429})
+MAX_RETRY_AFTER = 3600.0
+
+
+def retryable_status(status: int) -> bool:
+    return status in RETRYABLE_STATUSES or status >= 500
+
+
+def status_error(status: int, retry_after: str | None) -> DeliveryError:
+    """An agent's non-2xx HTTP answer: 408, 429 and 5xx are retried (429 and 503 with their Retry-After), a
+    redirect is refused (the credentials are for this address only), any other 4xx is the agent's refusal."""
+    if retryable_status(status):
+        hint = retry_after_seconds(retry_after) if status in (429, 503) else None
+        return DeliveryError(f"HTTP {status}", retry_after=hint)
+    if 300 <= status < 400:
+        return DeliveryError(f"HTTP {status}: redirects are not followed", permanent=True)
+    return DeliveryError(f"HTTP {status}", permanent=True)
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """An HTTP Retry-After (seconds or a date) as seconds from now, within 0..MAX_RETRY_AFTER; None if unusable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+    if not math.isfinite(seconds):
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+def parse_reply(raw: Any) -> tuple[mpb.Message | None, str]:
+    """A reply message in the message JSON (from a webhook's answer or a WebSocket ack), or None and why it was
+    dropped (never the agent's text). Only what a sender may write is kept (model.content): an agent's reply
+    cannot claim a sender, a status or a history."""
+    if not isinstance(raw, dict) or "parts" not in raw:
+        return None, "reply dropped: not a message object with parts"
+    reply = mpb.Message()
+    try:
+        json_format.ParseDict(raw, reply, ignore_unknown_fields=False)
+    except (json_format.ParseError, ValueError, TypeError, RecursionError) as exc:
+        log.debug("agent reply is not a valid message: %.200s", exc)
+        return None, "reply dropped: not a valid message"
+    if not reply.parts:
+        return None, "reply dropped: a message needs at least one part"
+    return model.content(reply), ""
+
+
 def message_json(message: mpb.Message) -> dict[str, object]:
     """A message as the JSON agents receive (the REST API's form: proto field names)."""
-    from google.protobuf import json_format
-
     return json_format.MessageToDict(message, preserving_proto_field_name=True)

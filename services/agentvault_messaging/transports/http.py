@@ -5,42 +5,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import time
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
-from typing import Any, ClassVar, Literal
+from typing import ClassVar
 from urllib.parse import urlsplit
 
 import aiohttp
-from google.protobuf import json_format
 from standardwebhooks import Webhook
 
 from agentvault.common import agent_auth, egress
 from agentvault.common.errors import Unavailable
 from agentvault.messaging.v1 import messaging_service_pb2 as mpb
 
-from .base import DELIVERED, DeliveryError, Outbound, Outcome, TransportContext, message_json
+from .base import DELIVERED, DeliveryError, Outbound, Outcome, TransportContext, message_json, parse_reply, status_error
 
 log = logging.getLogger(__name__)
-
-# Statuses worth trying again: the agent may take it later (timeout, throttled, its own failure).
-RETRYABLE_STATUSES = frozenset({408, 429})
-MAX_RETRY_AFTER = 3600.0
-# Fields of a message only the mesh sets: an agent's reply must not claim a sender, status or history.
-OutputOnly = Literal[
-    "sender", "status", "status_reason", "attempts", "approval_id", "transport", "create_time", "update_time"
-]
-OUTPUT_ONLY_FIELDS: tuple[OutputOnly, ...] = (
-    "sender",
-    "status",
-    "status_reason",
-    "attempts",
-    "approval_id",
-    "transport",
-    "create_time",
-    "update_time",
-)
 
 
 class HttpTransport:
@@ -110,12 +89,7 @@ def _outcome(answer: agent_auth.Answer, max_answer_bytes: int) -> Outcome:
             return Outcome(DELIVERED, reason=f"answer larger than {max_answer_bytes} bytes; reply dropped")
         reply, problem = reply_from_answer(answer.body)
         return Outcome(DELIVERED, reason=problem, replies=(reply,) if reply is not None else ())
-    if status in RETRYABLE_STATUSES or status >= 500:
-        retry_after = retry_after_seconds(answer.headers.get("Retry-After")) if status in (429, 503) else None
-        raise DeliveryError(f"HTTP {status}", retry_after=retry_after)
-    if 300 <= status < 400:
-        raise DeliveryError(f"HTTP {status}: redirects are not followed", permanent=True)
-    raise DeliveryError(f"HTTP {status}", permanent=True)
+    raise status_error(status, answer.headers.get("Retry-After"))
 
 
 def reply_from_answer(body: bytes) -> tuple[mpb.Message | None, str]:
@@ -127,40 +101,6 @@ def reply_from_answer(body: bytes) -> tuple[mpb.Message | None, str]:
     if not isinstance(document, dict) or document.get("reply") is None:
         return None, ""
     return parse_reply(document["reply"])
-
-
-def parse_reply(raw: Any) -> tuple[mpb.Message | None, str]:
-    """A reply message in the message JSON, or None and the reason it was dropped (never the agent's text)."""
-    if not isinstance(raw, dict) or "parts" not in raw:
-        return None, "reply dropped: not a message object with parts"
-    reply = mpb.Message()
-    try:
-        json_format.ParseDict(raw, reply, ignore_unknown_fields=False)
-    except (json_format.ParseError, ValueError, TypeError, RecursionError) as exc:
-        log.debug("agent reply is not a valid message: %.200s", exc)
-        return None, "reply dropped: not a valid message"
-    if not reply.parts:
-        return None, "reply dropped: a message needs at least one part"
-    for name in OUTPUT_ONLY_FIELDS:
-        reply.ClearField(name)
-    return reply, ""
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    """An HTTP Retry-After (seconds or a date) as seconds from now, within 0..MAX_RETRY_AFTER; None if unusable."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            seconds = parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError, IndexError, OverflowError):
-            return None
-    if not math.isfinite(seconds):
-        return None
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
 TRANSPORT = HttpTransport

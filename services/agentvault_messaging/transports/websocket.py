@@ -16,8 +16,16 @@ import aiohttp
 from agentvault.common import egress
 from agentvault.common.errors import Unavailable
 
-from .base import DELIVERED, DeliveryError, Outbound, Outcome, TransportContext, message_json
-from .http import RETRYABLE_STATUSES, parse_reply
+from .base import (
+    DELIVERED,
+    DeliveryError,
+    Outbound,
+    Outcome,
+    TransportContext,
+    message_json,
+    parse_reply,
+    retryable_status,
+)
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +140,7 @@ class WebSocketTransport:
             raise DeliveryError(f"no WebSocket handshake within {deadline:g}s") from None
         except aiohttp.WSServerHandshakeError as exc:
             # The agent's HTTP answer to the upgrade: its server failing or busy is worth retrying, a refusal not.
-            retryable = exc.status in RETRYABLE_STATUSES or exc.status >= 500
+            retryable = retryable_status(exc.status)
             raise DeliveryError(f"WebSocket handshake refused: HTTP {exc.status}", permanent=not retryable) from None
         except egress.EgressRefused as exc:
             raise DeliveryError(f"endpoint refused: {exc}", permanent=True) from None
