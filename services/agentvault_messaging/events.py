@@ -7,11 +7,12 @@ inbox stream and worker also looks at the database on a timer). Events carry ids
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,8 +75,10 @@ class InboxWaiter:
     def clear(self) -> None:
         self._event.clear()
 
-    async def wait(self) -> None:
-        await self._event.wait()
+    async def wait(self, seconds: float) -> None:
+        """Until woken, or `seconds` passed (then the caller looks at the database anyway)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._event.wait(), max(0.0, seconds))
 
     def settle(self, message_id: str) -> None:
         if len(self._settled) < MAX_SETTLED:  # beyond, the stream's visibility timeouts free the room
@@ -154,17 +157,19 @@ class Hub:
                         watcher.queue.get_nowait()
                         watcher.queue.put_nowait(None)
 
-    def inbox_waiter(self, inbox: str) -> InboxWaiter:
-        event = InboxWaiter()
-        self._inbox_waiters.setdefault(inbox, set()).add(event)
-        return event
-
-    def drop_inbox_waiter(self, inbox: str, event: InboxWaiter) -> None:
-        waiters = self._inbox_waiters.get(inbox)
-        if waiters is not None:
-            waiters.discard(event)
-            if not waiters:
-                del self._inbox_waiters[inbox]
+    @contextlib.contextmanager
+    def waiting(self, inbox: str) -> Iterator[InboxWaiter]:
+        """A waiter woken by what happens in `inbox`, for as long as the block lasts."""
+        waiter = InboxWaiter()
+        self._inbox_waiters.setdefault(inbox, set()).add(waiter)
+        try:
+            yield waiter
+        finally:
+            waiters = self._inbox_waiters.get(inbox)
+            if waiters is not None:
+                waiters.discard(waiter)
+                if not waiters:
+                    del self._inbox_waiters[inbox]
 
     def watch(self, watcher: Watcher) -> None:
         self._watchers.add(watcher)

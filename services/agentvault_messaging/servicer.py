@@ -394,8 +394,7 @@ class MessagingServicer:
         wait = float(request.wait_seconds) if remaining is None else min(request.wait_seconds, remaining - 0.1)
         deadline = time.monotonic() + max(0.0, wait)
         inbox = original.sender_inbox
-        waiter = self.hub.inbox_waiter(inbox)
-        try:
+        with self.hub.waiting(inbox) as waiter:
             while True:
                 waiter.clear()
                 reply = await self.store.find_reply(inbox, original.id)
@@ -405,10 +404,7 @@ class MessagingServicer:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return mpb.AwaitReplyResponse()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(waiter.wait(), min(left, self.settings.poll_seconds))
-        finally:
-            self.hub.drop_inbox_waiter(inbox, waiter)
+                await waiter.wait(min(left, self.settings.poll_seconds))
 
     async def WatchMessages(
         self, request: mpb.WatchMessagesRequest, context: grpc.aio.ServicerContext
@@ -462,18 +458,13 @@ class MessagingServicer:
             raise invalid("wait_seconds", f"must be from 0 to {MAX_LONG_POLL}")
         inbox = await self._inbox(principal, request.agent_id, context)
         deadline = time.monotonic() + request.wait_seconds
-        waiter = self.hub.inbox_waiter(inbox)
-        try:
+        with self.hub.waiting(inbox) as waiter:
             while True:
                 waiter.clear()
                 rows = await self.claim(inbox, count, visibility)
                 if rows or time.monotonic() >= deadline:
                     return mpb.ReceiveMessagesResponse(deliveries=[_delivery(r) for r in rows])
-                with contextlib.suppress(TimeoutError):
-                    left = deadline - time.monotonic()
-                    await asyncio.wait_for(waiter.wait(), max(0.0, min(left, self.settings.poll_seconds)))
-        finally:
-            self.hub.drop_inbox_waiter(inbox, waiter)
+                await waiter.wait(min(deadline - time.monotonic(), self.settings.poll_seconds))
 
     async def claim(self, inbox: str, count: int, visibility: float) -> list[Row]:
         claimed = await self.store.claim_inbox(inbox, count, visibility, self.settings.max_attempts)
@@ -564,9 +555,8 @@ class MessagingServicer:
         return self._deliveries(inbox, limit, visibility)
 
     async def _deliveries(self, inbox: str, limit: int, visibility: int) -> AsyncIterator[mpb.Delivery]:
-        waiter = self.hub.inbox_waiter(inbox)
         in_flight: dict[str, float] = {}  # message id -> when its visibility ends
-        try:
+        with self.hub.waiting(inbox) as waiter:
             while True:
                 waiter.clear()
                 now = time.monotonic()
@@ -581,10 +571,7 @@ class MessagingServicer:
                     yield _delivery(row)
                 if rows and len(rows) == min(room, MAX_RECEIVE):
                     continue  # there may be more waiting
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(waiter.wait(), self.settings.poll_seconds)
-        finally:
-            self.hub.drop_inbox_waiter(inbox, waiter)
+                await waiter.wait(self.settings.poll_seconds)
 
     async def Converse(
         self, request_iterator: AsyncIterator[mpb.ConverseRequest], context: grpc.aio.ServicerContext

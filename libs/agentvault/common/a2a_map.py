@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from a2a.types import a2a_pb2 as a2a
 from google.protobuf import json_format, struct_pb2
@@ -72,23 +72,19 @@ _ROLE_TO_MESH = {a2a.ROLE_USER: "user", a2a.ROLE_AGENT: "agent"}
 
 
 def part_to_a2a(part: mpb.Part) -> a2a.Part:
-    out = a2a.Part(filename=part.filename, media_type=part.media_type)
-    kind = part.WhichOneof("content")
-    if kind == "text":
-        out.text = part.text
-    elif kind == "raw":
-        out.raw = part.raw
-    elif kind == "url":
-        out.url = part.url
-    elif kind == "data":
-        out.data.CopyFrom(part.data)
-    if part.HasField("metadata"):
-        out.metadata.CopyFrom(part.metadata)
-    return out
+    return _copy_part(part, a2a.Part(filename=part.filename, media_type=part.media_type))
 
 
 def part_to_mesh(part: a2a.Part) -> mpb.Part:
-    out = mpb.Part(filename=part.filename, media_type=part.media_type)
+    return _copy_part(part, mpb.Part(filename=part.filename, media_type=part.media_type))
+
+
+P = TypeVar("P", a2a.Part, mpb.Part)
+
+
+def _copy_part(part: a2a.Part | mpb.Part, out: P) -> P:
+    """The content (text, raw, url or data) and metadata of a part, into the other side's Part: the two have the
+    same fields, by design of the mesh's format."""
     kind = part.WhichOneof("content")
     if kind == "text":
         out.text = part.text
