@@ -211,7 +211,8 @@ async def test_a_broken_webhook_ends_in_the_dead_letter_queue_while_others_flow(
     assert len(hooks.received["/broken-1"]) == 3
     for m in fine:
         assert (await status_of(net, alice, m.id, "delivered")).attempts == 1
-    assert [b["parts"][0]["text"] for b in hooks.received["/ok-1"]] == ["fine 0", "fine 1", "fine 2"]
+    # Each was sent in a conversation of its own, and order is kept only within a conversation.
+    assert sorted(b["parts"][0]["text"] for b in hooks.received["/ok-1"]) == ["fine 0", "fine 1", "fine 2"]
     listed = await net.messaging.ListDeadLetters(mpb.ListDeadLettersRequest(agent_id=broken.id), metadata=net.admin)
     assert [(x.id, x.status) for x in listed.messages] == [(poison.id, "dead_lettered")]
 
