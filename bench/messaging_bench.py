@@ -9,12 +9,16 @@ client of its own (messages:send) whose access token it sends with. The ceilings
    the same number of workers): messages per second of each.
 2. Durable sends: SendMessage from one agent to another's inbox, same load client shape as the echo; goal at least
    40% of the echo. p50/p99 at the client, and the service's own grpc_server_handling_seconds.
-3. Send-to-delivery: the recipient holds a StreamInbox (max_in_flight 1000) and acks each delivery; the sender sends
+3. Send-to-delivery: the recipient holds a StreamInbox (max_in_flight 1000) and acks every delivery (AckMessages of
+   what arrived while its last ack call was on its way, as a streaming consumer would); the sender sends
    at a paced rate (500/s); each message carries, in a header, the time taken just before its SendMessage call, and
    the receiver computes the latency when the delivery arrives on the stream. Goals: p50 < 3 ms, p99 < 15 ms.
 4. Drain: N messages (100,000; --quick 10,000) queued into one inbox by concurrent SendMessage (timed), then drained
-   by concurrent receivers, each ReceiveMessages(max_messages 100) and an AckMessage per delivery; goal >= 2,000/s.
-5. The A2A exchange through the mesh vs direct is not measured yet (a TODO row).
+   by concurrent receivers, each ReceiveMessages(max_messages 100) then one AckMessages of the batch; goal >= 2,000/s.
+5. A2A exchange, one a2a-sdk client making blocking SendMessage calls one at a time (c=1), each a new message of
+   one ~200-byte text part: (a) straight to an a2a-sdk agent that answers with a Message of the same parts (uvicorn,
+   its own process on loopback), vs (b) through the edge's /a2a/agents/{id} to a local agent whose process holds a
+   StreamInbox and replies (in_reply_to) with the same parts, then acks. Goal: p50 of (b) minus p50 of (a) <= 2 ms.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ SEND_VS_ECHO = 0.40
 STREAM_P50_MS = 3.0
 STREAM_P99_MS = 15.0
 DRAIN_PER_S = 2_000.0
+A2A_OVERHEAD_P50_MS = 2.0
 PERMIT = 'permit(principal, action == Action::"message.send", resource);'
 SENT_HEADER = "bench-sent-ns"
 PHASE_HEADER = "bench-phase"
@@ -77,6 +82,10 @@ ARRIVAL_WAIT = 120.0
 CALL_TIMEOUT = 30.0
 SECTION = "messaging"
 T = TypeVar("T")
+# The A2A comparison's processes (python -m bench.messaging_bench <role> ...): the direct agent and the local agent.
+A2A_ECHO_ROLE = "--a2a-echo-agent"
+INBOX_REPLIER_ROLE = "--inbox-replier"
+TOKEN_VAR = "BENCH_AGENT_TOKEN"  # the local agent's token, not on its command line
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,7 @@ class Plan:
     queued: int
     receivers: int
     profile: Path | None
+    a2a_rounds: int = 1000
 
 
 @dataclass(frozen=True)
@@ -114,6 +124,9 @@ def parse(argv: list[str] | None = None) -> tuple[Config, Plan]:
     parser.add_argument("--stream-seconds", type=float, help="seconds of paced sends (default 10, quick 3)")
     parser.add_argument("--queue", type=int, help="messages queued, then drained (default 100,000, quick 10,000)")
     parser.add_argument("--receivers", type=int, default=4, help="concurrent receivers of the drain (default 4)")
+    parser.add_argument(
+        "--a2a-rounds", type=int, help="measured A2A exchanges on each path (default 1,000, quick 200; 0: none)"
+    )
     parser.add_argument(
         "--py-spy",
         type=Path,
@@ -145,6 +158,7 @@ def parse(argv: list[str] | None = None) -> tuple[Config, Plan]:
         queued=args.queue or (10_000 if args.quick else 100_000),
         receivers=args.receivers,
         profile=args.py_spy,
+        a2a_rounds=args.a2a_rounds if args.a2a_rounds is not None else (200 if args.quick else 1000),
     )
     return config, plan
 
@@ -309,7 +323,7 @@ class Scrape:
             "delivery_seconds": ("message_delivery_seconds", {"transport": "inbox"}),
             "grpc_send": rpc("SendMessage"),
             "grpc_receive": rpc("ReceiveMessages"),
-            "grpc_ack": rpc("AckMessage"),
+            "grpc_ack": rpc("AckMessages"),
         }
         self.before: dict[str, promhist.Buckets] = {}
 
@@ -331,7 +345,7 @@ class Scrape:
 
 def _server_note(server: dict[str, dict[str, float]], keys: tuple[str, ...]) -> str:
     names = {"send_seconds": "send (accept)", "delivery_seconds": "accepted->delivered", "grpc_send": "SendMessage",
-             "grpc_receive": "ReceiveMessages", "grpc_ack": "AckMessage"}  # fmt: skip
+             "grpc_receive": "ReceiveMessages", "grpc_ack": "AckMessages"}  # fmt: skip
     parts = [f"{names[k]} p50 {server[k]['p50_ms']:.2f} p99 {server[k]['p99_ms']:.2f} ms" for k in keys if k in server]
     return "at the service (histograms, interpolated): " + "; ".join(parts) if parts else ""
 
@@ -378,7 +392,8 @@ async def send_to_delivery(
     scrape: Scrape,
     goal: bool,
 ) -> tuple[Figure, Figure]:
-    """Paced sends to an inbox held by a StreamInbox that acks each delivery; latency by the header's send time.
+    """Paced sends to an inbox held by a StreamInbox that acks every delivery (batched AckMessages); latency by
+    the header's send time.
     `goal`: judged against the issue's goals (else a reference figure)."""
     send_channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
     receive_channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
@@ -392,13 +407,29 @@ async def send_to_delivery(
     errors: list[str] = []
     sent_ok = {"w": 0, "m": 0}
     acks: set[asyncio.Task[None]] = set()
+    # The receiver's acks: one AckMessages call at a time, of every delivery that arrived while the last was on its
+    # way (one per delivery when the pace is slow, batches under load), as a streaming consumer would.
+    pending: list[mpb.AckMessageRequest] = []
+    acking = {"on": False}
 
-    async def ack(delivery: mpb.Delivery) -> None:
+    async def ack_pending() -> None:
         try:
-            request = mpb.AckMessageRequest(message_id=delivery.message.id, receipt=delivery.receipt)
-            await receiving.AckMessage(request, metadata=receiver.md, timeout=CALL_TIMEOUT)
-        except grpc.aio.AioRpcError as exc:
-            errors.append(f"ack {exc.code().name}: {exc.details()}")
+            await _ack_all()
+        finally:
+            acking["on"] = False  # (no await since the loop found nothing pending: nothing was missed)
+
+    async def _ack_all() -> None:
+        while pending:
+            batch = pending[:1000]
+            del pending[:1000]
+            try:
+                answer = await receiving.AckMessages(
+                    mpb.AckMessagesRequest(receipts=batch), metadata=receiver.md, timeout=CALL_TIMEOUT
+                )
+            except grpc.aio.AioRpcError as exc:
+                errors.append(f"ack {exc.code().name}: {exc.details()}")
+                continue
+            errors.extend(f"ack {r.message_id}: {r.reason}" for r in answer.results if not r.acknowledged)
 
     stream = receiving.StreamInbox(
         mpb.StreamInboxRequest(max_in_flight=IN_FLIGHT, visibility_timeout_seconds=120), metadata=receiver.md
@@ -417,9 +448,12 @@ async def send_to_delivery(
                     arrived[phase] += 1
                 if phase == "m":
                     delivery_ms.append((now - int(headers[SENT_HEADER])) / 1e6)
-            task = asyncio.create_task(ack(delivery))
-            acks.add(task)
-            task.add_done_callback(acks.discard)
+            pending.append(mpb.AckMessageRequest(message_id=delivery.message.id, receipt=delivery.receipt))
+            if not acking["on"]:
+                acking["on"] = True
+                task = asyncio.create_task(ack_pending())
+                acks.add(task)
+                task.add_done_callback(acks.discard)
 
     async def send(phase: str) -> None:
         message = mpb.Message()
@@ -547,8 +581,8 @@ async def fill(address: str, sender: LocalAgent, recipient: str, count: int, con
 async def drain(
     address: str, receiver: LocalAgent, count: int, receivers: int, meter: CpuMeter, scrape: Scrape
 ) -> list[Figure]:
-    """Takes `count` queued messages out of one inbox: `receivers` loops of ReceiveMessages(100) and an AckMessage per
-    delivery (the batch's acks concurrently)."""
+    """Takes `count` queued messages out of one inbox: `receivers` loops of ReceiveMessages(100) and one AckMessages
+    of what it received."""
     opened = [grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) for _ in range(receivers)]
     stubs: list[mpb_grpc.MessagingServiceAsyncStub] = [mpb_grpc.MessagingServiceStub(ch) for ch in opened]
     seen: set[str] = set()
@@ -560,18 +594,26 @@ async def drain(
     last_ack = 0.0
     request = mpb.ReceiveMessagesRequest(max_messages=100, visibility_timeout_seconds=600, wait_seconds=1)
 
-    async def ack(stub: mpb_grpc.MessagingServiceAsyncStub, delivery: mpb.Delivery) -> None:
+    async def ack(stub: mpb_grpc.MessagingServiceAsyncStub, deliveries: list[mpb.Delivery]) -> None:
         nonlocal last_ack
+        if not deliveries:
+            return
         t0 = time.perf_counter()
+        receipts = [mpb.AckMessageRequest(message_id=d.message.id, receipt=d.receipt) for d in deliveries]
         try:
-            request = mpb.AckMessageRequest(message_id=delivery.message.id, receipt=delivery.receipt)
-            await stub.AckMessage(request, metadata=receiver.md, timeout=CALL_TIMEOUT)
+            answer = await stub.AckMessages(
+                mpb.AckMessagesRequest(receipts=receipts), metadata=receiver.md, timeout=CALL_TIMEOUT
+            )
         except grpc.aio.AioRpcError as exc:
             errors.append(f"ack {exc.code().name}: {exc.details()}")
             return
         last_ack = time.perf_counter()
         ack_ms.append((last_ack - t0) * 1000)
-        acked.add(delivery.message.id)
+        for result in answer.results:
+            if result.acknowledged:
+                acked.add(result.message_id)
+            else:
+                errors.append(f"ack {result.message_id}: {result.reason}")
 
     async def worker(stub: mpb_grpc.MessagingServiceAsyncStub) -> None:
         nonlocal duplicates
@@ -588,7 +630,7 @@ async def drain(
                 if delivery.message.id in seen:
                     duplicates += 1
                 seen.add(delivery.message.id)
-            await asyncio.gather(*(ack(stub, d) for d in answer.deliveries))
+            await ack(stub, list(answer.deliveries))
 
     cpu: dict[str, float] = {}
     scrape.start()
@@ -603,7 +645,7 @@ async def drain(
     finally:
         for channel in opened:
             await channel.close()
-    figure = Figure(SECTION, f"drain {count:,}: ReceiveMessages(100) + AckMessage each, {receivers} receivers",
+    figure = Figure(SECTION, f"drain {count:,}: ReceiveMessages(100) + AckMessages of the batch, {receivers} receivers",
                     len(acked) / elapsed, errors=len(errors) + count - len(acked), cpu=cpu)  # fmt: skip
     judge(figure, f">= {DRAIN_PER_S:,.0f} messages/s", (figure.throughput or 0) >= DRAIN_PER_S and len(acked) == count)
     figure.extra = {"count": count, "acked": len(acked), "elapsed_s": elapsed, "duplicates": duplicates,
@@ -613,7 +655,7 @@ async def drain(
         f"left after. {_server_note(server, ('grpc_receive', 'grpc_ack'))}"
     )
     receives = _latency_figure("  ReceiveMessages(max 100) calls of the drain", len(receive_ms), elapsed, receive_ms, 0)
-    acks = _latency_figure("  AckMessage calls of the drain", len(ack_ms), elapsed, ack_ms, 0)
+    acks = _latency_figure("  AckMessages (a batch each) calls of the drain", len(ack_ms), elapsed, ack_ms, 0)
     for f in (figure, receives, acks):
         _show(f)
     if errors:
@@ -633,6 +675,196 @@ async def inbox_statuses(dsn: str, agent_id: str) -> dict[str, int]:
 
 
 # The run ------------------------------------------------------------------------------------------------------
+
+
+# 5. A2A through the mesh vs direct -----------------------------------------------------------------------------
+
+
+async def a2a_echo_agent(port: str) -> None:
+    """The direct path's agent: a2a-sdk's own server answering each message with a Message of the same parts."""
+    import uvicorn
+    from a2a.server.agent_execution import AgentExecutor, RequestContext
+    from a2a.server.events import EventQueue
+    from a2a.server.request_handlers import DefaultRequestHandler
+    from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes
+    from a2a.server.tasks import InMemoryTaskStore
+    from a2a.types import a2a_pb2 as a2a
+    from starlette.applications import Starlette
+
+    class Echo(AgentExecutor):
+        async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
+            assert context.message is not None
+            await event_queue.enqueue_event(
+                a2a.Message(
+                    message_id=str(uuid.uuid4()),
+                    context_id=context.context_id or "",
+                    role=a2a.ROLE_AGENT,
+                    parts=list(context.message.parts),
+                )
+            )
+
+        async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
+            return None
+
+    base = f"http://127.0.0.1:{port}"
+    card = a2a.AgentCard(
+        name="bench echo",
+        description="answers with the parts it received",
+        version="1.0.0",
+        supported_interfaces=[
+            a2a.AgentInterface(url=f"{base}/a2a", protocol_binding="JSONRPC", protocol_version="1.0")
+        ],
+        capabilities=a2a.AgentCapabilities(streaming=False),
+        default_input_modes=["text/plain"],
+        default_output_modes=["text/plain"],
+        skills=[a2a.AgentSkill(id="echo", name="Echo", description="Echoes", tags=["bench"])],
+    )
+    handler = DefaultRequestHandler(Echo(), InMemoryTaskStore(), card)
+    app = Starlette(routes=[*create_agent_card_routes(card), *create_jsonrpc_routes(handler, "/a2a")])
+    config = uvicorn.Config(app, host="127.0.0.1", port=int(port), log_level="warning", lifespan="off", loop="none")
+    await uvicorn.Server(config).serve()
+
+
+async def inbox_replier(address: str) -> None:
+    """The mesh path's local agent: holds a StreamInbox and answers each delivery with a reply (in_reply_to) of the
+    same parts, then acks it; its token comes in BENCH_AGENT_TOKEN."""
+    md = bearer(os.environ[TOKEN_VAR])
+    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        stub = mpb_grpc.MessagingServiceStub(channel)
+        acks: set[asyncio.Task[Any]] = set()
+        async for delivery in stub.StreamInbox(mpb.StreamInboxRequest(max_in_flight=100), metadata=md):
+            reply = mpb.Message(in_reply_to=delivery.message.id, parts=delivery.message.parts)
+            await stub.SendMessage(mpb.SendMessageRequest(message=reply), metadata=md, timeout=CALL_TIMEOUT)
+            ack = mpb.AckMessageRequest(message_id=delivery.message.id, receipt=delivery.receipt)
+            task = asyncio.ensure_future(stub.AckMessage(ack, metadata=md, timeout=CALL_TIMEOUT))
+            acks.add(task)
+            task.add_done_callback(acks.discard)
+
+
+def _spawn(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench.messaging_bench", *args],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+async def a2a_exchanges(
+    base: str, token: str, warmup: int, rounds: int, meter: CpuMeter
+) -> tuple[list[float], dict[str, float]]:
+    """Seconds per blocking SendMessage from an a2a-sdk client at `base` (the agent, or the edge's endpoint of
+    one), one call in flight; each answer checked (the same text back). Waits for the agent first."""
+    import httpx
+    from a2a.client import A2ACardResolver, ClientConfig, ClientFactory
+    from a2a.types import a2a_pb2 as a2a
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with httpx.AsyncClient(headers=headers, timeout=CALL_TIMEOUT) as http:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                card = await A2ACardResolver(http, base).get_agent_card()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+        client = ClientFactory(ClientConfig(httpx_client=http, streaming=False)).create(card)
+
+        def answer(events: list[a2a.StreamResponse]) -> str:
+            # Direct: the agent's Message; through the mesh: the task, completed, its status message the reply.
+            [event] = events
+            if event.HasField("message"):
+                return str(event.message.parts[0].text)
+            if event.task.status.state != a2a.TASK_STATE_COMPLETED:
+                raise RuntimeError(f"the task is {a2a.TaskState.Name(event.task.status.state)}, not completed")
+            return str(event.task.status.message.parts[0].text)
+
+        async def exchange() -> float:
+            request = a2a.SendMessageRequest(
+                message=a2a.Message(message_id=str(uuid.uuid4()), role=a2a.ROLE_USER, parts=[a2a.Part(text=TEXT)])
+            )
+            started = time.perf_counter()
+            events = [e async for e in client.send_message(request)]
+            elapsed = time.perf_counter() - started
+            if answer(events) != TEXT:
+                raise RuntimeError("the answer does not carry the parts sent")
+            return elapsed
+
+        # The first answer may wait for the local agent's stream to open; retried until one comes complete.
+        while True:
+            try:
+                await exchange()
+                break
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+        for _ in range(warmup):
+            await exchange()
+        cpu: dict[str, float] = {}
+        with meter.window(cpu):
+            timings = [await exchange() for _ in range(rounds)]
+        await client.close()
+    return timings, cpu
+
+
+def a2a_comparison(mesh: Mesh, sender: LocalAgent, replier: LocalAgent, config: Config, rounds: int) -> list[Figure]:
+    """(a) direct to an a2a-sdk agent, (b) through the edge to a local agent on a StreamInbox; both p50/p99 and the
+    difference of the p50s against the goal."""
+    warmup = max(20, rounds // 10)
+    port = str(free_port())
+    server_cpus = set(config.server_cpus or ())
+    with pinned(server_cpus):
+        direct_agent = _spawn(A2A_ECHO_ROLE, port)
+        local_agent = _spawn(INBOX_REPLIER_ROLE, mesh.address("messaging"), env={TOKEN_VAR: replier.token})
+    try:
+        figures: list[Figure] = []
+        paths = (
+            ("(a) direct to an a2a-sdk agent", f"http://127.0.0.1:{port}", "", {"agent": [direct_agent.pid]}),
+            (
+                "(b) through the mesh to a local agent",
+                mesh.url(f"/a2a/agents/{replier.id}"),
+                sender.token,
+                {name: [mesh.processes[name].pid] for name in ("edge", "messaging")} | {"agent": [local_agent.pid]},
+            ),
+        )
+        for name, base, token, groups in paths:
+            meter = CpuMeter({"client": [os.getpid()], **groups}, {})
+            with pinned(set(config.client_cpus or ())):
+                timings, cpu = on_uvloop(a2a_exchanges(base, token, warmup, rounds, meter))
+            ordered = sorted(timings)
+            figure = Figure(
+                "A2A",
+                f"A2A blocking SendMessage c=1, {name}",
+                throughput=len(timings) / sum(timings),
+                p50_ms=percentile(ordered, 0.5) * 1000,
+                p99_ms=percentile(ordered, 0.99) * 1000,
+                cpu=cpu,
+                note=f"{rounds} exchanges after {warmup}",
+            )
+            _show(figure)
+            figures.append(figure)
+        direct, meshed = figures
+        overhead = (meshed.p50_ms or 0.0) - (direct.p50_ms or 0.0)
+        meshed.extra["overhead_p50_ms"] = overhead
+        meshed.note += (
+            f"; p50 {overhead:+.2f} ms over direct (p99 {(meshed.p99_ms or 0.0) - (direct.p99_ms or 0.0):+.2f} ms)"
+        )
+        judge(meshed, f"p50 <= direct + {A2A_OVERHEAD_P50_MS:g} ms ({overhead:+.2f})", overhead <= A2A_OVERHEAD_P50_MS)
+        return figures
+    finally:
+        _stop(local_agent)
+        _stop(direct_agent)
 
 
 def ratio_note(figure: Figure, echo: Figure, loop: Figure) -> float:
@@ -683,12 +915,15 @@ def run(config: Config, plan: Plan) -> int:
                 "LOG_FORMAT": "json",
                 "LOG_LEVEL": "WARNING",
             }
-            services = tuple(s for s in SERVICES if s.name in ("registry", "messaging"))
+            # The edge (started for the A2A comparison only) is the issuer: agent cards name its A2A endpoint.
+            edge_port = free_port()
+            env |= {"EDGE_PORT": str(edge_port), "OAUTH_ISSUER": f"http://127.0.0.1:{edge_port}"}
+            services = tuple(s for s in SERVICES if s.name in ("registry", "messaging", "edge"))
             mesh = Mesh(env, log_dir=Path(tmp) / "logs", services=services)
             try:
                 mesh.start_service("registry", timeout=60)
                 agents = asyncio.run(
-                    prepare(mesh.address("registry"), admin_token, ("sender", "sink", "live", "queue"))
+                    prepare(mesh.address("registry"), admin_token, ("sender", "sink", "live", "queue", "replier"))
                 )
                 with pinned(set(config.server_cpus or ())):
                     mesh.start_service("messaging", timeout=60)
@@ -765,26 +1000,23 @@ def run(config: Config, plan: Plan) -> int:
                     details["after_drain"] = asyncio.run(inbox_statuses(env["DATABASE_URL"], agents["queue"].id))
                 print(f"  inbox before the drain: {details['queued_before_drain']}; after: {details['after_drain']}",
                       flush=True)  # fmt: skip
+
+                # 5. A2A through the mesh vs direct.
+                if plan.a2a_rounds > 0:
+                    with pinned(set(config.server_cpus or ())):
+                        mesh.start_service("edge", timeout=60)
+                    figures += a2a_comparison(mesh, agents["sender"], agents["replier"], config, plan.a2a_rounds)
             finally:
                 mesh.stop()
     finally:
         ceilings.close()
         client.close()
 
-    # 5. Not measured yet.
-    figures.append(
-        Figure(
-            "A2A",
-            "A2A exchange through the mesh vs direct: not measured yet",
-            goal="TODO",
-            note="TODO: measure once the inbound A2A endpoint exists (another helper builds it)",
-        )
-    )
     print("\n" + table(figures))
     print("CPU here: mes = messaging, reg = registry, red = Redis, ser = the echo server; cli = the load client for "
           "the echo and SendMessage rows, the bench's own process for the others")  # fmt: skip
     goals = {"send_vs_echo": SEND_VS_ECHO, "stream_p50_ms": STREAM_P50_MS, "stream_p99_ms": STREAM_P99_MS,
-             "drain_per_s": DRAIN_PER_S}  # fmt: skip
+             "drain_per_s": DRAIN_PER_S, "a2a_overhead_p50_ms": A2A_OVERHEAD_P50_MS}  # fmt: skip
     payload = {
         "machine": info,
         "config": {**asdict(config), "cpu_split": split},
@@ -799,6 +1031,14 @@ def run(config: Config, plan: Plan) -> int:
 
 
 def main() -> None:
+    # The A2A comparison's own processes: the direct agent, the local agent (their pinning is their parent's).
+    if sys.argv[1:2] == [A2A_ECHO_ROLE]:
+        run_loop(a2a_echo_agent(sys.argv[2]))
+        return
+    if sys.argv[1:2] == [INBOX_REPLIER_ROLE]:
+        with contextlib.suppress(KeyboardInterrupt, grpc.aio.AioRpcError):
+            run_loop(inbox_replier(sys.argv[2]))
+        return
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     config, plan = parse()

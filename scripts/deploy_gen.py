@@ -31,6 +31,11 @@ ADMIN_TOKEN_VAR = "AGENTVAULT_ADMIN_TOKEN"  # noqa: S105 - a variable name, not 
 # Kubernetes Secrets the overlays supply besides agentvault-secrets (stores and keys, every backend): the
 # bootstrap admin token (the registry only) and one per service identity (that service and the registry).
 ADMIN_SECRET = "agentvault-admin"  # noqa: S105 - a Secret's name
+# The console's sessions (the edge only): CONSOLE_REDIS_URL and CONSOLE_SESSION_KEY.
+CONSOLE_SECRET = "agentvault-console"  # noqa: S105 - a Secret's name
+CONSOLE_KEY_VAR = "CONSOLE_SESSION_KEY"
+# In compose, a Redis database of their own: nothing of the backends' keys is in reach of the edge's.
+CONSOLE_REDIS_URL = "redis://redis:6379/1"
 
 
 def identity_secret(spec: ServiceSpec) -> str:
@@ -104,6 +109,8 @@ def _compose_service(spec: ServiceSpec, services: Sequence[ServiceSpec]) -> str:
     if spec.has_stores:
         for store in ("postgres", "redis"):
             lines += [f"      {store}:", "        condition: service_healthy"]
+    elif spec.console_sessions:
+        lines += ["      redis:", "        condition: service_healthy"]
     for called in spec.calls:
         lines += [f"      {called}:", "        condition: service_healthy"]
     lines += ["    healthcheck:"]
@@ -137,6 +144,12 @@ def _compose_secrets(spec: ServiceSpec, services: Sequence[ServiceSpec]) -> list
             f"      {ADMIN_TOKEN_VAR}: {_required(ADMIN_TOKEN_VAR, random)}",
             "      # The authorization server upserts each service's OAuth client (secrets kept hashed).",
             f"      {SECRETS_VAR}: {items}",
+        ]
+    if spec.console_sessions:
+        return [
+            "      # The console's sign-in sessions: Redis, and the key encrypting the credentials they hold.",
+            f"      CONSOLE_REDIS_URL: {CONSOLE_REDIS_URL}",
+            f"      {CONSOLE_KEY_VAR}: {_required(CONSOLE_KEY_VAR, random)}",
         ]
     if spec.scopes:
         return [
@@ -217,6 +230,17 @@ def _k8s_secret_refs(spec: ServiceSpec) -> str:
                     "            # AGENTVAULT_ADMIN_TOKEN, the bootstrap admin token: for people, the registry only.",
                     "            - secretRef:",
                     f"                name: {ADMIN_SECRET}",
+                ]
+            )
+            + "\n"
+        )
+    if spec.console_sessions:
+        return (
+            "\n".join(
+                [
+                    "            # CONSOLE_REDIS_URL and CONSOLE_SESSION_KEY, the console's sign-in sessions, only.",
+                    "            - secretRef:",
+                    f"                name: {CONSOLE_SECRET}",
                 ]
             )
             + "\n"

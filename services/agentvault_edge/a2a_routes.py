@@ -657,7 +657,26 @@ def _envelope(body: Any) -> tuple[str | int | None, str, Any]:
 _Proto = Any
 
 
+_PART_KINDS = ("text", "raw", "url")
+
+
+def _drop_shadowed_null_data(params: Any) -> None:
+    """A Part's `"data": null` beside another kind is what a JSON writer emits for a field it left unset; protobuf's
+    parser would take whichever comes last (the text silently lost), so it is dropped first. Alone it stays the
+    JSON null. Iterative: the body's depth is the caller's choice."""
+    stack = [params]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "data" in node and node["data"] is None and any(node.get(k) is not None for k in _PART_KINDS):
+                del node["data"]
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
 def _parse_params(params: Any, target: _Proto) -> _Proto:
+    _drop_shadowed_null_data(params)
     try:
         # Unknown fields are ignored for forward compatibility, as the SDK's own server does.
         json_format.ParseDict(params, target, ignore_unknown_fields=True)

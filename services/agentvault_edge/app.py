@@ -19,20 +19,30 @@ from google.protobuf import message
 from google.protobuf.descriptor import ServiceDescriptor
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
 
+from agentvault.common import tracing
 from agentvault.common.logs import request_id_var
 from agentvault.common.settings import SettingsError
 from agentvault_edge import advertisement, errors
 from agentvault_edge.a2a_routes import A2ARoutes
 from agentvault_edge.backends import Backends
+from agentvault_edge.console import Console
 from agentvault_edge.forwarding import forwarded_metadata, is_metadata_text
 from agentvault_edge.http_request import HttpRequestParts, build_request
 from agentvault_edge.json_in import json_to_message
 from agentvault_edge.json_out import dumps, response_to_json
+from agentvault_edge.mcp_endpoint import McpEndpoint
 from agentvault_edge.oauth_routes import OAuthRoutes, from_edge_error
 from agentvault_edge.openapi import build_openapi
 from agentvault_edge.request_body import parse_body, parse_json, read_body
 from agentvault_edge.responses import error_response, json_response
-from agentvault_edge.routes import Route, RouteTable, build_routes, discover_services
+from agentvault_edge.routes import (
+    RESUME_EVENT_FIELD,
+    RESUME_REQUEST_FIELD,
+    Route,
+    RouteTable,
+    build_routes,
+    discover_services,
+)
 from agentvault_edge.server import DRAIN_KEY, Drain, EdgeRequestHandler
 from agentvault_edge.settings import EdgeSettings
 from agentvault_edge.transcode import FieldError
@@ -78,6 +88,8 @@ class Edge:
         self.drain = Drain()
         self.oauth = OAuthRoutes(settings, self.backends)
         self.a2a = A2ARoutes(settings, self.backends, self.drain)
+        self.mcp = McpEndpoint(settings, self.backends)
+        self.console = Console(settings, self.backends)
         self._openapi: bytes | None = None
         self._fixed: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]] = {
             "/healthz": self.healthz,
@@ -107,7 +119,9 @@ class Edge:
                     raise errors.too_many_connections(self.settings.max_connections)
             if self.drain.started:
                 raise errors.shutting_down()
-            response = await handler(request)
+            # Probes and scrapes (the fixed routes) are not traced: they would be most of the spans.
+            traced = tracing.recording() and request.rel_url.raw_path not in self._fixed
+            response = await (self._traced(request, handler) if traced else handler(request))
         except errors.EdgeError as exc:
             # The OAuth endpoints answer in RFC 6749's error shape, never the edge's, whatever refused them.
             response = from_edge_error(exc) if self.oauth.owns(request.rel_url.raw_path) else error_response(exc)
@@ -145,6 +159,16 @@ class Edge:
         )
         return response
 
+    async def _traced(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """The request under a SERVER span, continuing the client's traceparent; the backend calls are its children."""
+        with tracing.incoming(request.method, request.headers) as span:
+            response = await handler(request)
+            span.update_name(f"{request.method} {_route_var.get()}")
+            span.set_attribute("http.response.status_code", response.status)
+            return response
+
     # ------------------------------------------------------------------------------- fixed routes
 
     async def healthz(self, request: web.Request) -> web.StreamResponse:
@@ -181,6 +205,14 @@ class Edge:
         if self.a2a.owns(raw_path):
             _route_var.set(self.a2a.label(raw_path))
             return await self.a2a.handle(request)
+        if self.mcp.owns(raw_path):
+            _route_var.set(raw_path)
+            return await self.mcp.handle(request)
+        if self.console.owns(raw_path):
+            _route_var.set(self.console.label(raw_path))
+            return await self.console.handle(request)
+        # A console session's cookie stands for its credential on the REST API (with CSRF checks).
+        request = await self.console.authorize(request)
         fixed = self._fixed.get(raw_path)
         if fixed is not None:
             _route_var.set(raw_path)
@@ -212,6 +244,11 @@ class Edge:
             )
         except ValueError:  # UnicodeDecodeError included
             raise errors.bad_request("", "the query string is malformed or has too many parameters") from None
+        last_event = request.headers.get("Last-Event-ID")
+        if last_event is not None and route.sse_resume and all(k != RESUME_REQUEST_FIELD for k, _ in query):
+            # An EventSource reconnecting: it resumes after the last event it received (the query, if it says
+            # otherwise, wins). Checked like the query parameter it stands for.
+            query.append((RESUME_REQUEST_FIELD, last_event))
         try:
             msg = build_request(
                 route.request_class, route.body, HttpRequestParts(request.method, found.bindings, query, body)
@@ -286,7 +323,8 @@ class Edge:
                 item = pending.result()
                 if item is grpc.aio.EOF:
                     break
-                await response.write(b"data: " + self._event(route, item) + b"\n\n")
+                event_id = f"id: {getattr(item, RESUME_EVENT_FIELD)}\n".encode() if route.sse_resume else b""
+                await response.write(event_id + b"data: " + self._event(route, item) + b"\n\n")
                 pending = asyncio.ensure_future(call.read())
         except grpc.aio.AioRpcError as exc:
             failure = errors.from_rpc_error(exc, route.service.full_name)
@@ -473,6 +511,9 @@ def create_app(settings: EdgeSettings, services: Sequence[ServiceDescriptor] | N
     app[EDGE_KEY] = edge
     app[DRAIN_KEY] = edge.drain
     app.router.add_route("*", "/{tail:.*}", edge.handle)
+    app.on_startup.append(edge.mcp.start)
+    app.on_cleanup.append(edge.mcp.stop)
+    app.on_cleanup.append(edge.console.close)
     app.on_cleanup.append(_close_backends)
     for route in table.routes:
         log.debug("route %s %s -> %s", route.http_method, route.template.source, route.grpc_path)

@@ -82,6 +82,10 @@ def json_to_message(data: Any, msg: message.Message, path: str = "") -> None:
     index = field_index(descriptor_of(msg))
     seen: dict[str, str] = {}
     chosen: dict[str, str] = {}
+    # A null clears a field. For a google.protobuf.Value member of a oneof it is the JSON null only when nothing
+    # else of that oneof is given: JSON writers emit nulls for what they leave unset, and the answer must not
+    # depend on the keys' order.
+    null_values: list[FieldDescriptor] = []
     for key, value in data.items():
         fd = index.get(key)
         if fd is None:
@@ -89,12 +93,26 @@ def json_to_message(data: Any, msg: message.Message, path: str = "") -> None:
         if fd.name in seen:
             raise FieldError(_join(path, fd.name), f"given twice (as {seen[fd.name]} and {key})")
         seen[fd.name] = key
-        if value is not None and _is_real_oneof(fd):
+        if not _is_real_oneof(fd):
+            set_field(msg, fd, value, _join(path, fd.name))
+        elif value is None:
+            if _is_value(fd):
+                null_values.append(fd)
+        else:
             oneof = oneof_of(fd).name
             if oneof in chosen:
                 raise FieldError(_join(path, fd.name), f"only one of {oneof} may be set; {chosen[oneof]} is set")
             chosen[oneof] = fd.name
-        set_field(msg, fd, value, _join(path, fd.name))
+            set_field(msg, fd, value, _join(path, fd.name))
+    for fd in null_values:
+        oneof = oneof_of(fd).name
+        if oneof not in chosen:
+            chosen[oneof] = fd.name
+            set_field(msg, fd, None, _join(path, fd.name))
+
+
+def _is_value(fd: FieldDescriptor) -> bool:
+    return fd.type == _T.TYPE_MESSAGE and not fd.is_repeated and message_type(fd).full_name == VALUE
 
 
 def set_field(msg: message.Message, fd: FieldDescriptor, value: Any, where: str) -> None:

@@ -186,6 +186,8 @@ def constraints() -> dict[tuple[str, str], dict[str, Any]]:
         # The health monitor's own checks: 0 means its default, larger values are coerced to its maximum.
         (_HEALTH + "GetPeerHealthHistoryRequest", "window_seconds"): {"minimum": 0},
         (_HEALTH + "GetPeerHealthHistoryRequest", "limit"): {"minimum": 0},
+        (_HEALTH + "GetAgentHealthHistoryRequest", "agent_id"): _UUID,
+        (_HEALTH + "GetAgentHealthHistoryRequest", "limit"): {"minimum": 0},
         (_ID + "CreateOAuthClientRequest", "name"): text_schema(oauth.MAX_CLIENT_NAME, required=True),
         (_ID + "CreateOAuthClientRequest", "scopes"): {"minItems": 1},
         (_ID + "CreateOAuthClientRequest", "scopes[]"): {"enum": list(oauth.KNOWN_SCOPES)},
@@ -341,12 +343,20 @@ def _messaging_constraints() -> dict[tuple[str, str], dict[str, Any]]:
         (_MSG + "ReceiveMessagesRequest", "wait_seconds"): {"minimum": 0, "maximum": MAX_LONG_POLL},
         (_MSG + "NackMessageRequest", "delay_seconds"): {"minimum": 0, "maximum": MAX_VISIBILITY},
         (_MSG + "NackMessageRequest", "reason"): text_schema(1024),
+        (_MSG + "AckMessagesRequest", "receipts"): {"minItems": 1, "maxItems": MAX_IN_FLIGHT},
         (_MSG + "StreamInboxRequest", "agent_id"): some_uuid,
         (_MSG + "StreamInboxRequest", "max_in_flight"): {"minimum": 0, "maximum": MAX_IN_FLIGHT},
         (_MSG + "StreamInboxRequest", "visibility_timeout_seconds"): {"minimum": 0, "maximum": MAX_VISIBILITY},
         (_MSG + "ListDeadLettersRequest", "page_size"): _page_size(),
         (_MSG + "ListDeadLettersRequest", "agent_id"): some_uuid,
         (_MSG + "PurgeDeadLettersRequest", "agent_id"): some_uuid,
+        (_MSG + "AppendPartsRequest", "message_id"): _UUID,
+        (_MSG + "AppendPartsRequest", "first_index"): {"minimum": 1},
+        (_MSG + "AppendPartsRequest", "parts"): {"maxItems": MAX_MESSAGE_PARTS},
+        (_MSG + "AppendPartsRequest", "parts[]"): {"oneOf": [_one_content(kind) for kind in _CONTENT]},
+        (_MSG + "AppendPartsRequest", "abort_reason"): text_schema(1024),
+        (_MSG + "StreamPartsRequest", "message_id"): _UUID,
+        (_MSG + "StreamPartsRequest", "after_index"): {"minimum": 0},
     }
     for name in ("conversation_id", "correlation_id", "idempotency_key", "task_id"):
         found[(message, name)] = some_id
@@ -355,6 +365,37 @@ def _messaging_constraints() -> dict[tuple[str, str], dict[str, Any]]:
     for name in ("AckMessageRequest", "NackMessageRequest"):
         found[(_MSG + name, "message_id")] = _UUID
         found[(_MSG + name, "receipt")] = _UUID
+    found.update(_session_constraints())
+    return found
+
+
+def _session_constraints() -> dict[tuple[str, str], dict[str, Any]]:
+    """SessionService's checks (agentvault_messaging/sessions.py); a state is a JSON document inside a string."""
+    label = {"maxLength": 128, "pattern": optional(MESSAGE_ID_TEXT)}
+    digest = {"pattern": "^[0-9a-fA-F]{64}$"}
+    found: dict[tuple[str, str], dict[str, Any]] = {
+        (_MSG + "Session", "conversation_id"): {"minLength": 1, "maxLength": 128, "pattern": whole(MESSAGE_ID_TEXT)},
+        (_MSG + "Session", "owner_instance"): label,
+        (_MSG + "HandoffTarget", "agent_id"): _UUID,
+        (_MSG + "HandoffTarget", "instance"): label,
+        (_MSG + "HandoffTarget", "mesh"): {"maxLength": 0},
+        (_MSG + "InitiateHandoffRequest", "session_id"): _UUID,
+        (_MSG + "InitiateHandoffRequest", "instance"): label,
+        (_MSG + "InitiateHandoffRequest", "note"): {"maxLength": 1024},
+        (_MSG + "AcceptHandoffRequest", "state_sha256"): digest,
+        (_MSG + "AcceptHandoffRequest", "signature"): digest,
+        (_MSG + "AcceptHandoffRequest", "instance"): label,
+        (_MSG + "RejectHandoffRequest", "reason"): {"maxLength": 1024},
+        (_MSG + "ListHandoffsRequest", "session_id"): {"pattern": optional(_UUID_TEXT)},
+        (_MSG + "ListHandoffsRequest", "status"): {
+            "enum": ["", "held", "offered", "accepted", "rejected", "cancelled", "expired", "refused"]
+        },
+        (_MSG + "ListHandoffsRequest", "page_size"): {"minimum": 0, "maximum": 100},
+    }
+    for name in ("GetSessionRequest", "UpdateSessionStateRequest", "ListSessionOwnersRequest"):
+        found[(_MSG + name, "id")] = _UUID
+    for name in ("AcceptHandoffRequest", "RejectHandoffRequest", "CancelHandoffRequest", "GetHandoffRequest"):
+        found[(_MSG + name, "id")] = _UUID
     return found
 
 

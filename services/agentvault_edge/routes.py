@@ -212,6 +212,10 @@ def _parse_template(source: str) -> PathTemplate:
 # ------------------------------------------------------------------------------------- route table
 
 
+# The SSE resume convention (Route.sse_resume).
+RESUME_REQUEST_FIELD, RESUME_EVENT_FIELD = "after_index", "index"
+
+
 @dataclass(frozen=True)
 class Route:
     """One HTTP binding of one RPC."""
@@ -234,6 +238,16 @@ class Route:
     @property
     def server_streaming(self) -> bool:
         return bool(self.method.server_streaming)
+
+    @property
+    def sse_resume(self) -> bool:
+        """A server stream whose request has `after_index` and whose items have `index` is resumable: as SSE,
+        each event's id is its item's index, and a reconnect's Last-Event-ID is the request's after_index."""
+        return (
+            self.server_streaming
+            and RESUME_REQUEST_FIELD in self.request_class.DESCRIPTOR.fields_by_name
+            and RESUME_EVENT_FIELD in self.response_class.DESCRIPTOR.fields_by_name
+        )
 
     @property
     def client_streaming(self) -> bool:

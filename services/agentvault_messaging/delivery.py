@@ -10,11 +10,13 @@ import random
 import time
 import uuid
 from datetime import UTC, datetime
+from typing import Protocol
 
 import aiohttp
 import grpc
 
-from agentvault.common.agent_auth import AgentConnector, PreparedAuth, resolve_agent_auth
+from agentvault.common import tracing
+from agentvault.common.agent_auth import NO_AUTH, AgentConnector, PreparedAuth, resolve_agent_auth
 from agentvault.common.lru import Lru
 from agentvault.common.policy.enforcer import ControlPlane
 from agentvault.common.policy.request import uid
@@ -26,6 +28,7 @@ from agentvault.registry.v1 import registry_service_pb2 as reg_pb
 from agentvault.registry.v1 import registry_service_pb2_grpc as reg_grpc
 from agentvault_messaging import metrics, model
 from agentvault_messaging.events import Hub
+from agentvault_messaging.parts import PartStreams
 from agentvault_messaging.settings import MessagingSettings
 from agentvault_messaging.store import INBOX, NewMessage, Row, Store
 from agentvault_messaging.transports.base import DeliveryError, Outbound, Outcome, Transport, TransportContext
@@ -101,10 +104,13 @@ class AgentDirectory:
         self.box = box
         self._versions: Lru[str, tuple[str, float]] = Lru(10_000)
 
-    async def auth(self, agent_id: str) -> PreparedAuth:
+    async def auth(self, agent_id: str, version: str = "") -> PreparedAuth:
+        """`version`: the registration's, when the caller has just read it (no registry read here then)."""
         now = time.monotonic()
         known = self._versions.get(agent_id)
-        if known is None or known[1] <= now:
+        if version:
+            self._versions.put(agent_id, (version, now + AGENT_SECONDS))
+        elif known is None or known[1] <= now:
             agent = await self.registry.GetAgent(reg_pb.GetAgentRequest(id=agent_id), timeout=AGENT_SECONDS)
             version = f"{agent.update_time.seconds}.{agent.update_time.nanos}"
             self._versions.put(agent_id, (version, now + AGENT_SECONDS))
@@ -175,7 +181,11 @@ class DeliveryWorker:
 
     async def deliver(self, row: Row) -> None:
         try:
-            await self._deliver(row)
+            # In the send's trace (its stored traceparent), however much later and on whichever replica.
+            parent = {"traceparent": row.traceparent} if row.traceparent else None
+            attributes = {"messaging.message.id": str(row.id), "messaging.transport": row.transport}
+            with tracing.span("message.deliver", tracing.CONSUMER, parent, attributes):
+                await self._deliver(row)
         except asyncio.CancelledError:
             raise
         except Exception:  # the lease ends and the message is due again: nothing is lost
@@ -195,7 +205,9 @@ class DeliveryWorker:
                 await self.hub.publish([moved])
             return
         try:
-            auth = await self.agents.auth(row.recipient_agent)
+            # A transport whose recipient is no agent of this mesh (federation) needs no agent credentials.
+            uses_auth = getattr(transport, "uses_agent_auth", True)
+            auth = await self.agents.auth(row.recipient_agent) if uses_auth else NO_AUTH
             message = row.proto()
             # The sender's principal id names a person or client of this mesh: not the external agent's business.
             message.sender.ClearField("principal_id")
@@ -307,18 +319,36 @@ class DeliveryWorker:
         await self.hub.publish(stored)
 
 
+class HeldHandoffs(Protocol):
+    """What ApprovalFollower needs of held session handoffs (sessions.HandoffApprovals)."""
+
+    async def held(self, limit: int) -> list[uuid.UUID]: ...
+
+    async def apply(self, approval: ppb.Approval) -> None: ...
+
+    async def release(self, approval_id: uuid.UUID, approved: bool, reason: str) -> None: ...
+
+
 class ApprovalFollower:
     """Releases held messages when their approvals are answered: follows WatchApprovals (the service sees every
     approval with policies:enforce) and, at each (re)connection, asks for the ones it may have missed."""
 
     def __init__(
-        self, channel: grpc.aio.Channel, tokens: TokenSource, store: Store, hub: Hub, control: ControlPlane
+        self,
+        channel: grpc.aio.Channel,
+        tokens: TokenSource,
+        store: Store,
+        hub: Hub,
+        control: ControlPlane,
+        handoffs: HeldHandoffs | None = None,
     ) -> None:
         self.stub = ppb_grpc.PolicyServiceStub(channel)
         self.tokens = tokens
         self.store = store
         self.hub = hub
         self.control = control
+        # Held session handoffs (sessions.HandoffApprovals): released by their approvals like held messages.
+        self.handoffs = handoffs
 
     async def run(self) -> None:
         delay = 0.1
@@ -344,17 +374,25 @@ class ApprovalFollower:
             delay = min(delay * 2, 5.0)
 
     async def reconcile(self, md: tuple[tuple[str, str], ...]) -> None:
-        for approval_id in await self.store.held(1000):
+        held = await self.store.held(1000)
+        if self.handoffs is not None:
+            held += await self.handoffs.held(1000)
+        for approval_id in held:
             try:
                 request = ppb.GetApprovalRequest(id=str(approval_id))
                 approval = await self.stub.GetApproval(request, metadata=md, timeout=5)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
                     await self._release(approval_id, False, "its approval is gone")
+                    if self.handoffs is not None:
+                        await self.handoffs.release(approval_id, False, "its approval is gone")
                 continue
             await self.apply(approval)
 
     async def apply(self, approval: ppb.Approval) -> None:
+        if approval.action == "session.handoff" and self.handoffs is not None:
+            await self.handoffs.apply(approval)
+            return
         if approval.status == "pending" or approval.action != "message.send":
             return
         approved = approval.status == "approved"
@@ -383,11 +421,20 @@ class ApprovalFollower:
 class Sweeper:
     """Every few seconds, in every replica (each statement takes its own rows): expiry, retention, queue depth."""
 
-    def __init__(self, settings: MessagingSettings, store: Store, hub: Hub, every: float = 5.0) -> None:
+    def __init__(
+        self,
+        settings: MessagingSettings,
+        store: Store,
+        hub: Hub,
+        every: float = 5.0,
+        streams: PartStreams | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.hub = hub
-        self.every = every
+        # Often enough that an idle stream is aborted not long after its timeout.
+        self.every = min(every, settings.stream_idle_seconds / 2)
+        self.streams = streams
 
     async def run(self) -> None:
         while True:
@@ -405,6 +452,8 @@ class Sweeper:
             metrics.EXPIRED.inc(len(expired))
             await self.hub.publish(expired)
         await self.store.prune(self.settings.retention_seconds, 5000)
+        if self.streams is not None:
+            await self.streams.sweep()
         depth = await self.store.depth()
         metrics.QUEUE_DEPTH.clear()
         for (transport, status), count in depth.items():

@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 CHANNEL = "messages:events"
 WATCH_QUEUE = 1000
+# Events waiting to be published to the other replicas (each a few hundred bytes) and how many go in one PUBLISH.
+MAX_OUTGOING = 20_000
+PUBLISH_BATCH = 500
 
 
 @dataclass(frozen=True)
@@ -122,20 +125,33 @@ class Hub:
         self._inbox_waiters: dict[str, set[InboxWaiter]] = {}
         self.push_wakeup = asyncio.Event()
         self._watchers: set[Watcher] = set()
+        # Events for the other replicas, published in batches by one task: what comes while a PUBLISH is on its
+        # way goes in the next, one round trip for many sends (bounded: beyond, the other replicas' waiters poll).
+        self._outgoing: list[list[str]] = []
+        self._publisher: asyncio.Task[None] | None = None
 
     async def publish(self, rows: Iterable[Row], status: str = "") -> None:
-        """Announces rows as they are now; `status` overrides theirs (e.g. "released" for a nacked delivery)."""
+        """Announces rows as they are now; `status` overrides theirs (e.g. "released" for a nacked delivery).
+        This process's waiters at once; the other replicas' by the publishing task, soon after."""
         events = [Event.of(row) for row in rows]
         if status:
             events = [dataclasses.replace(e, status=status) for e in events]
         if not events:
             return
         self._dispatch(events)
-        payload = json.dumps({"o": self.origin, "e": [list(e.__dict__.values()) for e in events]})
-        try:
-            await self.redis.publish(CHANNEL, payload)
-        except Exception as exc:  # the other replicas' waiters poll; the send itself is durable
-            log.warning("cannot publish message events: %s", exc)
+        room = MAX_OUTGOING - len(self._outgoing)
+        self._outgoing.extend(list(e.__dict__.values()) for e in events[: max(room, 0)])
+        if self._publisher is None or self._publisher.done():
+            self._publisher = asyncio.create_task(self._publish_outgoing())
+
+    async def _publish_outgoing(self) -> None:
+        while self._outgoing:
+            batch, self._outgoing = self._outgoing[:PUBLISH_BATCH], self._outgoing[PUBLISH_BATCH:]
+            payload = json.dumps({"o": self.origin, "e": batch})
+            try:
+                await self.redis.publish(CHANNEL, payload)
+            except Exception as exc:  # the other replicas' waiters poll; the sends themselves are durable
+                log.warning("cannot publish message events: %s", exc)
 
     def _dispatch(self, events: list[Event]) -> None:
         for e in events:

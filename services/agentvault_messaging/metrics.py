@@ -33,3 +33,20 @@ QUEUE_DEPTH = Gauge(
     "message_queue_depth", "Messages not yet finished, by transport and status.", ["transport", "status"]
 )
 CIRCUITS_OPEN = Gauge("message_circuits_open", "Endpoints whose circuit breaker is open (this replica).")
+TOOL_CALLS = Counter(
+    "tool_calls_total",
+    "Tool invocations that reached the tool's MCP server, by outcome: completed, tool_error, failed, cancelled.",
+    ["outcome"],
+)
+STREAM_PARTS = Counter(
+    "message_stream_parts_appended_total",
+    "Parts appended to messages sent streaming after their send (a retry of parts already stored is not counted).",
+)
+STREAMS_ENDED = Counter(
+    "message_streams_ended_total",
+    "Streams ended, by how: closed (by the sender), aborted (by the sender), idle (aborted by the sweeper).",
+    ["how"],
+)
+STREAMS_OPEN = Gauge("message_streams_open", "Streams open, all replicas (counted by each sweep).")
+for _how in ("closed", "aborted", "idle"):  # each series from the start, at 0
+    STREAMS_ENDED.labels(_how)

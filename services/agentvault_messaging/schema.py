@@ -60,7 +60,8 @@ def message_schema() -> dict[str, Any]:
             "conversation_id": _ID,
             "correlation_id": _ID,
             "in_reply_to": _UUID,
-            "parts": {"type": "array", "minItems": 1, "maxItems": model.MAX_PARTS, "items": part},
+            "parts": {"type": "array", "maxItems": model.MAX_PARTS, "items": part},
+            "streaming": {"type": "boolean"},
             "headers": {
                 "type": "object",
                 "maxProperties": model.MAX_HEADERS,
@@ -75,7 +76,9 @@ def message_schema() -> dict[str, Any]:
             "extensions": strings,
             "reference_task_ids": strings,
         },
-        "required": ["parts"],
         "anyOf": [{"required": ["recipient"]}, {"required": ["in_reply_to"]}],
+        # A message sent open (streaming) may have no part yet; any other has at least one.
+        "if": {"required": ["streaming"], "properties": {"streaming": {"const": True}}},
+        "else": {"required": ["parts"], "properties": {"parts": {"minItems": 1}}},
         "additionalProperties": True,
     }

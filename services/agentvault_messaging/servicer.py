@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 from google.protobuf import empty_pb2, json_format
 
-from agentvault.common import errors, pagination
+from agentvault.common import errors, pagination, tracing
 from agentvault.common.auth import AUTHORIZATION_KEY
 from agentvault.common.enums import enum_words
 from agentvault.common.errors import (
@@ -41,9 +41,13 @@ from agentvault.common.remote_auth import CallerResolver, check_scope
 from agentvault.messaging.v1 import messaging_service_pb2 as mpb
 from agentvault.registry.v1 import registry_service_pb2 as reg_pb
 from agentvault.registry.v1 import registry_service_pb2_grpc as reg_grpc
-from agentvault_messaging import metrics, model
+from agentvault_messaging import acks, metrics, model
 from agentvault_messaging.events import Hub, Watcher
+from agentvault_messaging.federation import FEDERATION, PeerBook, peer_inbox
+from agentvault_messaging.parts import PartStreams
 from agentvault_messaging.schema import message_schema
+from agentvault_messaging.session_federation import HandoffsAcrossMeshes
+from agentvault_messaging.sessions import SessionRouter
 from agentvault_messaging.settings import MessagingSettings
 from agentvault_messaging.store import INBOX, Holder, IdempotencyConflict, NewMessage, Row, Store, holds
 from agentvault_messaging.transports.base import Transport, choose
@@ -94,6 +98,7 @@ class Route:
     owner: str
     transport: str
     endpoint: str
+    mesh: str = ""  # the peer mesh of a recipient there (federation.py)
 
 
 class MessagingServicer:
@@ -107,7 +112,9 @@ class MessagingServicer:
         enforcer: Enforcer,
         control: RemoteControlPlane,
         transports: dict[str, Transport],
+        parts: PartStreams | None = None,
     ) -> None:
+        self.parts = parts
         self.settings = settings
         self.store = store
         self.hub = hub
@@ -116,6 +123,12 @@ class MessagingServicer:
         self.enforcer = enforcer
         self.control = control
         self.transports = transports
+        # The peers, for messages to agents of peer meshes (set by __main__; None: such messages are refused).
+        self.peers: PeerBook | None = None
+        # Session handoffs' routing (set by __main__): a conversation's messages follow its session's owner.
+        self.sessions: SessionRouter | None = None
+        # Conversations whose session moved to a peer mesh (session_federation.py).
+        self.handoffs_away: HandoffsAcrossMeshes | None = None
         # Recipients as each credential sees them, briefly: a send costs no registry call while they are fresh.
         # Keyed by the SHA-256 of the credential, bounded in bytes (agents are anyone's to register).
         self._agents: Lru[tuple[bytes, str], tuple[reg_pb.Agent, float]] = Lru(50_000, budget=AGENT_CACHE_BYTES)
@@ -206,7 +219,7 @@ class MessagingServicer:
         model.check(message, self.settings.max_message_bytes)
         who = caller(principal, Trust.UNTRUSTED, self.settings.mesh)
         message_id = uuid.UUID(message.id) if message.id else uuid.uuid4()
-        digest = model.request_hash(message)
+        body, digest = model.stored(message)
         key = message.idempotency_key or None
         # A repeated send is answered before the policy is asked again (which could create a second approval).
         repeated = await self.store.find_repeat(who.uid, message_id if message.id else None, key)
@@ -221,9 +234,9 @@ class MessagingServicer:
                 raise PermissionDenied(
                     "only the recipient of a message (or its owner) may reply to it", "NOT_THE_RECIPIENT"
                 )
-        if message.HasField("recipient") and message.recipient.mesh:
+        if message.HasField("recipient") and message.recipient.mesh and self.peers is None:
             raise errors.AgentVaultError(
-                "messages to agents of peer meshes are not delivered yet",
+                "messages to agents of peer meshes need FEDERATION_ENCRYPTION_KEYS on the messaging service",
                 "FEDERATED_MESSAGING_UNAVAILABLE",
                 {},
                 grpc.StatusCode.UNIMPLEMENTED,
@@ -233,14 +246,36 @@ class MessagingServicer:
         if original is not None and not message.HasField("recipient"):
             route = self.reply_route(original)
         else:
-            if not message.recipient.agent_id:
-                raise invalid("message.recipient.agent_id", "is required for an agent of this mesh")
-            agent = await self._agent(message.recipient.agent_id, context, "message.recipient.agent_id")
-            route = self._route(agent)
+            if self.handoffs_away is not None and original is None and not message.recipient.mesh:
+                # A session handed to an agent of a peer mesh: its conversation's messages go there.
+                away = await self.handoffs_away.route_away(message.conversation_id, message.recipient.agent_id)
+                if away is not None:
+                    message.recipient.agent_id, message.recipient.mesh = away
+                    message.recipient.ClearField("did")
+                    body = model.content(message).SerializeToString()
+            if message.recipient.mesh and self.peers is not None:
+                # An agent of a peer mesh: handed over by the federation transport (federation.py).
+                peer = await self.peers.require(message.recipient.mesh)
+                remote = message.recipient.agent_id or message.recipient.did
+                route = Route(peer_inbox(peer.name), message.recipient.agent_id, "", FEDERATION, peer.name, peer.name)
+                agent = reg_pb.Agent(id=remote)
+                target = agent_target(remote, "", (), peer.name)
+            else:
+                if self.sessions is not None and original is None and message.conversation_id:
+                    # A conversation whose session was handed off: to its current owner (sessions.py).
+                    owner = await self.sessions.route(message.conversation_id, message.recipient.agent_id)
+                    if owner != message.recipient.agent_id:
+                        # Stored naming its actual recipient; the request hash stays the request's, for repeats.
+                        message.recipient.agent_id = owner
+                        body = model.content(message).SerializeToString()
+                if not message.recipient.agent_id:
+                    raise invalid("message.recipient.agent_id", "is required for an agent of this mesh")
+                agent = await self._agent(message.recipient.agent_id, context, "message.recipient.agent_id")
+                route = self._route(agent)
+                target = agent_target(agent.id, agent.owner, agent.tags, self.settings.mesh)
             if original is not None and route.inbox != original.sender_inbox:
                 raise invalid("message.recipient", "a reply goes to the sender of the message it answers")
             if original is None:
-                target = agent_target(agent.id, agent.owner, agent.tags, self.settings.mesh)
                 verdict = await self.enforcer.decide(
                     who, "message.send", target, agent_id=agent.id, payload_size=message.ByteSize()
                 )
@@ -257,6 +292,13 @@ class MessagingServicer:
                         policies=",".join(verdict.decision.policies)[:500],
                     )
                 if verdict.outcome is Outcome.ASK:
+                    if route.transport == FEDERATION:
+                        # Approvals name an agent of this mesh; one of a peer mesh cannot be approved here.
+                        raise PermissionDenied(
+                            "this mesh's policy asks for an approval, which messages to peer meshes cannot wait for: "
+                            + "; ".join(verdict.decision.reasons),
+                            "MESSAGE_DENIED",
+                        )
                     approval = await self.control.create_approval(
                         caller=verdict.caller.uid,
                         requested_by=principal.id,
@@ -286,7 +328,7 @@ class MessagingServicer:
             inbox=route.inbox,
             recipient_agent=route.agent_id,
             recipient_owner=route.owner,
-            recipient_mesh="",
+            recipient_mesh=route.mesh,
             transport=route.transport,
             endpoint=route.endpoint,
             conversation_id=conversation,
@@ -294,11 +336,12 @@ class MessagingServicer:
             in_reply_to=original.id if original else None,
             idempotency_key=key,
             request_hash=digest,
-            body=model.content(message).SerializeToString(),
+            body=body,
             status=status,
             approval_id=approval_id,
             expire_at=expire_at,
             status_reason=reason,
+            traceparent=tracing.traceparent(),
         )
         try:
             row, duplicate = await self.store.insert(new)
@@ -309,6 +352,8 @@ class MessagingServicer:
                 await verdict.done()
         if duplicate:
             return self._repeat(row, who.uid, digest)
+        if self.parts is not None:
+            await self.parts.opened(message, row)
         await self.hub.publish([row])
         metrics.SENT.labels(row.transport, row.status).inc()
         metrics.SEND_SECONDS.observe(time.perf_counter() - started)
@@ -316,7 +361,11 @@ class MessagingServicer:
 
     def reply_route(self, original: Row) -> Route:
         """Where a reply to `original` goes: the original sender's inbox (an agent's own transport when it has
-        one is used by the worker that delivers agents' pushes; here, the inbox)."""
+        one is used by the worker that delivers agents' pushes; here, the inbox). A message from a peer mesh's agent
+        is answered over the federation, to the peer of that name."""
+        if original.sender_kind == "peer" and original.sender_inbox.startswith(peer_inbox("")):
+            peer = original.sender_inbox.removeprefix(peer_inbox(""))
+            return Route(original.sender_inbox, original.sender_agent, "", FEDERATION, peer, peer)
         return Route(original.sender_inbox, original.sender_agent, "", INBOX, "")
 
     def _repeat(self, row: Row, sender: str, digest: bytes) -> mpb.SendMessageResponse:
@@ -346,7 +395,10 @@ class MessagingServicer:
 
     async def GetMessage(self, request: mpb.GetMessageRequest, context: grpc.aio.ServicerContext) -> mpb.Message:
         principal = await self._principal(context)
-        return (await self._visible(principal, request.id)).proto()
+        message = (await self._visible(principal, request.id)).proto()
+        if self.parts is not None:
+            await self.parts.annotate([message])  # parts.py: its stream's state
+        return message
 
     async def ListMessages(
         self, request: mpb.ListMessagesRequest, context: grpc.aio.ServicerContext
@@ -379,7 +431,10 @@ class MessagingServicer:
             status=request.status,
         )
         page, token = pagination.page_of(rows, size, query)
-        return mpb.ListMessagesResponse(messages=[r.proto() for r in page], next_page_token=token)
+        messages = [r.proto() for r in page]
+        if self.parts is not None:
+            await self.parts.annotate(messages)  # parts.py: their streams' state
+        return mpb.ListMessagesResponse(messages=messages, next_page_token=token)
 
     async def AwaitReply(
         self, request: mpb.AwaitReplyRequest, context: grpc.aio.ServicerContext
@@ -475,6 +530,9 @@ class MessagingServicer:
         await self.hub.publish(claimed)
         now = datetime.now(UTC)
         for row in rows:
+            # Handed to the receiver: a span in the send's trace, linked to this receive call's.
+            attributes = {"messaging.message.id": str(row.id), "messaging.transport": INBOX}
+            tracing.mark("message.receive", tracing.CONSUMER, row.traceparent, attributes)
             if row.attempts == 1:
                 metrics.DELIVERED.labels(INBOX).inc()
                 metrics.DELIVERY_SECONDS.labels(INBOX).observe(max(0.0, (now - row.created_at).total_seconds()))
@@ -500,6 +558,12 @@ class MessagingServicer:
         if result == "missing":
             raise NotFound(f"message {request.message_id} not found in an inbox of yours", "MESSAGE_NOT_FOUND")
         raise _stale(request.message_id)
+
+    async def AckMessages(
+        self, request: mpb.AckMessagesRequest, context: grpc.aio.ServicerContext
+    ) -> mpb.AckMessagesResponse:
+        principal = await self._principal(context)
+        return await acks.ack_many(self.store, self.hub, _holder(principal), request)
 
     async def NackMessage(self, request: mpb.NackMessageRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
         principal = await self._principal(context)
@@ -705,6 +769,28 @@ class MessagingServicer:
         answer = mpb.GetMessageSchemaResponse()
         json_format.ParseDict(message_schema(), answer.schema)
         return answer
+
+    # Streamed parts (parts.py) -----------------------------------------------------------------------------
+
+    def _streams(self) -> PartStreams:
+        if self.parts is None:
+            raise Unavailable("streamed parts are not served here", "STREAMS_UNAVAILABLE")
+        return self.parts
+
+    async def AppendParts(
+        self, request: mpb.AppendPartsRequest, context: grpc.aio.ServicerContext
+    ) -> mpb.AppendPartsResponse:
+        principal = (await self.callers.require_scope(context.invocation_metadata(), MESSAGES_SEND)).principal
+        return await self._streams().append(request, inbox_of(principal), lambda row: self._may_see(principal, row))
+
+    async def StreamParts(
+        self, request: mpb.StreamPartsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[mpb.StreamPartsResponse]:
+        principal = await self._principal(context)
+        streams = self._streams()
+        row = await streams.check_read(request, inbox_of(principal), lambda r: self._may_see(principal, r))
+        async for item in streams.read(row, request.after_index):
+            yield item
 
 
 def _holder(principal: Principal) -> Holder | None:

@@ -47,10 +47,18 @@ class MessagingSettings:
     block_private_agent_urls: bool
     # The key the per-agent webhook signing secrets are derived from (Standard Webhooks).
     webhook_key: bytes
+    # Sessions (sessions.py): the key handoffs are signed with, a state document's bound, an offer's longest life.
+    session_key: bytes
+    session_max_bytes: int
+    handoff_max_seconds: int
     log_allows: bool
     db_pool_size: int
     # How often inbox streams and workers look at the database when no wake-up came (Redis down, a lost event).
     poll_seconds: float
+    # Messages sent open (streaming): all their parts together, how many, and how long one may stay idle.
+    stream_max_bytes: int
+    stream_max_parts: int
+    stream_idle_seconds: float
 
     def signing_secret(self, agent_id: str) -> bytes:
         """The Standard Webhooks secret of one agent: derived, so nothing per agent is stored."""
@@ -94,7 +102,26 @@ class MessagingSettings:
             retention_seconds=env.float("MESSAGING_RETENTION_SECONDS", 7 * 86_400.0, minimum=60),
             block_private_agent_urls=env.bool("MESSAGING_BLOCK_PRIVATE_AGENT_URLS", False),
             webhook_key=key,
+            session_key=_session_key(env, key),
+            session_max_bytes=env.int(
+                "MESSAGING_SESSION_MAX_BYTES", 2 * 1024 * 1024, minimum=1024, maximum=64 * 1024 * 1024
+            ),
+            handoff_max_seconds=env.int("MESSAGING_HANDOFF_MAX_SECONDS", 3600, minimum=1, maximum=7 * 86_400),
             log_allows=env.bool("POLICY_DECISION_LOG_ALLOWS", True),
             db_pool_size=env.int("MESSAGING_DB_POOL_SIZE", 20, minimum=2, maximum=200),
             poll_seconds=env.float("MESSAGING_POLL_SECONDS", 1.0, minimum=0.05),
+            stream_max_bytes=env.int(
+                "MESSAGING_STREAM_MAX_BYTES", 16 * 1024 * 1024, minimum=1024, maximum=1024 * 1024 * 1024
+            ),
+            stream_max_parts=env.int("MESSAGING_STREAM_MAX_PARTS", 10_000, minimum=64, maximum=1_000_000),
+            stream_idle_seconds=env.float("MESSAGING_STREAM_IDLE_SECONDS", 300.0, minimum=1.0),
         )
+
+
+def _session_key(env: Env, webhook_key: bytes) -> bytes:
+    """MESSAGING_SESSION_KEY, or one derived from the webhook key (itself derived when unset): every replica of the
+    mesh signs and verifies handoffs alike, and no key is stored."""
+    given = env.str("MESSAGING_SESSION_KEY", "").strip()
+    if given and len(given) < MIN_WEBHOOK_KEY:
+        raise SettingsError(f"MESSAGING_SESSION_KEY must be at least {MIN_WEBHOOK_KEY} characters")
+    return given.encode() or hashlib.blake2b(webhook_key, digest_size=32, person=b"av-session-key").digest()

@@ -25,7 +25,7 @@ _COLUMNS = (
     "id, seq, sender, sender_kind, sender_id, sender_agent, sender_inbox, inbox, recipient_agent, recipient_owner, "
     "recipient_mesh, transport, endpoint, conversation_id, correlation_id, in_reply_to, idempotency_key, "
     "request_hash, body, size, status, status_reason, approval_id, attempts, visible_at, receipt, expire_at, "
-    "annotations, created_at, updated_at"
+    "annotations, created_at, updated_at, traceparent"
 )
 
 
@@ -74,6 +74,8 @@ class Row:
     annotations: str
     created_at: datetime
     updated_at: datetime
+    # The W3C traceparent of the send (0005_traceparent.sql): its delivery joins the sender's trace.
+    traceparent: str = ""
 
     @classmethod
     def of(cls, record: asyncpg.Record) -> Row:
@@ -86,6 +88,8 @@ class Row:
         message.sender.CopyFrom(
             mpb.Party(kind=self.sender_kind, principal_id=self.sender_id, agent_id=self.sender_agent)
         )
+        if self.sender_kind == "peer" and self.sender_inbox.startswith("mesh:"):
+            message.sender.mesh = self.sender_inbox[5:]  # a peer mesh's agent, by this mesh's name of the peer
         if not message.HasField("recipient"):  # a reply names none: it goes to the original's sender
             message.recipient.CopyFrom(mpb.Party(agent_id=self.recipient_agent, mesh=self.recipient_mesh))
         message.conversation_id = self.conversation_id
@@ -103,6 +107,10 @@ class Row:
     @property
     def participants(self) -> tuple[str, ...]:
         return (self.sender_id, self.inbox, self.recipient_owner)
+
+
+_ROW_FIELDS = tuple(Row.__dataclass_fields__)
+_M_NO_BODY = ", ".join("m." + c.strip() for c in _COLUMNS.split(",")).replace("m.body", "''::bytea AS body")
 
 
 def _stamp(moment: datetime) -> timestamp_pb2.Timestamp:
@@ -135,6 +143,7 @@ class NewMessage:
     approval_id: uuid.UUID | None
     expire_at: datetime | None
     status_reason: str = ""
+    traceparent: str = ""
 
 
 class IdempotencyConflict(Exception):
@@ -151,17 +160,19 @@ class Store:
 
     # Sending ------------------------------------------------------------------------------------------------
 
-    async def insert(self, new: NewMessage) -> tuple[Row, bool]:
+    async def insert(self, new: NewMessage, conn: asyncpg.Connection | None = None) -> tuple[Row, bool]:
         """The stored message and whether it was already there (the same send repeated). A repeated id or
-        idempotency key with other content, or an id another sender used, is IdempotencyConflict."""
-        record = await self.pool.fetchrow(
+        idempotency key with other content, or an id another sender used, is IdempotencyConflict. `conn`: a
+        connection in a caller's transaction, so that the message is stored with the change it tells of."""
+        db = conn if conn is not None else self.pool
+        record = await db.fetchrow(
             f"""
             INSERT INTO messages (id, sender, sender_kind, sender_id, sender_agent, sender_inbox, inbox,
                 recipient_agent, recipient_owner, recipient_mesh, transport, endpoint, conversation_id,
                 correlation_id, in_reply_to, idempotency_key, request_hash, body, size, status, status_reason,
-                approval_id, expire_at)
+                approval_id, expire_at, traceparent)
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20,
-                $21, $22, $23)
+                $21, $22, $23, $24)
             ON CONFLICT DO NOTHING
             RETURNING {_COLUMNS}
             """,
@@ -188,10 +199,11 @@ class Store:
             new.status_reason,
             new.approval_id,
             new.expire_at,
+            new.traceparent,
         )
         if record is not None:
             return Row.of(record), False
-        existing = await self.pool.fetchrow(
+        existing = await db.fetchrow(
             f"""SELECT {_COLUMNS} FROM messages
                 WHERE id = $1 OR (sender = $2 AND idempotency_key = $3) ORDER BY (sender = $2) DESC LIMIT 1""",
             new.id,
@@ -199,7 +211,7 @@ class Store:
             new.idempotency_key,
         )
         if existing is None:  # deleted in between (purged): the send can be made again
-            return await self.insert(new)
+            return await self.insert(new, conn)
         row = Row.of(existing)
         if row.sender != new.sender or row.request_hash != new.request_hash:
             raise IdempotencyConflict(row if row.sender == new.sender else None)
@@ -277,6 +289,48 @@ class Store:
         if row is None or (holder is not None and not holds(holder, row)):
             return "missing", None
         return ("already" if row.status == "acknowledged" else "stale"), row
+
+    async def ack_many(
+        self, receipts: Sequence[tuple[uuid.UUID, uuid.UUID]], holder: Holder | None
+    ) -> list[tuple[uuid.UUID, str, Row | None]]:
+        """`ack` for many (message id, receipt) pairs in one statement (ids distinct): for each, in order, its
+        result ("acked", "already", "stale", "missing") and, when acked, the row without its body."""
+        inbox, owner = holder if holder is not None else ("", "")
+        records = await self.pool.fetch(
+            f"""
+            WITH wanted AS (
+                SELECT w.id, w.receipt, w.n FROM unnest($1::uuid[], $2::uuid[]) WITH ORDINALITY AS w(id, receipt, n)
+            ), acked AS (
+                UPDATE messages m SET status = 'acknowledged', updated_at = now(), receipt = NULL
+                FROM wanted w
+                WHERE m.id = w.id AND m.receipt = w.receipt AND m.status = 'delivered'
+                  AND ($3 = '' OR m.inbox = $3 OR ($4 <> '' AND m.recipient_owner = $4))
+                RETURNING {_M_NO_BODY}
+            )
+            SELECT w.id AS wanted_id, o.status AS was_status, o.inbox AS was_inbox,
+                o.recipient_owner AS was_owner, a.*
+            FROM wanted w
+            LEFT JOIN acked a ON a.id = w.id
+            LEFT JOIN messages o ON o.id = w.id
+            ORDER BY w.n
+            """,
+            [m for m, _ in receipts],
+            [r for _, r in receipts],
+            inbox,
+            owner,
+        )
+        out: list[tuple[uuid.UUID, str, Row | None]] = []
+        for record in records:
+            wanted = record["wanted_id"]
+            if record["id"] is not None:
+                out.append((wanted, "acked", Row(**{k: record[k] for k in _ROW_FIELDS})))
+            elif record["was_status"] is None or (
+                holder is not None and not (record["was_inbox"] == inbox or (owner and record["was_owner"] == owner))
+            ):
+                out.append((wanted, "missing", None))
+            else:
+                out.append((wanted, "already" if record["was_status"] == "acknowledged" else "stale", None))
+        return out
 
     async def nack(
         self, message_id: uuid.UUID, receipt: uuid.UUID, delay: float, reason: str, dead_letter: bool

@@ -88,6 +88,17 @@ class FederationGate:
             raise
         return cred, metadata_value(metadata, signing.REGISTRY_HEADER)[:255]
 
+    async def peer_of(self, metadata: Any) -> CredentialRecord:
+        """The peer a federation token names (valid, not revoked, not blocked), for GetCaller: the mesh's services
+        that serve peers check the call's signature themselves, on the request they received."""
+        if not self.settings.enabled:
+            raise Unauthenticated("federation is disabled on this mesh", "FEDERATION_DISABLED")
+        token = bearer_token(metadata) or ""
+        cred = await self._credential(token)
+        if self.connections is not None and await self.connections.peer_blocked(cred.name):
+            raise PermissionDenied(f"peer {cred.name!r} is blocked on this mesh", "PEER_BLOCKED")
+        return cred
+
     async def _credential(self, token: str) -> CredentialRecord:
         prefix, _, rest = token.partition("_")
         cred_id, _, secret = rest.partition("_")

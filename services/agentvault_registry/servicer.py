@@ -24,11 +24,21 @@ from agentvault.common.errors import (
     invalid,
     store_unavailable,
 )
-from agentvault.common.principal import AGENTS_CONNECT, AGENTS_READ, AGENTS_WRITE, HEALTH_REPORT, Principal, peer
+from agentvault.common.principal import (
+    AGENTS_CONNECT,
+    AGENTS_READ,
+    AGENTS_WRITE,
+    HEALTH_REPORT,
+    TOOLS_SYNC,
+    Kind,
+    Principal,
+    peer,
+)
 from agentvault.common.remote_auth import check_scope
 from agentvault.registry.v1 import registry_service_pb2 as pb
 from agentvault.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from agentvault.registry.v1.registry_service_pb2 import Agent as AgentPb
+from agentvault_registry import mcp_tools
 from agentvault_registry.agent_cards import card_of, check_request, compatibility
 from agentvault_registry.auth import (
     BOOTSTRAP_PRINCIPAL_ID,
@@ -86,8 +96,13 @@ def caller_kind(metadata: Any) -> CallerKind:
 
 
 def may_see(sharing: str, owner: str, viewer: Principal | None) -> bool:
-    """Private agents are visible to their owner (by principal id) and admins only; the rest to every caller."""
-    return sharing != "private" or (viewer is not None and (viewer.is_admin or viewer.owns(owner)))
+    """Private agents are visible to their owner (by principal id), admins, and the mesh's own services that call
+    agents (agents:connect: messaging delivers to them, reads their tools); the rest to every caller."""
+    if sharing != "private":
+        return True
+    if viewer is None:
+        return False
+    return viewer.is_admin or viewer.owns(owner) or (viewer.kind is Kind.SERVICE and viewer.has_scope(AGENTS_CONNECT))
 
 
 def may_see_auth(owner: str, viewer: Principal | None) -> bool:
@@ -337,7 +352,29 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             update_time=to_timestamp(agent.updated_at),
         )
 
+    async def ListMcpServers(
+        self, request: pb.ListMcpServersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListMcpServersResponse:
+        await self.auth.require_scope(context.invocation_metadata(), TOOLS_SYNC)
+        return await mcp_tools.list_servers(self.store, request)
+
+    async def SyncMcpTools(self, request: pb.SyncMcpToolsRequest, context: grpc.aio.ServicerContext) -> AgentPb:
+        # The catalog worker's one write: the agent's MCP-sourced tools, nothing else of it (least privilege).
+        await self.auth.require_scope(context.invocation_metadata(), TOOLS_SYNC)
+        if not request.agent_id:
+            raise invalid("agent_id", "is required")
+        tools = mcp_tools.tools_from_proto(request)
+        agent = await self.store.update_agent(
+            request.agent_id, lambda _: None, lambda current: mcp_tools.merge_tools(current, tools)
+        )
+        await self.cache.invalidate(agent.id)
+        return agent_to_proto(agent)
+
     async def GetCaller(self, request: pb.GetCallerRequest, context: grpc.aio.ServicerContext) -> pb.Caller:
+        if caller_kind(context.invocation_metadata()) is CallerKind.PEER and self.peer_listing is not None:
+            # A peer's federation token (the peer-facing services of messaging resolve it so).
+            cred = await self.peer_listing.gate.peer_of(context.invocation_metadata())
+            return pb.Caller(name=cred.name, is_peer=True, principal_id=cred.id, kind="peer")
         principal = await self.auth.principal(context.invocation_metadata())
         if principal is None:
             return pb.Caller()

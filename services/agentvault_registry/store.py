@@ -304,6 +304,17 @@ class Store:
             return agents, [float(last["rank"]), str(last["id"])]
         return agents, [last["created_at"].isoformat(), str(last["id"])]
 
+    async def list_mcp_agents(self, after: str | None, limit: int) -> list[Agent]:
+        """Agents with an MCP endpoint, whatever their sharing, by id (for the MCP tool catalog)."""
+        rows = await self.pool.fetch(
+            f"""SELECT {_COLUMNS} FROM agents a
+                WHERE a.endpoints @> '[{{"protocol": "mcp"}}]'::jsonb AND ($1::uuid IS NULL OR a.id > $1::uuid)
+                ORDER BY a.id LIMIT $2""",
+            parse_id(after, "page_token") if after else None,
+            limit,
+        )
+        return [_agent(r) for r in rows]
+
     async def set_agent_health(self, agent_id: str, status: str) -> Agent | None:
         # updated_at is the agent's own change time; a health observation does not change the agent.
         row = await self.pool.fetchrow(

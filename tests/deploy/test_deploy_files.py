@@ -34,10 +34,18 @@ OUR_SERVICES = tuple(s.name for s in SERVICES)
 GRPC_BACKENDS = {s.name: (s.default_port, s.port_var, s.addr_var) for s in SERVICES if s.kind == GRPC}
 # The stores' credentials and the keys every backend shares (Secret agentvault-secrets).
 SHARED_SECRET_KEYS = {"DATABASE_URL", "REDIS_URL", "FEDERATION_ENCRYPTION_KEYS"}
-SECRET_KEYS = SHARED_SECRET_KEYS | {"AGENTVAULT_ADMIN_TOKEN", "SERVICE_CLIENT_SECRET", "SERVICE_CLIENT_SECRETS"}
+# The console's sign-in sessions, the edge's only (Secret agentvault-console).
+CONSOLE_SECRET_KEYS = {"CONSOLE_REDIS_URL", "CONSOLE_SESSION_KEY"}
+SECRET_KEYS = (
+    SHARED_SECRET_KEYS
+    | CONSOLE_SECRET_KEYS
+    | {"AGENTVAULT_ADMIN_TOKEN", "SERVICE_CLIENT_SECRET", "SERVICE_CLIENT_SECRETS"}
+)
 # The services calling others as themselves, each with its own OAuth client and secret.
 IDENTITIES = {s.name: s for s in SERVICES if s.scopes}
 AUTHORIZATION_SERVER = next(s.name for s in SERVICES if s.authorization_server)
+# ConfigMaps of deploy/observability (tests/deploy/test_observability_files.py checks them).
+OBSERVABILITY_MAPS = {"agentvault-grafana-dashboards", "agentvault-prometheus-rules"}
 # The seed's federation defaults, shared by the backends in compose and in the ConfigMap.
 FEDERATION_DEFAULTS = {
     "FEDERATION_ENABLED": "true",
@@ -54,6 +62,7 @@ MESH_PODS = {"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "agent
 REQUIRED_ENV = {
     "AGENTVAULT_ADMIN_TOKEN": "test-admin-token",
     "FEDERATION_ENCRYPTION_KEYS": "test-encryption-keys",
+    "CONSOLE_SESSION_KEY": "test-console-session-key-of-32-characters",
     **{f"{s.env_prefix}_CLIENT_SECRET": f"test-secret-of-{s.name}" for s in IDENTITIES.values()},
 }
 # Where each of REQUIRED_ENV ends up in compose, by service: the shared keys in every backend, the rest below.
@@ -178,8 +187,8 @@ def test_compose_dependencies_wait_for_health(compose_model: dict[str, Any]) -> 
     assert set(services["registry"]["depends_on"]) == {"postgres", "redis"}
     for name in ("discovery", "health-monitor"):
         assert set(services[name]["depends_on"]) == {"postgres", "redis", "registry"}, name
-    # The edge's /readyz needs every backend it routes to.
-    assert set(services["edge"]["depends_on"]) == set(GRPC_BACKENDS)
+    # The edge's /readyz needs every backend it routes to; its console's sessions need Redis.
+    assert set(services["edge"]["depends_on"]) == {*GRPC_BACKENDS, "redis"}
     for name, service in services.items():
         for dependency, spec in service.get("depends_on", {}).items():
             assert spec["condition"] == "service_healthy", f"{name} -> {dependency}"
@@ -210,8 +219,15 @@ def test_compose_services_are_locked_down(compose_model: dict[str, Any]) -> None
         assert env["FEDERATION_PUBLIC_GRPC_ENDPOINT"] == "127.0.0.1:50051", name
         if name != "registry":
             assert env["REGISTRY_ADDR"] == "registry:50051", name
-    # Secrets go only where they are needed.
-    assert not SECRET_KEYS & set(services["edge"]["environment"])
+    # Secrets go only where they are needed: the edge holds the console's sessions' and nothing else.
+    edge_env = services["edge"]["environment"]
+    assert SECRET_KEYS & set(edge_env) == CONSOLE_SECRET_KEYS
+    assert edge_env["CONSOLE_SESSION_KEY"] == REQUIRED_ENV["CONSOLE_SESSION_KEY"]
+    # Its own Redis database: none of the backends' keys in the same keyspace.
+    assert edge_env["CONSOLE_REDIS_URL"] == "redis://redis:6379/1"
+    assert services["edge"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    for name in GRPC_BACKENDS:
+        assert not CONSOLE_SECRET_KEYS & set(services[name]["environment"]), name
 
 
 def test_compose_gives_each_service_only_its_own_secret(compose_model: dict[str, Any]) -> None:
@@ -480,7 +496,8 @@ def test_k8s_backends_and_edge_wiring(objects: list[dict[str, Any]], request: py
     is_base = request.node.callspec.id == "base"
     deployments = {d["metadata"]["name"]: d for d in _by_kind(objects, "Deployment")}
     services = {s["metadata"]["name"]: s for s in _by_kind(objects, "Service")}
-    config_maps = _by_kind(objects, "ConfigMap")
+    # The settings' one ConfigMap; the dashboards' and alert rules' (deploy/observability) are no service's settings.
+    config_maps = [c for c in _by_kind(objects, "ConfigMap") if c["metadata"]["name"] not in OBSERVABILITY_MAPS]
     assert len(config_maps) == 1
     config: dict[str, str] = config_maps[0]["data"]
     scripts = _scripts()
@@ -555,6 +572,7 @@ def test_references_resolve(objects: list[dict[str, Any]], request: pytest.Fixtu
         assert keys == {
             "agentvault-secrets": SHARED_SECRET_KEYS,
             "agentvault-admin": {"AGENTVAULT_ADMIN_TOKEN"},
+            "agentvault-console": CONSOLE_SECRET_KEYS,
             **{f"agentvault-{name}-identity": {"SERVICE_CLIENT_SECRET"} for name in IDENTITIES},
         }
 
@@ -593,6 +611,8 @@ def test_k8s_each_deployment_mounts_only_its_own_secret(objects: list[dict[str, 
         elif name in IDENTITIES:
             assert whole == {"agentvault-secrets", f"agentvault-{name}-identity"}, name
             assert not keyed, name
+        elif name == "edge":
+            assert whole == {"agentvault-console"} and not keyed, "the edge holds only the console's sessions' secret"
         else:
             assert not whole and not keyed, f"{name} holds no credentials"
 

@@ -167,6 +167,20 @@ async def test_a_webhook_gets_the_signed_message_and_its_reply_comes_back(net: N
     assert [(x.id, x.status) for x in listed.messages] == [(reply.id, "acknowledged"), (m.id, "delivered")]
 
 
+async def test_a_private_webhook_agent_is_delivered_to(net: Net, hooks: Hooks) -> None:
+    """A private agent is seen only by its owner and admins, and by the mesh services that call agents
+    (agents:connect): the delivery worker reads its registration with the service's own identity."""
+    private = await local_agent(
+        net, endpoints=[pb.Endpoint(protocol=pb.PROTOCOL_HTTP, url=hooks.url("/private-1"))], sharing=pb.SHARING_PRIVATE
+    )
+    hooks.agents["/private-1"] = private.id
+    sent = await net.messaging.SendMessage(
+        mpb.SendMessageRequest(message=text_message(private, "for your eyes")), metadata=net.admin
+    )
+    await status_of(net, private, sent.message.id, "delivered")
+    assert [b["parts"][0]["text"] for b in hooks.received["/private-1"]] == ["for your eyes"]
+
+
 async def test_an_agent_lists_the_messages_it_sent(net: Net, hooks: Hooks) -> None:
     alice = await local_agent(net)
     hook = await webhook_agent(net, hooks, "/ok-listed")

@@ -319,3 +319,26 @@ async def test_an_agent_that_moves_from_0_3_to_1_0_is_followed(
         outcome = await transport.deliver(outbound(text_message("echo v1"), new.endpoint), context)
         assert new.received[0].headers.get("a2a-version") == "1.0"
     assert outcome.status == base.ACKNOWLEDGED and outcome.replies[0].parts[0].text == "echo v1"
+
+
+async def test_slow_task_without_streaming_is_polled_not_sent_again(
+    transport: A2ATransport, context: base.TransportContext
+) -> None:
+    """An agent that does not stream and is still working at the deadline: the delivery keeps the task's id
+    (learnt from a send that returns at once) and the agent got the message once, as with streaming."""
+    async with running_agent(streaming=False, slow_seconds=60) as agent:
+        outcome = await transport.deliver(outbound(text_message("slow"), agent.endpoint, deadline=1.5), context)
+        assert len(agent.received) == 1
+    assert outcome.status == base.DELIVERED
+    assert outcome.annotations["a2a.task_id"] and not outcome.replies
+
+
+async def test_task_without_streaming_is_followed_with_get_task(
+    transport: A2ATransport, context: base.TransportContext
+) -> None:
+    """A task that ends within the deadline is followed (GetTask) to its end: acknowledged with its answer."""
+    async with running_agent(streaming=False, slow_seconds=0.5) as agent:
+        outcome = await transport.deliver(outbound(text_message("slow"), agent.endpoint, deadline=10.0), context)
+        assert len(agent.received) == 1
+    assert outcome.status == base.ACKNOWLEDGED
+    assert outcome.reason == "A2A task completed"

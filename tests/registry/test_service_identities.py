@@ -39,7 +39,14 @@ EXPECTED_SCOPES = {
     "discovery": {"federation:resolve"},
     # ResolvePeers, ListAgents (health-check URLs), ReportPeerHealth, ReportAgentHealth, ResolveAgentAuth.
     "health-monitor": {"agents:read", "agents:connect", "federation:resolve", "health:report"},
-    "messaging": {"agents:read", "agents:connect", "policies:read", "policies:enforce"},
+    "messaging": {
+        "agents:read",
+        "agents:connect",
+        "federation:resolve",
+        "policies:read",
+        "policies:enforce",
+        "tools:sync",
+    },
 }
 
 

@@ -31,6 +31,8 @@ IDEMPOTENT_METHODS = (
     "AckMessage",
     "ListDeadLetters",
     "GetMessageSchema",
+    # Its first_index makes a repeat harmless: parts already stored are checked, not added again.
+    "AppendParts",
 )
 # The most a server waits for a reply (AwaitReply) or a first message (ReceiveMessages).
 MAX_AWAIT_SECONDS = 60
@@ -193,6 +195,36 @@ class MessagingClient(GrpcClient):
         )
         async for delivery in self._stream(self._stub.StreamInbox, request):
             yield delivery
+
+    # ------------------------------------------------------------------------------------ streamed parts
+
+    async def append_parts(
+        self,
+        message_id: str,
+        first_index: int,
+        parts: list[mpb.Part],
+        *,
+        final: bool = False,
+        abort_reason: str = "",
+        timeout: float | None = None,
+    ) -> mpb.AppendPartsResponse:
+        """Appends parts to a message the caller sent with `streaming` set; `first_index` is the index of the first
+        part given (the message's own parts are 1 to n). `final` closes the stream, `abort_reason` aborts it."""
+        request = mpb.AppendPartsRequest(
+            message_id=message_id, first_index=first_index, parts=parts, final=final, abort_reason=abort_reason
+        )
+        return await self._call(self._stub.AppendParts, request, timeout)
+
+    async def stream_parts(self, message_id: str, *, after_index: int = 0) -> AsyncIterator[mpb.StreamPartsResponse]:
+        """The message's parts after `after_index` as they come, and last the end item (`state` closed or
+        aborted). A stream the server ended early (a restart) is opened again after the last part received."""
+        while True:
+            request = mpb.StreamPartsRequest(message_id=message_id, after_index=after_index)
+            async for item in self._stream(self._stub.StreamParts, request):
+                yield item
+                if item.state:
+                    return
+                after_index = item.index
 
     # -------------------------------------------------------------------------------------- dead letters
 

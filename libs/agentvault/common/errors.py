@@ -102,6 +102,10 @@ class Unavailable(_CodedError):
     status_code, default_reason = grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE"
 
 
+class DeadlineExceeded(_CodedError):
+    status_code, default_reason = grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED"
+
+
 class ResourceExhausted(_CodedError):
     status_code, default_reason = grpc.StatusCode.RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED"
 

@@ -31,6 +31,7 @@ KNOWN_SCOPES = (
     principal.POLICIES_READ,
     principal.POLICIES_ENFORCE,
     principal.TOOLS_INVOKE,
+    principal.TOOLS_SYNC,
 )
 
 # Bounds of a client's registration.

@@ -30,6 +30,9 @@ POLICIES_READ = "policies:read"
 # CreateApproval): a service that enforces policies outside the registry.
 POLICIES_ENFORCE = "policies:enforce"
 TOOLS_INVOKE = "tools:invoke"
+# Replacing the MCP-sourced tool capabilities of agents with an MCP endpoint (SyncMcpTools): the messaging
+# service's catalog worker only; it can change nothing else of an agent.
+TOOLS_SYNC = "tools:sync"
 
 # What an API key may do, by its role: an admin key may do everything, a member key what members did before scopes.
 ROLE_SCOPES: dict[Role, frozenset[str]] = {

@@ -135,8 +135,18 @@ class CallerResolver:
         # Keyed by the SHA-256 of the token, never the token; fixed-size entries, so the count bounds the bytes.
         self._cache: Lru[bytes, tuple[RemoteCaller, float]] = Lru(MAX_CACHED)
 
-    async def resolve(self, metadata: Any) -> RemoteCaller | None:
-        """The caller, None when the call carries no credential; Unauthenticated when it carries a bad one."""
+    async def resolve(self, metadata: Any, *, peers: bool = False) -> RemoteCaller | None:
+        """The caller, None when the call carries no credential; Unauthenticated when it carries a bad one. A peer
+        mesh's federation token is accepted only where `peers` says so: the peer-facing APIs, which check its
+        request's signature themselves; everywhere else it is refused, as it was before peers were resolved."""
+        caller = await self._resolve(metadata)
+        if caller is not None and caller.is_peer and not peers:
+            raise Unauthenticated(
+                "a federation token is accepted only by the federation API", "FEDERATION_TOKEN_NOT_ACCEPTED"
+            )
+        return caller
+
+    async def _resolve(self, metadata: Any) -> RemoteCaller | None:
         try:
             token = bearer_token(metadata)
         except ValueError as exc:
@@ -157,8 +167,8 @@ class CallerResolver:
             self._cache.put(digest, (caller, now + self.cache_seconds))
         return caller
 
-    async def require(self, metadata: Any) -> RemoteCaller:
-        caller = await self.resolve(metadata)
+    async def require(self, metadata: Any, *, peers: bool = False) -> RemoteCaller:
+        caller = await self.resolve(metadata, peers=peers)
         require_principal(caller.principal if caller is not None else None)
         assert caller is not None
         return caller

@@ -17,6 +17,7 @@ from agentvault.common.principal import (
     HEALTH_REPORT,
     POLICIES_ENFORCE,
     POLICIES_READ,
+    TOOLS_SYNC,
 )
 from agentvault.common.settings import Env, SettingsError
 
@@ -46,6 +47,9 @@ class ServiceSpec:
     # The authorization server: it holds every service client's secret (SERVICE_CLIENT_SECRETS) and recognises
     # the bootstrap admin token (for people); no other service gets either.
     authorization_server: bool = False
+    # People's console sessions (the edge): a Redis (CONSOLE_REDIS_URL) and CONSOLE_SESSION_KEY from a Secret of its
+    # own (agentvault-console), never the backends' database, encryption keys or service secrets.
+    console_sessions: bool = False
 
     @property
     def client_id(self) -> str:
@@ -130,14 +134,24 @@ SERVICES: tuple[ServiceSpec, ...] = (
         "agentvault_messaging",
         "MESSAGING_PORT",
         50054,
-        proto_services=("agentvault.messaging.v1.MessagingService",),
-        calls=("registry",),
+        proto_services=(
+            "agentvault.messaging.v1.MessagingService",
+            "agentvault.messaging.v1.ToolService",
+            "agentvault.messaging.v1.FederatedMessagingService",
+            "agentvault.messaging.v1.SessionService",
+        ),
+        calls=("registry", "discovery"),
         summary="the data plane: durable agent-to-agent messages, inboxes, delivery to external agents, dead letters",
         # GetAgent of recipients for delivery (agents:read) and their credentials (agents:connect, ResolveAgentAuth);
         # WatchPolicies (policies:read); ResolveTrust, RecordInteractions, ConsumeGrant, LogDecisions,
         # CreateApproval and every approval's answer (policies:enforce). A sender's GetAgent goes out with the
         # sender's own credential, so it sees only what the sender may.
-        scopes=(AGENTS_READ, AGENTS_CONNECT, POLICIES_READ, POLICIES_ENFORCE),
+        # ListMcpServers and SyncMcpTools (tools:sync): the MCP tool catalog, which may replace the MCP-sourced tools
+        # of agents and nothing else.
+        # ResolvePeers (federation:resolve): messages to and from agents of peer meshes (FederatedMessagingService).
+        # Discovery's SearchAgents (ListTools with include_federated: tools of peer meshes) goes out with the
+        # caller's own credential, never the service's: no scope of its own.
+        scopes=(AGENTS_READ, AGENTS_CONNECT, FEDERATION_RESOLVE, POLICIES_READ, POLICIES_ENFORCE, TOOLS_SYNC),
     ),
     ServiceSpec(
         "edge",
@@ -148,7 +162,8 @@ SERVICES: tuple[ServiceSpec, ...] = (
         calls=("registry", "discovery", "health-monitor", "messaging"),
         publish_var="EDGE_HOST_PORT",
         max_replicas=10,
-        summary="the HTTP/JSON front door, serving /api/v1/..., /healthz, /readyz and /metrics on one port",
+        summary="the HTTP/JSON front door, serving /api/v1/..., /console, /healthz, /readyz and /metrics on one port",
+        console_sessions=True,
     ),
 )
 

@@ -21,7 +21,7 @@ from a2a.types import a2a_pb2 as a2a
 from a2a.utils import errors as a2a_errors
 from a2a.utils.constants import PROTOCOL_VERSION_0_3, PROTOCOL_VERSION_1_0, VERSION_HEADER, TransportProtocol
 
-from agentvault.common import a2a_map, egress
+from agentvault.common import a2a_map, egress, tracing
 from agentvault.common.errors import Unavailable
 from agentvault.common.lru import Lru
 
@@ -36,6 +36,10 @@ MODES_BUDGET = 8 * 1024 * 1024
 MAX_ERROR_TEXT = 200
 MAX_ANNOTATION = 256
 # Pooled connections to agents: enough for the delivery worker's concurrency, idle ones closed soon.
+# GetTask polling of a task an agent without streaming is still working on: the first pause, doubled up to the
+# last (the delivery's deadline bounds the whole).
+POLL_FIRST = 0.05
+POLL_MAX = 1.0
 LIMITS = httpx.Limits(max_connections=200, max_keepalive_connections=50, keepalive_expiry=30.0)
 
 # A2A errors that say the request itself is wrong for this agent: sending it again cannot help.
@@ -72,10 +76,11 @@ class A2ATransport:
 
     Streaming, because the first event names the task: a task still working at the deadline is then DELIVERED
     with its id (the mesh may look at it later), where a blocking SendMessage cut off by the deadline leaves
-    nothing to point at. The first delivery to an endpoint finds its mode: a 1.0 agent that does not stream
-    answers UnsupportedOperation and gets SendMessage (blocking until the task ends); a 0.3 agent does not know
-    the 1.0 method (MethodNotFound) and gets the SDK's 0.3 compat client. Those refusals come before the agent
-    did anything, so trying the next mode is safe."""
+    nothing to point at; an agent that does not stream is likewise answered at once with the task, then polled
+    with GetTask until it ends or the deadline passes. The first delivery to an endpoint finds its mode: a 1.0
+    agent that does not stream answers UnsupportedOperation and gets SendMessage (then GetTask); a 0.3 agent does
+    not know the 1.0 method (MethodNotFound) and gets the SDK's 0.3 compat client. Those refusals come before the
+    agent did anything, so trying the next mode is safe."""
 
     name: ClassVar[str] = "a2a"
     protocols: ClassVar[tuple[str, ...]] = ("a2a",)
@@ -103,6 +108,8 @@ class A2ATransport:
         try:
             async with asyncio.timeout(item.deadline):
                 headers, token = await context.auth.request_headers()
+                if tracing.recording():  # the delivery span's traceparent, sent as HTTP headers with each call
+                    headers = {**headers, **tracing.current_headers()}
                 await self._send(item, http, headers, token, context, answer, end)
         except TimeoutError:
             if answer.task is not None:
@@ -133,16 +140,12 @@ class A2ATransport:
         end: float,
     ) -> None:
         mode = self._modes.get(item.endpoint) or Mode()
-        request = a2a.SendMessageRequest(
-            message=a2a_map.to_a2a(item.message),
-            # Blocking: the answer comes when the task ends or waits for input (without streaming, too).
-            configuration=a2a.SendMessageConfiguration(return_immediately=False),
-        )
+        message = a2a_map.to_a2a(item.message)
         tried: set[Mode] = set()
         while True:
             tried.add(mode)
             try:
-                await _exchange(http, item.endpoint, mode, request, headers, answer, end)
+                await _exchange(http, item.endpoint, mode, message, headers, answer, end)
             except (a2a_errors.MethodNotFoundError, a2a_errors.VersionNotSupportedError) as exc:
                 # The other version: 0.3 for an agent that does not know 1.0, and back to 1.0 for an agent
                 # remembered as 0.3 that has moved on.
@@ -220,11 +223,17 @@ async def _exchange(
     http: httpx.AsyncClient,
     endpoint: str,
     mode: Mode,
-    request: a2a.SendMessageRequest,
+    message: a2a.Message,
     headers: dict[str, str],
     answer: _Answer,
     end: float,
 ) -> None:
+    """One send in `mode`. A stream is followed to its end. Without streaming the send returns at once with the
+    task (return_immediately), which is then polled with GetTask: a blocking SendMessage cut off by the deadline
+    would leave no task id, and the next attempt would send the message again as a new task."""
+    request = a2a.SendMessageRequest(
+        message=message, configuration=a2a.SendMessageConfiguration(return_immediately=not mode.streaming)
+    )
     card = a2a.AgentCard(
         supported_interfaces=[
             a2a.AgentInterface(url=endpoint, protocol_binding=TransportProtocol.JSONRPC, protocol_version=mode.version)
@@ -242,6 +251,16 @@ async def _exchange(
             async for event in stream:
                 if answer.add(event):
                     return
+        if mode.streaming or answer.task is None or not answer.task.id:
+            return
+        # Not streaming: the task as it was when the send returned; followed until it ends or waits for input,
+        # or the deadline (asyncio.timeout in deliver) ends the wait with its id kept.
+        pause = POLL_FIRST
+        while answer.task.status.state not in a2a_map.FINAL_STATES:
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, POLL_MAX)
+            task = await client.get_task(a2a.GetTaskRequest(id=answer.task.id), context=call)
+            answer.task = task
     finally:
         await client.close()
 

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from standardwebhooks import Webhook
 
-from agentvault.common import agent_auth, egress
+from agentvault.common import agent_auth, egress, tracing
 from agentvault.common.errors import Unavailable
 from agentvault.messaging.v1 import messaging_service_pb2 as mpb
 
@@ -50,6 +50,8 @@ class HttpTransport:
                 item.message.id, datetime.fromtimestamp(now, tz=UTC), body
             ),
         }
+        # The delivery span's W3C traceparent (when spans are recorded): the agent's own spans can join the trace.
+        headers.update(tracing.current_headers())
         try:
             # The whole attempt, the OAuth token fetch included, within the deadline.
             async with asyncio.timeout(item.deadline):

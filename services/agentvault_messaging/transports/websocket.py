@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from agentvault.common import egress
+from agentvault.common import egress, tracing
 from agentvault.common.errors import Unavailable
 
 from .base import (
@@ -73,7 +73,12 @@ class WebSocketTransport:
             egress.check_url(item.endpoint, context.block_private)
         except egress.EgressRefused as exc:
             raise DeliveryError(f"endpoint refused: {exc}", permanent=True) from None
-        frame = json.dumps({"type": "message", "message": message_json(item.message)}, separators=(",", ":"))
+        document: dict[str, Any] = {"type": "message", "message": message_json(item.message)}
+        # One connection carries many deliveries: each frame names its own delivery span (when spans are recorded).
+        traceparent = tracing.current_headers().get("traceparent")
+        if traceparent:
+            document["traceparent"] = traceparent
+        frame = json.dumps(document, separators=(",", ":"))
         try:
             async with asyncio.timeout(item.deadline):
                 connection = await self._connection(item, context)

@@ -160,6 +160,9 @@ class Message(_message.Message):
     TRANSPORT_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    STREAMING_FIELD_NUMBER: _builtins.int
+    STREAM_STATE_FIELD_NUMBER: _builtins.int
+    STREAM_PARTS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The message's UUID: the sender's when given (it then acts as an idempotency key), else assigned."""
     format_version: _builtins.str
@@ -190,6 +193,14 @@ class Message(_message.Message):
     """The approval a held message waits for."""
     transport: _builtins.str
     """How it is delivered: inbox, http, websocket, a2a or federation."""
+    streaming: _builtins.bool
+    """Sent open: more parts follow with AppendParts until the sender closes the stream; then `parts` may be empty."""
+    stream_state: _builtins.str
+    """A message sent streaming: its stream's state, "open", "closed" or "aborted" (empty when not streaming). Read
+    the parts with StreamParts.
+    """
+    stream_parts: _builtins.int
+    """A message sent streaming: the parts its stream holds so far (those sent with it included)."""
     @_builtins.property
     def sender(self) -> Global___Party:
         """Who sent it: the verified caller, never a claimed field."""
@@ -256,10 +267,13 @@ class Message(_message.Message):
         transport: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        streaming: _builtins.bool = ...,
+        stream_state: _builtins.str = ...,
+        stream_parts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "metadata", b"metadata", "recipient", b"recipient", "sender", b"sender", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "attempts", b"attempts", "conversation_id", b"conversation_id", "correlation_id", b"correlation_id", "create_time", b"create_time", "expire_time", b"expire_time", "extensions", b"extensions", "format_version", b"format_version", "headers", b"headers", "id", b"id", "idempotency_key", b"idempotency_key", "in_reply_to", b"in_reply_to", "metadata", b"metadata", "parts", b"parts", "recipient", b"recipient", "reference_task_ids", b"reference_task_ids", "role", b"role", "sender", b"sender", "status", b"status", "status_reason", b"status_reason", "task_id", b"task_id", "transport", b"transport", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "attempts", b"attempts", "conversation_id", b"conversation_id", "correlation_id", b"correlation_id", "create_time", b"create_time", "expire_time", b"expire_time", "extensions", b"extensions", "format_version", b"format_version", "headers", b"headers", "id", b"id", "idempotency_key", b"idempotency_key", "in_reply_to", b"in_reply_to", "metadata", b"metadata", "parts", b"parts", "recipient", b"recipient", "reference_task_ids", b"reference_task_ids", "role", b"role", "sender", b"sender", "status", b"status", "status_reason", b"status_reason", "stream_parts", b"stream_parts", "stream_state", b"stream_state", "streaming", b"streaming", "task_id", b"task_id", "transport", b"transport", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -632,6 +646,86 @@ class AckMessageRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AckMessageRequest: _TypeAlias = AckMessageRequest  # noqa: Y015
+
+@_typing.final
+class AckMessagesRequest(_message.Message):
+    """AckMessagesRequest acknowledges several deliveries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECEIPTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def receipts(self) -> _containers.RepeatedCompositeFieldContainer[Global___AckMessageRequest]:
+        """The deliveries, 1 to 1000 (a message named twice counts once)."""
+
+    def __init__(
+        self,
+        *,
+        receipts: _abc.Iterable[Global___AckMessageRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["receipts", b"receipts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AckMessagesRequest: _TypeAlias = AckMessagesRequest  # noqa: Y015
+
+@_typing.final
+class AckMessagesResponse(_message.Message):
+    """AckMessagesResponse answers each receipt, in the order of the request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___AckResult]:
+        """One per distinct message of the request."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___AckResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AckMessagesResponse: _TypeAlias = AckMessagesResponse  # noqa: Y015
+
+@_typing.final
+class AckResult(_message.Message):
+    """AckResult is what became of one receipt of AckMessages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    ACKNOWLEDGED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    message_id: _builtins.str
+    """The message's UUID."""
+    acknowledged: _builtins.bool
+    """Whether the message is now acknowledged (by this call, or before it)."""
+    reason: _builtins.str
+    """Empty when acknowledged by this call; ALREADY_ACKNOWLEDGED, RECEIPT_STALE or MESSAGE_NOT_FOUND (the
+    error reasons AckMessage would have answered).
+    """
+    def __init__(
+        self,
+        *,
+        message_id: _builtins.str = ...,
+        acknowledged: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acknowledged", b"acknowledged", "message_id", b"message_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AckResult: _TypeAlias = AckResult  # noqa: Y015
 
 @_typing.final
 class NackMessageRequest(_message.Message):
@@ -1045,3 +1139,133 @@ class GetMessageSchemaResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetMessageSchemaResponse: _TypeAlias = GetMessageSchemaResponse  # noqa: Y015
+
+@_typing.final
+class AppendPartsRequest(_message.Message):
+    """AppendPartsRequest adds parts to an open message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    FIRST_INDEX_FIELD_NUMBER: _builtins.int
+    PARTS_FIELD_NUMBER: _builtins.int
+    FINAL_FIELD_NUMBER: _builtins.int
+    ABORT_REASON_FIELD_NUMBER: _builtins.int
+    message_id: _builtins.str
+    """The message's UUID."""
+    first_index: _builtins.int
+    """The index of the first part given: the stream's next index, or an earlier one when retrying (parts already
+    stored must be the same).
+    """
+    final: _builtins.bool
+    """Closes the stream after these parts."""
+    abort_reason: _builtins.str
+    """Aborts the stream after these parts, with this reason (at most 1024 characters); `final` is then moot."""
+    @_builtins.property
+    def parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Part]:
+        """The parts: 0 to 64, at most MESSAGING_MAX_MESSAGE_BYTES together."""
+
+    def __init__(
+        self,
+        *,
+        message_id: _builtins.str = ...,
+        first_index: _builtins.int = ...,
+        parts: _abc.Iterable[Global___Part] | None = ...,
+        final: _builtins.bool = ...,
+        abort_reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort_reason", b"abort_reason", "final", b"final", "first_index", b"first_index", "message_id", b"message_id", "parts", b"parts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppendPartsRequest: _TypeAlias = AppendPartsRequest  # noqa: Y015
+
+@_typing.final
+class AppendPartsResponse(_message.Message):
+    """AppendPartsResponse says where the stream is."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NEXT_INDEX_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    next_index: _builtins.int
+    """The index the next part will have."""
+    state: _builtins.str
+    """open, closed or aborted."""
+    def __init__(
+        self,
+        *,
+        next_index: _builtins.int = ...,
+        state: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_index", b"next_index", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppendPartsResponse: _TypeAlias = AppendPartsResponse  # noqa: Y015
+
+@_typing.final
+class StreamPartsRequest(_message.Message):
+    """StreamPartsRequest names the stream to read and where to start."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    AFTER_INDEX_FIELD_NUMBER: _builtins.int
+    message_id: _builtins.str
+    """The message's UUID."""
+    after_index: _builtins.int
+    """Only parts after this index: 0 for all, else the last index received."""
+    def __init__(
+        self,
+        *,
+        message_id: _builtins.str = ...,
+        after_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_index", b"after_index", "message_id", b"message_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamPartsRequest: _TypeAlias = StreamPartsRequest  # noqa: Y015
+
+@_typing.final
+class StreamPartsResponse(_message.Message):
+    """StreamPartsResponse is one part, or the stream's end."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    PART_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """The part's index (from 1); at the end, the last part's."""
+    state: _builtins.str
+    """Empty for a part; closed or aborted at the end."""
+    reason: _builtins.str
+    """Why the stream was aborted."""
+    @_builtins.property
+    def part(self) -> Global___Part:
+        """The part; absent at the end."""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        part: Global___Part | None = ...,
+        state: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "part", b"part", "reason", b"reason", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamPartsResponse: _TypeAlias = StreamPartsResponse  # noqa: Y015

@@ -78,6 +78,11 @@ class MessagingServiceStub:
                 request_serializer=agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.NackMessageRequest.SerializeToString,
                 response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
+        self.AckMessages = channel.unary_unary(
+                '/agentvault.messaging.v1.MessagingService/AckMessages',
+                request_serializer=agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.AckMessagesRequest.SerializeToString,
+                response_deserializer=agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.AckMessagesResponse.FromString,
+                _registered_method=True)
         self.StreamInbox = channel.unary_stream(
                 '/agentvault.messaging.v1.MessagingService/StreamInbox',
                 request_serializer=agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.StreamInboxRequest.SerializeToString,
@@ -112,6 +117,16 @@ class MessagingServiceStub:
                 '/agentvault.messaging.v1.MessagingService/GetMessageSchema',
                 request_serializer=agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.GetMessageSchemaRequest.SerializeToString,
                 response_deserializer=agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.GetMessageSchemaResponse.FromString,
+                _registered_method=True)
+        self.AppendParts = channel.unary_unary(
+                '/agentvault.messaging.v1.MessagingService/AppendParts',
+                request_serializer=agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.AppendPartsRequest.SerializeToString,
+                response_deserializer=agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.AppendPartsResponse.FromString,
+                _registered_method=True)
+        self.StreamParts = channel.unary_stream(
+                '/agentvault.messaging.v1.MessagingService/StreamParts',
+                request_serializer=agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.StreamPartsRequest.SerializeToString,
+                response_deserializer=agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.StreamPartsResponse.FromString,
                 _registered_method=True)
 
 
@@ -184,6 +199,14 @@ class MessagingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AckMessages(self, request, context):
+        """AckMessages acknowledges many deliveries at once (one database statement). Each receipt is answered on its
+        own: a stale or unknown one is reported in its result and does not fail the others.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def StreamInbox(self, request, context):
         """StreamInbox delivers an inbox's messages as they arrive, in order within each conversation, with at most
         `max_in_flight` unacknowledged at a time (SSE and WebSocket at the edge).
@@ -237,6 +260,25 @@ class MessagingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AppendParts(self, request, context):
+        """AppendParts adds parts to a message its sender sent open (`streaming`): `first_index` is the index of the first
+        part given (the parts sent with the message are 1 to n), so a retried append is harmless and a gap is refused
+        (FAILED_PRECONDITION with the expected index); `final` closes the stream after the parts, `abort_reason` aborts
+        it after them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamParts(self, request, context):
+        """StreamParts streams the parts of an open message after `after_index`, those stored first, then each as it is
+        appended, and ends with the stream's end (closed or aborted). A broken stream resumes with `after_index` the
+        last index received (SSE at the edge: each event's id is its index, and Last-Event-ID resumes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MessagingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -280,6 +322,11 @@ def add_MessagingServiceServicer_to_server(servicer, server):
                     request_deserializer=agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.NackMessageRequest.FromString,
                     response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             ),
+            'AckMessages': grpc.unary_unary_rpc_method_handler(
+                    servicer.AckMessages,
+                    request_deserializer=agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.AckMessagesRequest.FromString,
+                    response_serializer=agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.AckMessagesResponse.SerializeToString,
+            ),
             'StreamInbox': grpc.unary_stream_rpc_method_handler(
                     servicer.StreamInbox,
                     request_deserializer=agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.StreamInboxRequest.FromString,
@@ -314,6 +361,16 @@ def add_MessagingServiceServicer_to_server(servicer, server):
                     servicer.GetMessageSchema,
                     request_deserializer=agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.GetMessageSchemaRequest.FromString,
                     response_serializer=agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.GetMessageSchemaResponse.SerializeToString,
+            ),
+            'AppendParts': grpc.unary_unary_rpc_method_handler(
+                    servicer.AppendParts,
+                    request_deserializer=agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.AppendPartsRequest.FromString,
+                    response_serializer=agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.AppendPartsResponse.SerializeToString,
+            ),
+            'StreamParts': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamParts,
+                    request_deserializer=agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.StreamPartsRequest.FromString,
+                    response_serializer=agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.StreamPartsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -546,6 +603,33 @@ class MessagingService:
             _registered_method=True)
 
     @staticmethod
+    def AckMessages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentvault.messaging.v1.MessagingService/AckMessages',
+            agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.AckMessagesRequest.SerializeToString,
+            agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.AckMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def StreamInbox(request,
             target,
             options=(),
@@ -724,6 +808,60 @@ class MessagingService:
             '/agentvault.messaging.v1.MessagingService/GetMessageSchema',
             agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.GetMessageSchemaRequest.SerializeToString,
             agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.GetMessageSchemaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AppendParts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentvault.messaging.v1.MessagingService/AppendParts',
+            agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.AppendPartsRequest.SerializeToString,
+            agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.AppendPartsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamParts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/agentvault.messaging.v1.MessagingService/StreamParts',
+            agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.StreamPartsRequest.SerializeToString,
+            agentvault_dot_messaging_dot_v1_dot_messaging__service__pb2.StreamPartsResponse.FromString,
             options,
             channel_credentials,
             insecure,

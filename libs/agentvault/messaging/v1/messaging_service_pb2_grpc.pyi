@@ -66,6 +66,10 @@ class MessagingServiceStub:
     """AckMessage says a received message was handled: it is not delivered again."""
     NackMessage: _grpc.UnaryUnaryMultiCallable[_messaging_service_pb2.NackMessageRequest, _empty_pb2.Empty]
     """NackMessage gives a received message back: visible again after `delay_seconds`, or dead-lettered at once."""
+    AckMessages: _grpc.UnaryUnaryMultiCallable[_messaging_service_pb2.AckMessagesRequest, _messaging_service_pb2.AckMessagesResponse]
+    """AckMessages acknowledges many deliveries at once (one database statement). Each receipt is answered on its
+    own: a stale or unknown one is reported in its result and does not fail the others.
+    """
     StreamInbox: _grpc.UnaryStreamMultiCallable[_messaging_service_pb2.StreamInboxRequest, _messaging_service_pb2.Delivery]
     """StreamInbox delivers an inbox's messages as they arrive, in order within each conversation, with at most
     `max_in_flight` unacknowledged at a time (SSE and WebSocket at the edge).
@@ -88,6 +92,17 @@ class MessagingServiceStub:
     """
     GetMessageSchema: _grpc.UnaryUnaryMultiCallable[_messaging_service_pb2.GetMessageSchemaRequest, _messaging_service_pb2.GetMessageSchemaResponse]
     """GetMessageSchema answers the JSON Schema (draft 2020-12) of the message format, as sent to SendMessage."""
+    AppendParts: _grpc.UnaryUnaryMultiCallable[_messaging_service_pb2.AppendPartsRequest, _messaging_service_pb2.AppendPartsResponse]
+    """AppendParts adds parts to a message its sender sent open (`streaming`): `first_index` is the index of the first
+    part given (the parts sent with the message are 1 to n), so a retried append is harmless and a gap is refused
+    (FAILED_PRECONDITION with the expected index); `final` closes the stream after the parts, `abort_reason` aborts
+    it after them.
+    """
+    StreamParts: _grpc.UnaryStreamMultiCallable[_messaging_service_pb2.StreamPartsRequest, _messaging_service_pb2.StreamPartsResponse]
+    """StreamParts streams the parts of an open message after `after_index`, those stored first, then each as it is
+    appended, and ends with the stream's end (closed or aborted). A broken stream resumes with `after_index` the
+    last index received (SSE at the edge: each event's id is its index, and Last-Event-ID resumes).
+    """
 
 @_typing.type_check_only
 class MessagingServiceAsyncStub(MessagingServiceStub):
@@ -126,6 +141,10 @@ class MessagingServiceAsyncStub(MessagingServiceStub):
     """AckMessage says a received message was handled: it is not delivered again."""
     NackMessage: _aio.UnaryUnaryMultiCallable[_messaging_service_pb2.NackMessageRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """NackMessage gives a received message back: visible again after `delay_seconds`, or dead-lettered at once."""
+    AckMessages: _aio.UnaryUnaryMultiCallable[_messaging_service_pb2.AckMessagesRequest, _messaging_service_pb2.AckMessagesResponse]  # type: ignore[assignment]
+    """AckMessages acknowledges many deliveries at once (one database statement). Each receipt is answered on its
+    own: a stale or unknown one is reported in its result and does not fail the others.
+    """
     StreamInbox: _aio.UnaryStreamMultiCallable[_messaging_service_pb2.StreamInboxRequest, _messaging_service_pb2.Delivery]  # type: ignore[assignment]
     """StreamInbox delivers an inbox's messages as they arrive, in order within each conversation, with at most
     `max_in_flight` unacknowledged at a time (SSE and WebSocket at the edge).
@@ -148,6 +167,17 @@ class MessagingServiceAsyncStub(MessagingServiceStub):
     """
     GetMessageSchema: _aio.UnaryUnaryMultiCallable[_messaging_service_pb2.GetMessageSchemaRequest, _messaging_service_pb2.GetMessageSchemaResponse]  # type: ignore[assignment]
     """GetMessageSchema answers the JSON Schema (draft 2020-12) of the message format, as sent to SendMessage."""
+    AppendParts: _aio.UnaryUnaryMultiCallable[_messaging_service_pb2.AppendPartsRequest, _messaging_service_pb2.AppendPartsResponse]  # type: ignore[assignment]
+    """AppendParts adds parts to a message its sender sent open (`streaming`): `first_index` is the index of the first
+    part given (the parts sent with the message are 1 to n), so a retried append is harmless and a gap is refused
+    (FAILED_PRECONDITION with the expected index); `final` closes the stream after the parts, `abort_reason` aborts
+    it after them.
+    """
+    StreamParts: _aio.UnaryStreamMultiCallable[_messaging_service_pb2.StreamPartsRequest, _messaging_service_pb2.StreamPartsResponse]  # type: ignore[assignment]
+    """StreamParts streams the parts of an open message after `after_index`, those stored first, then each as it is
+    appended, and ends with the stream's end (closed or aborted). A broken stream resumes with `after_index` the
+    last index received (SSE at the edge: each event's id is its index, and Last-Event-ID resumes).
+    """
 
 class MessagingServiceServicer(metaclass=_abc_1.ABCMeta):
     """MessagingService is the mesh's data plane: durable agent-to-agent messages with correlation ids, inboxes that
@@ -233,6 +263,16 @@ class MessagingServiceServicer(metaclass=_abc_1.ABCMeta):
         """NackMessage gives a received message back: visible again after `delay_seconds`, or dead-lettered at once."""
 
     @_abc_1.abstractmethod
+    def AckMessages(
+        self,
+        request: _messaging_service_pb2.AckMessagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_messaging_service_pb2.AckMessagesResponse, _abc.Awaitable[_messaging_service_pb2.AckMessagesResponse]]:
+        """AckMessages acknowledges many deliveries at once (one database statement). Each receipt is answered on its
+        own: a stale or unknown one is reported in its result and does not fail the others.
+        """
+
+    @_abc_1.abstractmethod
     def StreamInbox(
         self,
         request: _messaging_service_pb2.StreamInboxRequest,
@@ -295,5 +335,28 @@ class MessagingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_messaging_service_pb2.GetMessageSchemaResponse, _abc.Awaitable[_messaging_service_pb2.GetMessageSchemaResponse]]:
         """GetMessageSchema answers the JSON Schema (draft 2020-12) of the message format, as sent to SendMessage."""
+
+    @_abc_1.abstractmethod
+    def AppendParts(
+        self,
+        request: _messaging_service_pb2.AppendPartsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_messaging_service_pb2.AppendPartsResponse, _abc.Awaitable[_messaging_service_pb2.AppendPartsResponse]]:
+        """AppendParts adds parts to a message its sender sent open (`streaming`): `first_index` is the index of the first
+        part given (the parts sent with the message are 1 to n), so a retried append is harmless and a gap is refused
+        (FAILED_PRECONDITION with the expected index); `final` closes the stream after the parts, `abort_reason` aborts
+        it after them.
+        """
+
+    @_abc_1.abstractmethod
+    def StreamParts(
+        self,
+        request: _messaging_service_pb2.StreamPartsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_messaging_service_pb2.StreamPartsResponse], _abc.AsyncIterator[_messaging_service_pb2.StreamPartsResponse]]:
+        """StreamParts streams the parts of an open message after `after_index`, those stored first, then each as it is
+        appended, and ends with the stream's end (closed or aborted). A broken stream resumes with `after_index` the
+        last index received (SSE at the edge: each event's id is its index, and Last-Event-ID resumes).
+        """
 
 def add_MessagingServiceServicer_to_server(servicer: MessagingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

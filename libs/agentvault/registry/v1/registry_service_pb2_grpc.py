@@ -111,6 +111,16 @@ class RegistryServiceStub:
                 request_serializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.CheckCompatibilityRequest.SerializeToString,
                 response_deserializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.CheckCompatibilityResponse.FromString,
                 _registered_method=True)
+        self.ListMcpServers = channel.unary_unary(
+                '/agentvault.registry.v1.RegistryService/ListMcpServers',
+                request_serializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.ListMcpServersRequest.SerializeToString,
+                response_deserializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.ListMcpServersResponse.FromString,
+                _registered_method=True)
+        self.SyncMcpTools = channel.unary_unary(
+                '/agentvault.registry.v1.RegistryService/SyncMcpTools',
+                request_serializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.SyncMcpToolsRequest.SerializeToString,
+                response_deserializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.Agent.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -229,6 +239,23 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListMcpServers(self, request, context):
+        """ListMcpServers lists every agent with an MCP endpoint (whatever its sharing), for the catalog worker that
+        reads their tools. Needs the tools:sync scope. Internal: no HTTP route.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SyncMcpTools(self, request, context):
+        """SyncMcpTools replaces the agent's MCP-sourced tool capabilities (kind tool, tagged "mcp") with the given tools,
+        read from its MCP server; every other capability and field stays as its owner wrote it. A tool named like one
+        of the owner's own capabilities is left out. Needs the tools:sync scope. Internal: no HTTP route.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -306,6 +333,16 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.CheckCompatibility,
                     request_deserializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.CheckCompatibilityRequest.FromString,
                     response_serializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.CheckCompatibilityResponse.SerializeToString,
+            ),
+            'ListMcpServers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMcpServers,
+                    request_deserializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.ListMcpServersRequest.FromString,
+                    response_serializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.ListMcpServersResponse.SerializeToString,
+            ),
+            'SyncMcpTools': grpc.unary_unary_rpc_method_handler(
+                    servicer.SyncMcpTools,
+                    request_deserializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.SyncMcpToolsRequest.FromString,
+                    response_serializer=agentvault_dot_registry_dot_v1_dot_registry__service__pb2.Agent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -714,6 +751,60 @@ class RegistryService:
             '/agentvault.registry.v1.RegistryService/CheckCompatibility',
             agentvault_dot_registry_dot_v1_dot_registry__service__pb2.CheckCompatibilityRequest.SerializeToString,
             agentvault_dot_registry_dot_v1_dot_registry__service__pb2.CheckCompatibilityResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMcpServers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentvault.registry.v1.RegistryService/ListMcpServers',
+            agentvault_dot_registry_dot_v1_dot_registry__service__pb2.ListMcpServersRequest.SerializeToString,
+            agentvault_dot_registry_dot_v1_dot_registry__service__pb2.ListMcpServersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SyncMcpTools(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentvault.registry.v1.RegistryService/SyncMcpTools',
+            agentvault_dot_registry_dot_v1_dot_registry__service__pb2.SyncMcpToolsRequest.SerializeToString,
+            agentvault_dot_registry_dot_v1_dot_registry__service__pb2.Agent.FromString,
             options,
             channel_credentials,
             insecure,

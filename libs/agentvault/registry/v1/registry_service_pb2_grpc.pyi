@@ -77,6 +77,15 @@ class RegistryServiceStub:
     """CheckCompatibility says whether an agent's advertised capability fits what a caller needs (version, the input
     it will send, the output it expects) and, when not, every reason why. Same visibility as GetAgent.
     """
+    ListMcpServers: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ListMcpServersRequest, _registry_service_pb2.ListMcpServersResponse]
+    """ListMcpServers lists every agent with an MCP endpoint (whatever its sharing), for the catalog worker that
+    reads their tools. Needs the tools:sync scope. Internal: no HTTP route.
+    """
+    SyncMcpTools: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.SyncMcpToolsRequest, _registry_service_pb2.Agent]
+    """SyncMcpTools replaces the agent's MCP-sourced tool capabilities (kind tool, tagged "mcp") with the given tools,
+    read from its MCP server; every other capability and field stays as its owner wrote it. A tool named like one
+    of the owner's own capabilities is left out. Needs the tools:sync scope. Internal: no HTTP route.
+    """
 
 @_typing.type_check_only
 class RegistryServiceAsyncStub(RegistryServiceStub):
@@ -125,6 +134,15 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     CheckCompatibility: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.CheckCompatibilityRequest, _registry_service_pb2.CheckCompatibilityResponse]  # type: ignore[assignment]
     """CheckCompatibility says whether an agent's advertised capability fits what a caller needs (version, the input
     it will send, the output it expects) and, when not, every reason why. Same visibility as GetAgent.
+    """
+    ListMcpServers: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ListMcpServersRequest, _registry_service_pb2.ListMcpServersResponse]  # type: ignore[assignment]
+    """ListMcpServers lists every agent with an MCP endpoint (whatever its sharing), for the catalog worker that
+    reads their tools. Needs the tools:sync scope. Internal: no HTTP route.
+    """
+    SyncMcpTools: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.SyncMcpToolsRequest, _registry_service_pb2.Agent]  # type: ignore[assignment]
+    """SyncMcpTools replaces the agent's MCP-sourced tool capabilities (kind tool, tagged "mcp") with the given tools,
+    read from its MCP server; every other capability and field stays as its owner wrote it. A tool named like one
+    of the owner's own capabilities is left out. Needs the tools:sync scope. Internal: no HTTP route.
     """
 
 class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -261,6 +279,27 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_registry_service_pb2.CheckCompatibilityResponse, _abc.Awaitable[_registry_service_pb2.CheckCompatibilityResponse]]:
         """CheckCompatibility says whether an agent's advertised capability fits what a caller needs (version, the input
         it will send, the output it expects) and, when not, every reason why. Same visibility as GetAgent.
+        """
+
+    @_abc_1.abstractmethod
+    def ListMcpServers(
+        self,
+        request: _registry_service_pb2.ListMcpServersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.ListMcpServersResponse, _abc.Awaitable[_registry_service_pb2.ListMcpServersResponse]]:
+        """ListMcpServers lists every agent with an MCP endpoint (whatever its sharing), for the catalog worker that
+        reads their tools. Needs the tools:sync scope. Internal: no HTTP route.
+        """
+
+    @_abc_1.abstractmethod
+    def SyncMcpTools(
+        self,
+        request: _registry_service_pb2.SyncMcpToolsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.Agent, _abc.Awaitable[_registry_service_pb2.Agent]]:
+        """SyncMcpTools replaces the agent's MCP-sourced tool capabilities (kind tool, tagged "mcp") with the given tools,
+        read from its MCP server; every other capability and field stays as its owner wrote it. A tool named like one
+        of the owner's own capabilities is left out. Needs the tools:sync scope. Internal: no HTTP route.
         """
 
 def add_RegistryServiceServicer_to_server(servicer: RegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
