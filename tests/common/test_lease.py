@@ -93,6 +93,20 @@ async def test_a_named_chore_goes_to_one_claimer_per_hold(leases: Leases) -> Non
     assert sum(wins) == 1
 
 
+async def test_a_held_lease_is_renewed_only_by_its_holder(leases: Leases, pool: asyncpg.Pool) -> None:
+    assert await leases.claim_one("watch", "w1", "a", hold=0.2)
+    assert not await leases.renew("watch", "w1", "b", hold=60)
+    assert await leases.renew("watch", "w1", "a", hold=60)
+    # Past the first hold, the renewal keeps it: no one else can claim it.
+    await pool.execute("SELECT pg_sleep(0.3)")
+    assert not await leases.claim_one("watch", "w1", "b", hold=60)
+    # Expired and reclaimed by another: the old holder cannot renew it any more.
+    await pool.execute(f"UPDATE {leases.table} SET next_check_at = now() - interval '1 second'")
+    assert await leases.claim_one("watch", "w1", "b", hold=60)
+    assert not await leases.renew("watch", "w1", "a", hold=60)
+    assert not await leases.renew("watch", "gone", "a", hold=60)
+
+
 async def test_sync_removes_rows_that_left_and_keeps_leases_of_the_rest(leases: Leases) -> None:
     await leases.sync("job", ["p", "q"])
     assert await leases.claim("r1", {"job": ["p"]}, 1, 3600)

@@ -377,6 +377,19 @@ def test_a_one_time_grant_is_spent_by_the_allow_it_decides() -> None:
     assert [g.id for g in e.grants()] == ["spare"]
 
 
+def test_preview_answers_as_decide_would_and_spends_no_grant() -> None:
+    clock = Clock()
+    e = engine({"ask": '@decision("ask")\npermit(principal, action == Action::"agent.read", resource);'}, clock)
+    e.grant(Grant.of("once", AGENT, "tool.invoke", TOOL, expires_at=clock.now + 300, uses=1))
+    assert [e.preview(AGENT, "tool.invoke", TOOL).outcome for _ in range(3)] == [Outcome.ALLOW] * 3
+    assert [g.id for g in e.grants()] == ["once"]
+    assert e.preview(AGENT, "agent.read", CARD).outcome is Outcome.ASK
+    assert e.preview(OTHER, "tool.invoke", TOOL).outcome is Outcome.DENY
+    # The real decision spends the use; the preview then says so.
+    assert e.decide(AGENT, "tool.invoke", TOOL).outcome is Outcome.ALLOW
+    assert e.preview(AGENT, "tool.invoke", TOOL).outcome is Outcome.DENY
+
+
 # Explain ----------------------------------------------------------------------------------------------------------
 
 

@@ -182,6 +182,42 @@ async def test_a_grant_of_two_uses_is_spent_twice_across_two_remote_enforcers(pl
     assert [(g.id, g.uses_left) for g in ended.grants] == [(granted.grant.id, 0)]
 
 
+async def test_preview_spends_no_grant_and_leaves_no_trace(plane: Plane) -> None:
+    owner, asker = await member(plane, "owner"), await member(plane, "previewer")
+    agent = await agent_of(plane, owner, "previewed")
+    await policy(
+        plane,
+        f'permit(principal == Caller::Person::"{asker.principal_id}", action == Action::"capability.request", '
+        "resource);",
+    )
+    granted = await plane.policies.RequestCapability(
+        ppb.RequestCapabilityRequest(agent_id=agent.id, capability="previewed", max_calls=1), metadata=asker.md
+    )
+    assert granted.decision == "allow" and granted.grant.uses_left == 1
+    # Allows are logged too here, so a decision would leave a line.
+    enforcer = await plane.enforcer(log_allows=True)
+    who = Caller("Caller::Person", asker.principal_id, Trust.BASIC)
+    target = tool_target(agent.id, "previewed", "1.0.0")
+    # RequestCapability was the connection's first interaction.
+    [before] = await connections_of(plane, asker.principal_id, agent.id)
+    assert [enforcer.preview(who, "tool.invoke", target).outcome for _ in range(3)] == [Outcome.ALLOW] * 3
+    assert granted.grant.id in {g.id for g in enforcer.engine.grants()}
+    listed = await plane.policies.ListGrants(ppb.ListGrantsRequest(), metadata=asker.md)
+    assert [(g.id, g.uses_left) for g in listed.grants] == [(granted.grant.id, 1)]
+    log = await plane.policies.ListDecisions(ppb.ListDecisionsRequest(page_size=500), metadata=plane.admin)
+    assert [d for d in log.decisions if d.target == target.uid] == []
+    [after] = await connections_of(plane, asker.principal_id, agent.id)
+    assert after.interactions == before.interactions
+
+    # The decision itself spends the use, logs its line and records the interaction.
+    assert (await enforcer.decide(who, "tool.invoke", target, agent_id=agent.id)).outcome is Outcome.ALLOW
+    assert enforcer.preview(who, "tool.invoke", target).outcome is Outcome.DENY
+    log = await plane.policies.ListDecisions(ppb.ListDecisionsRequest(page_size=500), metadata=plane.admin)
+    assert [(d.action, d.outcome) for d in log.decisions if d.target == target.uid] == [("tool.invoke", "allow")]
+    [decided] = await connections_of(plane, asker.principal_id, agent.id)
+    assert decided.interactions == before.interactions + 1
+
+
 async def test_decisions_reach_the_decision_log_in_batches(plane: Plane) -> None:
     enforcer = await plane.enforcer()
     outsider = f"logged-{secrets.token_hex(4)}"

@@ -122,6 +122,21 @@ class Leases:
         )
         return row is not None
 
+    async def renew(self, kind: str, id_: str, owner: str, hold: float) -> bool:
+        """Extends a lease `owner` holds by `hold` seconds from now, for work that lasts (a watch); false when
+        another claimer holds it now (it had expired and was reclaimed) or it is gone. An expired lease nobody has
+        reclaimed is still its holder's: the row lock orders a renewal and a reclaim, and the later one fails."""
+        row = await self.pool.fetchrow(
+            f"""UPDATE {self.table} SET next_check_at = now() + make_interval(secs => $4)
+               WHERE {self.kind} = $1 AND {self.id} = $2 AND claimed_by = $3
+               RETURNING 1""",
+            kind,
+            id_,
+            owner,
+            hold,
+        )
+        return row is not None
+
     async def release(self, kind: str, id_: str, owner: str) -> bool:
         """Frees a lease `owner` holds, so it is due at once; false if someone else holds it (or it is gone)."""
         result = await self.pool.execute(

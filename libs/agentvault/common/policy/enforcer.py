@@ -161,6 +161,15 @@ class Enforcer:
             decision = await self._spend(caller, action, target, counters, decision)
         return await self._finish(caller, action, target, agent_id, decision, ticket, started)
 
+    def preview(self, caller: Caller, action: str, target: Target) -> Decision:
+        """What `decide` would answer for `caller` at the trust it carries (a Verdict's caller carries its
+        connection's), leaving no trace: no grant use spent (here or in the control plane), no usage counted, no
+        decision logged, no interaction recorded, no metrics; the control plane is not asked anything. For
+        listing what a caller could do (tools/list): each actual call is decided again with `decide`. Policies
+        reading usage counters see them at zero."""
+        trust = Trust.TRUSTED if caller.type == SERVICE_TYPE else caller.trust
+        return self.engine.preview(dataclasses.replace(caller, trust=trust), action, target)
+
     async def _spend(
         self, caller: Caller, action: str, target: Target, counters: dict[str, int], decision: Decision
     ) -> Decision:

@@ -311,6 +311,14 @@ class PolicyEngine:
         """Allow, deny or ask for `caller` doing `action` to `target` now; an allow spends a one-time grant."""
         return self._decide(caller, action, target, context, consume=True)[0]
 
+    def preview(
+        self, caller: Caller, action: str, target: Target, context: Mapping[str, int] | None = None
+    ) -> Decision:
+        """What `decide` would answer now, spending nothing: a one-time grant that would allow keeps its use. For
+        "would this be allowed" questions (which tools a caller may see): an allow here is no permission to act,
+        the act itself goes through `decide`. Usage counters are what `context` says (none: all zero)."""
+        return self._decide(caller, action, target, context, consume=False)[0]
+
     def _context(self, measured: Mapping[str, int] | None) -> tuple[float, str]:
         """Now, and Cedar's context as JSON text (built once for every call a request makes)."""
         now = self.clock()

@@ -126,7 +126,8 @@ class Target:
         if self.type == "Target::Agent":
             attrs["mesh"] = self.mesh
         else:
-            attrs.update(name=self.name, kind=self.kind, version=self.version, agent=self.agent)
+            # mesh: the peer mesh of a tool invoked there ("" for this mesh's own), as for an agent.
+            attrs.update(name=self.name, kind=self.kind, version=self.version, agent=self.agent, mesh=self.mesh)
         return {"uid": {"type": self.type, "id": self.id}, "attrs": attrs, "parents": []}
 
 
@@ -134,9 +135,12 @@ def agent_target(agent_id: str, owner: str = "", tags: Iterable[str] = (), mesh:
     return Target("Target::Agent", agent_id, owner=owner, mesh=mesh, tags=frozenset(tags))
 
 
-def tool_target(agent_id: str, name: str, version: str = "", owner: str = "", tags: Iterable[str] = ()) -> Target:
-    """A tool of an agent (or MCP server); its id is `agent_id/name` so a policy can name one tool exactly."""
-    return Target("Target::Tool", f"{agent_id}/{name}", owner, "", frozenset(tags), name, "tool", version, agent_id)
+def tool_target(
+    agent_id: str, name: str, version: str = "", owner: str = "", tags: Iterable[str] = (), mesh: str = ""
+) -> Target:
+    """A tool of an agent (or MCP server); its id is `agent_id/name` so a policy can name one tool exactly (with
+    `mesh` set, a tool of that peer mesh)."""
+    return Target("Target::Tool", f"{agent_id}/{name}", owner, mesh, frozenset(tags), name, "tool", version, agent_id)
 
 
 def capability_target(

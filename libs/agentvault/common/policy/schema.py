@@ -31,7 +31,9 @@ DECISIONS = frozenset({"allow", "ask"})
 MAX_POLICY_CHARS = 16_384
 
 _CALLER = "{ trust: String, trust_rank: Long, scopes: Set<String>, mesh: String, owner: String }"
-_CAPABILITY = "{ name: String, kind: String, version: String, agent: String, owner: String, tags: Set<String> }"
+_CAPABILITY = (
+    "{ name: String, kind: String, version: String, agent: String, owner: String, mesh: String, tags: Set<String> }"
+)
 _CALLERS = ", ".join(CALLER_TYPES)
 
 

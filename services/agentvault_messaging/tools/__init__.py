@@ -1,0 +1,1 @@
+"""Tools over MCP: the catalog of registered MCP servers' tools, and invoking them under the policy engine."""
