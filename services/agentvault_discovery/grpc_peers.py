@@ -11,7 +11,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from prometheus_client import Gauge
 
-from agentvault.common import peers, signing
+from agentvault.common import peers, signing, tracing
 from agentvault.common.peers import PeerTarget
 from agentvault.federation.v1 import federation_service_pb2 as fed_pb
 from agentvault.registry.v1 import registry_service_pb2 as pb
@@ -79,11 +79,13 @@ class GrpcPeers:
             page_size=query.limit,
         )
         try:
-            reply = await self._channel(route.grpc_endpoint, route.mtls).search(
-                request,
-                metadata=self._signed_metadata(peer, SEARCH_METHOD, request),
-                timeout=self._settings.query_timeout_seconds,
-            )
+            # A CLIENT span per peer call (when spans are recorded): the peer's server span is its child.
+            with tracing.span(SEARCH_METHOD, tracing.CLIENT, attributes={"peer.name": peer.name}):
+                reply = await self._channel(route.grpc_endpoint, route.mtls).search(
+                    request,
+                    metadata=self._signed_metadata(peer, SEARCH_METHOD, request),
+                    timeout=self._settings.query_timeout_seconds,
+                )
         except grpc.aio.AioRpcError as exc:
             raise rpc_error(exc) from None
         if not isinstance(reply, bytes):
@@ -154,6 +156,8 @@ class GrpcPeers:
                 (signing.NONCE_HEADER, nonce),
                 (signing.SIGNATURE_HEADER, signing.sign(signing.GRPC_METHOD, method, body, peer.api_key, nonce=nonce)),
             ]
+        # W3C trace context (outside the signature, like a request id): the peer mesh continues this trace.
+        metadata.extend(tracing.inject({}).items())
         return metadata
 
     def prune(self, in_use: set[tuple[str, bool]], spawn: Callable[[Coroutine[Any, Any, None], str], None]) -> None:

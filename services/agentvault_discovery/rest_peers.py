@@ -8,7 +8,7 @@ from urllib.parse import urlencode, urlsplit
 import aiohttp
 from yarl import URL
 
-from agentvault.common import signing
+from agentvault.common import signing, tracing
 from agentvault.common.peers import PeerTarget
 from agentvault.registry.v1 import registry_service_pb2 as pb
 from agentvault_discovery import domain
@@ -50,22 +50,28 @@ class RestPeers:
             }
         limit = self._settings.max_peer_response_bytes
         try:
-            async with self._session.get(url, headers=headers, allow_redirects=False) as response:
-                if response.status in (401, 403):
-                    raise PeerError(REASON_REJECTED, f"authentication rejected by peer (HTTP {response.status})")
-                if response.status != 200:
-                    raise PeerError(REASON_UNAVAILABLE, f"peer answered HTTP {response.status}")
-                if response.content_length is not None and response.content_length > limit:
-                    raise PeerError(
-                        REASON_INVALID, f"peer answer too large ({response.content_length} bytes, limit {limit})"
-                    )
-                body = bytearray()
-                async for chunk in response.content.iter_chunked(64 * 1024):
-                    body += chunk
-                    if len(body) > limit:
-                        raise PeerError(REASON_INVALID, f"peer answer too large (over {limit} bytes)")
+            # A CLIENT span per peer call (when spans are recorded), whose context the peer's edge continues.
+            with tracing.span("GET " + REST_AGENTS_PATH, tracing.CLIENT, attributes={"peer.name": peer.name}):
+                body = await self._get(url, headers | tracing.inject({}), limit)
         except aiohttp.ClientError as exc:
             raise PeerError(REASON_UNAVAILABLE, f"peer call failed: {exc.__class__.__name__}: {exc}") from None
+        return body
+
+    async def _get(self, url: URL, headers: dict[str, str], limit: int) -> bytes:
+        async with self._session.get(url, headers=headers, allow_redirects=False) as response:
+            if response.status in (401, 403):
+                raise PeerError(REASON_REJECTED, f"authentication rejected by peer (HTTP {response.status})")
+            if response.status != 200:
+                raise PeerError(REASON_UNAVAILABLE, f"peer answered HTTP {response.status}")
+            if response.content_length is not None and response.content_length > limit:
+                raise PeerError(
+                    REASON_INVALID, f"peer answer too large ({response.content_length} bytes, limit {limit})"
+                )
+            body = bytearray()
+            async for chunk in response.content.iter_chunked(64 * 1024):
+                body += chunk
+                if len(body) > limit:
+                    raise PeerError(REASON_INVALID, f"peer answer too large (over {limit} bytes)")
         return bytes(body)
 
     def parse(self, body: bytes) -> tuple[list[pb.Agent], int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from agentvault.common import tracing
 from agentvault.common.logs import request_id_var
 from agentvault_edge import errors
 
@@ -49,4 +50,5 @@ def forwarded_metadata(request: web.Request, raw_body: bytes, limit: int) -> lis
         # Past gRPC's own limit the backend would refuse the call with its internals in the text.
         signed = " (a signed request's body counts too)" if SIGNATURE_HEADER in request.headers else ""
         raise errors.headers_too_large(f"the forwarded headers take {size} bytes, more than {limit}{signed}")
-    return metadata
+    # The edge's own span (when spans are recorded) becomes the backend's parent instead of the client's.
+    return tracing.replace_trace_headers(metadata)

@@ -12,6 +12,7 @@ from agentvault.common import revocations
 from agentvault.common.jwt_auth import JwtValidator
 from agentvault.common.oauth import AUTH_METHODS, CLIENT_CREDENTIALS, GRANT_TYPES, KNOWN_SCOPES, REFRESH_TOKEN
 from agentvault.identity.v1 import identity_service_pb2 as ipb
+from agentvault_registry import metrics
 from agentvault_registry.oauth_client_auth import (
     ASSERTION_ALGORITHMS,
     OAuthError,
@@ -83,7 +84,9 @@ class AuthorizationServer(TokenGrants):
             else:
                 body = await self._exchange(client, form)
         except OAuthError as exc:
+            metrics.token_answered(form.get("grant_type", ""), exc.error)
             return error_reply(exc)
+        metrics.token_answered(grant_type, "issued")
         log.info("issued an access token", extra={"client_id": client.client_id, "grant_type": grant_type})
         return reply(200, body)
 
