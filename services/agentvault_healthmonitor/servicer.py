@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
 
@@ -14,7 +15,7 @@ from agentvault.common.errors import NotFound, Unavailable, invalid
 from agentvault.common.remote_auth import AdminGate
 from agentvault.healthmonitor.v1 import health_monitor_service_pb2 as pb
 from agentvault.healthmonitor.v1 import health_monitor_service_pb2_grpc as pb_grpc
-from agentvault_healthmonitor.domain import PEER, State, Summary, overall_status
+from agentvault_healthmonitor.domain import AGENT, PEER, State, Summary, overall_status
 from agentvault_healthmonitor.events import ChangeEvent, EventHub, WatchEnded
 from agentvault_healthmonitor.monitor import Monitor
 from agentvault_healthmonitor.registry import peer_status
@@ -137,6 +138,31 @@ class HealthMonitorServicer(pb_grpc.HealthMonitorServiceServicer):
                 )
                 for h in history
             ],
+        )
+
+    async def GetAgentHealthHistory(
+        self, request: pb.GetAgentHealthHistoryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetAgentHealthHistoryResponse:
+        await self.gate.require_admin(context.invocation_metadata())
+        if not request.agent_id:
+            raise invalid("agent_id", "is required")
+        try:
+            uuid.UUID(request.agent_id)
+        except ValueError:
+            raise invalid("agent_id", "must be a UUID") from None
+        if request.limit < 0:
+            raise invalid("limit", "must not be negative")
+        history = await self.store.history(AGENT, request.agent_id, min(request.limit or DEFAULT_LIMIT, MAX_LIMIT))
+        return pb.GetAgentHealthHistoryResponse(
+            checks=[
+                pb.HealthCheck(
+                    status=peer_status(h.status),
+                    response_time_ms=h.response_time_ms,
+                    error=h.error,
+                    time=_timestamp(h.checked_at),
+                )
+                for h in history
+            ]
         )
 
     async def WatchHealth(

@@ -261,6 +261,11 @@ def test_ctrl_c_during_first_start_then_after_a_fresh_and_a_reused_data_folder(
         assert http("GET", f"{dev.edge}/api/v1/health") == (200, {"status": "healthy", "agent_count": 0})
         status, ready = http("GET", f"{dev.edge}/readyz")
         assert status == 200 and ready["status"] == "ready", ready
+        # The console is printed with the other URLs, and a person can sign in to it (Redis and a key are given).
+        assert f"console            {dev.edge}/console" in dev.output, dev.output
+        token = (data / "admin_token").read_text().strip()
+        status, session = http("POST", f"{dev.edge}/console/api/session", {"credential": token})
+        assert status == 200 and session["role"] == "admin", session
         dev.send(signal.SIGINT)
         assert dev.finish() == 0, dev.output
         assert refused(dev.ports["EDGE_PORT"]) and refused(dev.ports["AGENTVAULT_REDIS_PORT"])

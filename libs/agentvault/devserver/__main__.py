@@ -271,6 +271,7 @@ def run() -> int:
         print("\nAgentVault Mesh is running:", flush=True)
         print(f"  edge (HTTP/JSON)   {edge}/api/v1/health")
         print(f"  OpenAPI            {edge}/api/v1/openapi.json")
+        print(f"  console            {edge}/console  (sign in with the admin token below)")
         for spec in SERVICES:
             if spec.kind == "grpc":
                 print(f"  {spec.name:<18} grpc://{mesh.address(spec.name)}")

@@ -335,3 +335,53 @@ class GetPeerHealthHistoryResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetPeerHealthHistoryResponse: _TypeAlias = GetPeerHealthHistoryResponse  # noqa: Y015
+
+@_typing.final
+class GetAgentHealthHistoryRequest(_message.Message):
+    """GetAgentHealthHistoryRequest names an agent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    """The agent's UUID."""
+    limit: _builtins.int
+    """Most recent checks to return: default 100, maximum 1000."""
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAgentHealthHistoryRequest: _TypeAlias = GetAgentHealthHistoryRequest  # noqa: Y015
+
+@_typing.final
+class GetAgentHealthHistoryResponse(_message.Message):
+    """GetAgentHealthHistoryResponse is an agent's recent checks; none when it was never checked."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHECKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___HealthCheck]:
+        """Checks, newest first."""
+
+    def __init__(
+        self,
+        *,
+        checks: _abc.Iterable[Global___HealthCheck] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAgentHealthHistoryResponse: _TypeAlias = GetAgentHealthHistoryResponse  # noqa: Y015

@@ -50,6 +50,11 @@ class HealthMonitorServiceStub:
                 request_serializer=agentvault_dot_healthmonitor_dot_v1_dot_health__monitor__service__pb2.GetPeerHealthHistoryRequest.SerializeToString,
                 response_deserializer=agentvault_dot_healthmonitor_dot_v1_dot_health__monitor__service__pb2.GetPeerHealthHistoryResponse.FromString,
                 _registered_method=True)
+        self.GetAgentHealthHistory = channel.unary_unary(
+                '/agentvault.healthmonitor.v1.HealthMonitorService/GetAgentHealthHistory',
+                request_serializer=agentvault_dot_healthmonitor_dot_v1_dot_health__monitor__service__pb2.GetAgentHealthHistoryRequest.SerializeToString,
+                response_deserializer=agentvault_dot_healthmonitor_dot_v1_dot_health__monitor__service__pb2.GetAgentHealthHistoryResponse.FromString,
+                _registered_method=True)
 
 
 class HealthMonitorServiceServicer:
@@ -77,6 +82,13 @@ class HealthMonitorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAgentHealthHistory(self, request, context):
+        """GetAgentHealthHistory returns an agent's recent checks (agents with a health_check_url are checked).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HealthMonitorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +106,11 @@ def add_HealthMonitorServiceServicer_to_server(servicer, server):
                     servicer.GetPeerHealthHistory,
                     request_deserializer=agentvault_dot_healthmonitor_dot_v1_dot_health__monitor__service__pb2.GetPeerHealthHistoryRequest.FromString,
                     response_serializer=agentvault_dot_healthmonitor_dot_v1_dot_health__monitor__service__pb2.GetPeerHealthHistoryResponse.SerializeToString,
+            ),
+            'GetAgentHealthHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAgentHealthHistory,
+                    request_deserializer=agentvault_dot_healthmonitor_dot_v1_dot_health__monitor__service__pb2.GetAgentHealthHistoryRequest.FromString,
+                    response_serializer=agentvault_dot_healthmonitor_dot_v1_dot_health__monitor__service__pb2.GetAgentHealthHistoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +195,33 @@ class HealthMonitorService:
             '/agentvault.healthmonitor.v1.HealthMonitorService/GetPeerHealthHistory',
             agentvault_dot_healthmonitor_dot_v1_dot_health__monitor__service__pb2.GetPeerHealthHistoryRequest.SerializeToString,
             agentvault_dot_healthmonitor_dot_v1_dot_health__monitor__service__pb2.GetPeerHealthHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAgentHealthHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentvault.healthmonitor.v1.HealthMonitorService/GetAgentHealthHistory',
+            agentvault_dot_healthmonitor_dot_v1_dot_health__monitor__service__pb2.GetAgentHealthHistoryRequest.SerializeToString,
+            agentvault_dot_healthmonitor_dot_v1_dot_health__monitor__service__pb2.GetAgentHealthHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,8 @@ class HealthMonitorServiceStub:
     """WatchHealth streams every status change of peers and agents as it happens."""
     GetPeerHealthHistory: _grpc.UnaryUnaryMultiCallable[_health_monitor_service_pb2.GetPeerHealthHistoryRequest, _health_monitor_service_pb2.GetPeerHealthHistoryResponse]
     """GetPeerHealthHistory returns a peer's recent checks and its uptime over a window."""
+    GetAgentHealthHistory: _grpc.UnaryUnaryMultiCallable[_health_monitor_service_pb2.GetAgentHealthHistoryRequest, _health_monitor_service_pb2.GetAgentHealthHistoryResponse]
+    """GetAgentHealthHistory returns an agent's recent checks (agents with a health_check_url are checked)."""
 
 @_typing.type_check_only
 class HealthMonitorServiceAsyncStub(HealthMonitorServiceStub):
@@ -51,6 +53,8 @@ class HealthMonitorServiceAsyncStub(HealthMonitorServiceStub):
     """WatchHealth streams every status change of peers and agents as it happens."""
     GetPeerHealthHistory: _aio.UnaryUnaryMultiCallable[_health_monitor_service_pb2.GetPeerHealthHistoryRequest, _health_monitor_service_pb2.GetPeerHealthHistoryResponse]  # type: ignore[assignment]
     """GetPeerHealthHistory returns a peer's recent checks and its uptime over a window."""
+    GetAgentHealthHistory: _aio.UnaryUnaryMultiCallable[_health_monitor_service_pb2.GetAgentHealthHistoryRequest, _health_monitor_service_pb2.GetAgentHealthHistoryResponse]  # type: ignore[assignment]
+    """GetAgentHealthHistory returns an agent's recent checks (agents with a health_check_url are checked)."""
 
 class HealthMonitorServiceServicer(metaclass=_abc_1.ABCMeta):
     """HealthMonitorService reports the health of federation peers and of agents, and streams changes."""
@@ -78,5 +82,13 @@ class HealthMonitorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_health_monitor_service_pb2.GetPeerHealthHistoryResponse, _abc.Awaitable[_health_monitor_service_pb2.GetPeerHealthHistoryResponse]]:
         """GetPeerHealthHistory returns a peer's recent checks and its uptime over a window."""
+
+    @_abc_1.abstractmethod
+    def GetAgentHealthHistory(
+        self,
+        request: _health_monitor_service_pb2.GetAgentHealthHistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_health_monitor_service_pb2.GetAgentHealthHistoryResponse, _abc.Awaitable[_health_monitor_service_pb2.GetAgentHealthHistoryResponse]]:
+        """GetAgentHealthHistory returns an agent's recent checks (agents with a health_check_url are checked)."""
 
 def add_HealthMonitorServiceServicer_to_server(servicer: HealthMonitorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
