@@ -95,6 +95,8 @@ bench: $(STAMP)
 	$(PY) -m bench.identity_bench
 	$(PY) -m bench.policy_bench
 	$(PY) -m bench.messaging_bench
+	$(PY) -m bench.handoff_bench
+	$(PY) -m bench.tools_bench
 
 clean:
 	rm -rf .build .pytest_cache .mypy_cache .ruff_cache
