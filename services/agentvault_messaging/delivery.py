@@ -18,6 +18,7 @@ import grpc
 from agentvault.common import tracing
 from agentvault.common.agent_auth import NO_AUTH, AgentConnector, PreparedAuth, resolve_agent_auth
 from agentvault.common.lru import Lru
+from agentvault.common.policy.asking import answer_of
 from agentvault.common.policy.enforcer import ControlPlane
 from agentvault.common.policy.request import uid
 from agentvault.common.secretbox import SecretBox
@@ -395,17 +396,7 @@ class ApprovalFollower:
             return
         if approval.status == "pending" or approval.action != "message.send":
             return
-        approved = approval.status == "approved"
-        if approved:
-            reason = f"approved by {approval.decided_by}"
-            # The held message is the approval's first use: a one-use grant is spent by it.
-            if approval.grant_id:
-                with contextlib.suppress(Exception):
-                    await self.control.consume(approval.grant_id)
-        else:
-            reason = f"denied by {approval.decided_by}" if approval.status == "denied" else "the approval expired"
-        if approval.note:
-            reason += f": {approval.note}"
+        approved, reason = await answer_of(self.control, approval)
         await self._release(uuid.UUID(approval.id), approved, reason)
 
     async def _release(self, approval_id: uuid.UUID, approved: bool, reason: str) -> None:

@@ -20,6 +20,7 @@ from agentvault.common import peers, signing, tracing
 from agentvault.common.auth import bearer_token
 from agentvault.common.errors import AlreadyExists, NotFound, PermissionDenied, Unavailable, invalid
 from agentvault.common.peers import PeerTarget
+from agentvault.common.policy.asking import ask_once
 from agentvault.common.policy.engine import Outcome as Verdict
 from agentvault.common.policy.request import Trust, agent_target, caller
 from agentvault.common.principal import Principal
@@ -457,19 +458,14 @@ class FederatedMessaging(fpb_grpc.FederatedMessagingServiceServicer):
                         status_reason="the policy engine refused this message: " + "; ".join(verdict.decision.reasons),
                     )
                 if verdict.outcome is Verdict.ASK:
-                    approval = await self.messaging.control.create_approval(
-                        caller=verdict.caller.uid,
+                    approval = await ask_once(
+                        self.messaging.control,
+                        verdict,
                         requested_by=principal.id,
                         action="message.send",
                         target=target.uid,
-                        target_agent_id=agent.id,
+                        agent_id=agent.id,
                         purpose=f"a message from peer {principal.name}",
-                        reasons=verdict.decision.reasons,
-                        policy_ids=verdict.decision.policies,
-                        grant_action="message.send",
-                        grant_target=target.uid,
-                        grant_duration_seconds=3600,
-                        grant_uses=1,
                     )
                     status, approval_id = "held", uuid.UUID(approval.id)
                     reason = "waiting for approval " + approval.id

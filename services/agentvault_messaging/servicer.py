@@ -31,7 +31,7 @@ from agentvault.common.errors import (
 )
 from agentvault.common.interceptors import caller_metadata
 from agentvault.common.lru import Lru
-from agentvault.common.policy.api import DEFAULT_DURATION
+from agentvault.common.policy.asking import ask_once, refuse_unless_decided
 from agentvault.common.policy.enforcer import Enforcer
 from agentvault.common.policy.engine import Outcome
 from agentvault.common.policy.remote import RemoteControlPlane
@@ -279,18 +279,9 @@ class MessagingServicer:
                 verdict = await self.enforcer.decide(
                     who, "message.send", target, agent_id=agent.id, payload_size=message.ByteSize()
                 )
-                if verdict.transient:
-                    raise Unavailable(
-                        "the policy engine cannot decide now (" + "; ".join(verdict.decision.reasons) + ")",
-                        "POLICY_UNAVAILABLE",
-                    )
-                if verdict.outcome is Outcome.DENY:
+                if verdict.outcome is Outcome.DENY and not verdict.transient:
                     metrics.SENT.labels(route.transport, "denied").inc()
-                    raise PermissionDenied(
-                        "the policy engine refused this message: " + "; ".join(verdict.decision.reasons),
-                        "MESSAGE_DENIED",
-                        policies=",".join(verdict.decision.policies)[:500],
-                    )
+                refuse_unless_decided(verdict, "this message", "MESSAGE_DENIED")
                 if verdict.outcome is Outcome.ASK:
                     if route.transport == FEDERATION:
                         # Approvals name an agent of this mesh; one of a peer mesh cannot be approved here.
@@ -299,19 +290,14 @@ class MessagingServicer:
                             + "; ".join(verdict.decision.reasons),
                             "MESSAGE_DENIED",
                         )
-                    approval = await self.control.create_approval(
-                        caller=verdict.caller.uid,
+                    approval = await ask_once(
+                        self.control,
+                        verdict,
                         requested_by=principal.id,
                         action="message.send",
                         target=target.uid,
-                        target_agent_id=agent.id,
+                        agent_id=agent.id,
                         purpose=_purpose(message),
-                        reasons=verdict.decision.reasons,
-                        policy_ids=verdict.decision.policies,
-                        grant_action="message.send",
-                        grant_target=target.uid,
-                        grant_duration_seconds=DEFAULT_DURATION,
-                        grant_uses=1,
                     )
                     status, approval_id = "held", uuid.UUID(approval.id)
                     reason = "waiting for approval " + approval.id

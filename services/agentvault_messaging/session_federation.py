@@ -28,6 +28,7 @@ from agentvault.common.errors import (
     Unavailable,
     invalid,
 )
+from agentvault.common.policy.asking import refuse_unless_decided
 from agentvault.common.policy.enforcer import Enforcer
 from agentvault.common.policy.engine import Outcome
 from agentvault.common.policy.request import Trust, agent_target, caller
@@ -227,14 +228,7 @@ class HandoffsAcrossMeshes:
             who, "session.handoff", policy_target, agent_id=str(target_id), payload_size=len(state)
         )
         try:
-            if verdict.transient:
-                raise Unavailable("the policy engine cannot decide now", "POLICY_UNAVAILABLE")
-            if verdict.outcome is Outcome.DENY:
-                raise PermissionDenied(
-                    "the policy engine refused this handoff: " + "; ".join(verdict.decision.reasons),
-                    "HANDOFF_DENIED",
-                    policies=",".join(verdict.decision.policies)[:500],
-                )
+            refuse_unless_decided(verdict, "this handoff", "HANDOFF_DENIED")
             if verdict.outcome is Outcome.ASK:
                 # Approvals name an agent of this mesh (as for messages to peer meshes).
                 raise PermissionDenied(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import json
@@ -28,7 +27,7 @@ from agentvault.common.errors import (
     invalid,
 )
 from agentvault.common.interceptors import caller_metadata
-from agentvault.common.policy.api import DEFAULT_DURATION
+from agentvault.common.policy.asking import answer_of, ask_once, refuse_unless_decided
 from agentvault.common.policy.enforcer import ControlPlane, Enforcer
 from agentvault.common.policy.engine import Outcome
 from agentvault.common.policy.remote import RemoteControlPlane
@@ -322,16 +321,7 @@ class HandoffApprovals:
     async def apply(self, approval: ppb.Approval) -> None:
         if approval.status == "pending" or approval.action != "session.handoff":
             return
-        approved = approval.status == "approved"
-        if approved:
-            reason = f"approved by {approval.decided_by}"
-            if approval.grant_id:
-                with contextlib.suppress(Exception):
-                    await self.control.consume(approval.grant_id)
-        else:
-            reason = f"denied by {approval.decided_by}" if approval.status == "denied" else "the approval expired"
-        if approval.note:
-            reason += f": {approval.note}"
+        approved, reason = await answer_of(self.control, approval)
         await self.release(uuid.UUID(approval.id), approved, reason)
 
     async def release(self, approval_id: uuid.UUID, approved: bool, reason: str) -> None:
@@ -563,32 +553,17 @@ class SessionServicer:
             who, "session.handoff", policy_target, agent_id=agent.id, payload_size=len(state)
         )
         try:
-            if verdict.transient:
-                raise Unavailable(
-                    "the policy engine cannot decide now (" + "; ".join(verdict.decision.reasons) + ")",
-                    "POLICY_UNAVAILABLE",
-                )
-            if verdict.outcome is Outcome.DENY:
-                raise PermissionDenied(
-                    "the policy engine refused this handoff: " + "; ".join(verdict.decision.reasons),
-                    "HANDOFF_DENIED",
-                    policies=",".join(verdict.decision.policies)[:500],
-                )
+            refuse_unless_decided(verdict, "this handoff", "HANDOFF_DENIED")
             status, approval_id, reason = "offered", None, ""
             if verdict.outcome is Outcome.ASK:
-                approval = await self.control.create_approval(
-                    caller=verdict.caller.uid,
+                approval = await ask_once(
+                    self.control,
+                    verdict,
                     requested_by=principal.id,
                     action="session.handoff",
                     target=policy_target.uid,
-                    target_agent_id=agent.id,
+                    agent_id=agent.id,
                     purpose=f"hand session {session.id} (conversation {session.conversation_id}) to agent {agent.id}",
-                    reasons=verdict.decision.reasons,
-                    policy_ids=verdict.decision.policies,
-                    grant_action="session.handoff",
-                    grant_target=policy_target.uid,
-                    grant_duration_seconds=DEFAULT_DURATION,
-                    grant_uses=1,
                 )
                 status, approval_id = "held", uuid.UUID(approval.id)
                 reason = "waiting for approval " + approval.id

@@ -29,6 +29,7 @@ from agentvault.common.errors import (
     invalid,
 )
 from agentvault.common.peers import PeerTarget
+from agentvault.common.policy.asking import refuse_unless_decided
 from agentvault.common.policy.enforcer import AuditEntry
 from agentvault.common.policy.engine import Outcome
 from agentvault.common.policy.request import Caller, Trust, caller, tool_target
@@ -71,17 +72,7 @@ class PeerTools:
         verdict = await tools.enforcer.decide(
             who, "tool.invoke", target, agent_id=request.agent_id, payload_size=request.arguments.ByteSize()
         )
-        if verdict.transient:
-            raise Unavailable(
-                "the policy engine cannot decide now (" + "; ".join(verdict.decision.reasons) + ")",
-                "POLICY_UNAVAILABLE",
-            )
-        if verdict.outcome is Outcome.DENY:
-            raise PermissionDenied(
-                "the policy engine refused this tool call: " + "; ".join(verdict.decision.reasons),
-                "TOOL_DENIED",
-                policies=",".join(verdict.decision.policies)[:500],
-            )
+        refuse_unless_decided(verdict, "this tool call", "TOOL_DENIED")
         if verdict.outcome is Outcome.ASK:
             # Approvals name an agent of this mesh; a tool of a peer mesh cannot be approved here.
             await verdict.done()

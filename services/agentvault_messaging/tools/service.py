@@ -26,7 +26,7 @@ from agentvault.common.errors import (
     invalid,
 )
 from agentvault.common.interceptors import caller_metadata
-from agentvault.common.policy.api import DEFAULT_DURATION
+from agentvault.common.policy.asking import ask_once, refuse_unless_decided
 from agentvault.common.policy.enforcer import AuditEntry, Enforcer
 from agentvault.common.policy.engine import Outcome
 from agentvault.common.policy.request import Caller, Target, Trust, agent_target, caller, tool_target
@@ -266,35 +266,20 @@ class ToolServicer(tpb_grpc.ToolServiceServicer):
             who, "tool.invoke", target, agent_id=agent.id, payload_size=raw_arguments.ByteSize()
         )
         if verdict.outcome is Outcome.ASK:
-            approval = await self.control.create_approval(
-                caller=verdict.caller.uid,
+            approval = await ask_once(
+                self.control,
+                verdict,
                 requested_by=requested_by,
                 action="tool.invoke",
                 target=target.uid,
-                target_agent_id=agent.id,
-                purpose=f"invoke tool {tool.name}"[:200],
-                reasons=verdict.decision.reasons,
-                policy_ids=verdict.decision.policies,
-                grant_action="tool.invoke",
-                grant_target=target.uid,
-                grant_duration_seconds=DEFAULT_DURATION,
-                grant_uses=1,
+                agent_id=agent.id,
+                purpose=f"invoke tool {tool.name}",
             )
             yield tpb.InvokeToolEvent(
                 approval_pending=tpb.ToolApprovalPending(approval_id=approval.id, reasons=verdict.decision.reasons)
             )
             verdict = await self._approved(who, target, agent.id, approval.id, deadline, raw_arguments.ByteSize())
-        if verdict.transient:
-            raise Unavailable(
-                "the policy engine cannot decide now (" + "; ".join(verdict.decision.reasons) + ")",
-                "POLICY_UNAVAILABLE",
-            )
-        if verdict.outcome is Outcome.DENY:
-            raise PermissionDenied(
-                "the policy engine refused this tool call: " + "; ".join(verdict.decision.reasons),
-                "TOOL_DENIED",
-                policies=",".join(verdict.decision.policies)[:500],
-            )
+        refuse_unless_decided(verdict, "this tool call", "TOOL_DENIED")
         outcome = "failed"
         try:
             async for event in self._call(agent, tool.name, arguments, deadline):
