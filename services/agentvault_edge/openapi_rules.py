@@ -328,6 +328,7 @@ def _messaging_constraints() -> dict[tuple[str, str], dict[str, Any]]:
         (party, "agent_id"): some_uuid,
         (party, "did"): text_schema(rules.MAX_DID),
         (party, "mesh"): text_schema(255),
+        (_MSG + "GetWebhookSecretRequest", "agent_id"): _UUID,
         (_MSG + "ListMessagesRequest", "page_size"): _page_size(),
         (_MSG + "ListMessagesRequest", "conversation_id"): {"maxLength": 128},
         (_MSG + "ListMessagesRequest", "correlation_id"): {"maxLength": 128},

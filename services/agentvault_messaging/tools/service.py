@@ -158,8 +158,6 @@ class ToolServicer(tpb_grpc.ToolServiceServicer):
         self, request: tpb.ListToolsRequest, context: grpc.aio.ServicerContext
     ) -> tpb.ListToolsResponse:
         _, who = await self._who(context)
-        if request.agent_id and request.include_federated:
-            raise invalid("include_federated", "cannot be combined with agent_id (it lists one agent of this mesh)")
         if request.agent_id:
             agents = [
                 await self._registry(self.registry.GetAgent, reg_pb.GetAgentRequest(id=request.agent_id), context)
@@ -209,7 +207,7 @@ class ToolServicer(tpb_grpc.ToolServiceServicer):
                     )
                 )
         notes: list[str] = []
-        if request.include_federated:
+        if request.include_federated and not request.agent_id:
             found, notes = await peer_tools(self.discovery, self.enforcer, who, context)
             tools.extend(found)
         return tpb.ListToolsResponse(tools=tools, notes=notes)

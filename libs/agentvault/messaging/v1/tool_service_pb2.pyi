@@ -84,7 +84,8 @@ class ListToolsRequest(_message.Message):
     include_federated: _builtins.bool
     """Also the tools of peer meshes' agents that federated search finds for the caller (the peers' sharing rules),
     which this mesh's policy lets the caller invoke (tool.invoke, the tool's `mesh` the peer's name). A peer that
-    fails leaves its tools out and a note in the response; it never fails the listing. Not with agent_id.
+    fails leaves its tools out and a note in the response; it never fails the listing. Ignored with agent_id,
+    which names one agent of this mesh.
     """
     def __init__(
         self,
