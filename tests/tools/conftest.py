@@ -6,6 +6,7 @@ import asyncio
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,15 +55,17 @@ def mcp_server() -> Iterator[McpServer]:
     url = f"http://127.0.0.1:{port}/mcp"
 
     async def ready() -> None:
+        # Generous: on a fresh clone under load the server's first start compiles the SDK (many seconds of CPU).
+        deadline = time.monotonic() + 90
         async with aiohttp.ClientSession() as http:
-            for _ in range(200):
+            while time.monotonic() < deadline and proc.poll() is None:
                 try:
                     async with http.get(url) as answer:  # 401 without the token: it is up
                         if answer.status:
                             return
                 except aiohttp.ClientError:
                     await asyncio.sleep(0.05)
-        raise RuntimeError("the MCP test server did not start")
+        raise RuntimeError(f"the MCP test server did not start (exit code {proc.poll()})")
 
     try:
         asyncio.run(ready())

@@ -32,7 +32,7 @@ REFRESH_SECONDS = 600
 
 async def _ready(url: str, proc: subprocess.Popen[bytes]) -> None:
     async with aiohttp.ClientSession() as http:
-        for _ in range(400):
+        for _ in range(1800):  # generous: a first start on a fresh clone under load compiles the SDK
             if proc.poll() is not None:
                 break
             try:

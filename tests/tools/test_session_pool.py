@@ -42,7 +42,8 @@ class RestartableServer(McpServer):
     async def seen(self) -> dict:
         url = self.url.removesuffix("/mcp") + "/seen"
         async with aiohttp.ClientSession() as http:
-            for _ in range(200):
+            # Generous: a first start on a fresh clone under load compiles the SDK (many seconds of CPU).
+            for _ in range(1800):
                 try:
                     async with http.get(url, headers=auth(self.token)) as resp:
                         assert resp.status == 200
