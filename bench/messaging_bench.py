@@ -46,7 +46,7 @@ import grpc
 import redis.asyncio as aioredis
 
 from agentvault.common.secretbox import SecretBox
-from agentvault.devserver.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from agentvault.devserver.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_for_port
 from agentvault.devserver.mesh import SERVICES, Mesh
 from agentvault.identity.v1 import identity_service_pb2 as ipb
 from agentvault.identity.v1 import identity_service_pb2_grpc as ipb_grpc
@@ -57,6 +57,7 @@ from agentvault.policy.v1 import policy_service_pb2_grpc as ppb_grpc
 from agentvault.registry.v1 import registry_service_pb2 as pb
 from agentvault.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from bench import promhist
+from bench.echo import DURABLE_METHOD
 from bench.identity_bench import basic, bearer
 from bench.load import CHANNEL_OPTIONS, GrpcJob, LoadClient, LoadResult, drive, percentile
 from bench.procs import CpuMeter, machine, pinned, postmaster_pid, run_loop, sigterm_as_interrupt
@@ -867,6 +868,33 @@ def a2a_comparison(mesh: Mesh, sender: LocalAgent, replier: LocalAgent, config: 
         _stop(direct_agent)
 
 
+def durable_floor(
+    runner: Runner,
+    dsn: str,
+    requests: tuple[bytes, ...],
+    concurrency: int,
+    config: Config,
+    groups: dict[str, list[int]],
+    expand: dict[str, int],
+) -> Figure:
+    """bench/echo.py --durable, pinned as the messaging service is, driven like the sends: the least a service can do
+    before it answers that a message is stored (parse it, one INSERT into an indexed table, commit, answer)."""
+    port = free_port()
+    with pinned(set(config.server_cpus or ())):
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bench.echo", str(port), "--durable", dsn], cwd=REPO, stdin=subprocess.DEVNULL
+        )
+    try:
+        wait_for_port("127.0.0.1", port, 30, process)
+        job = runner.grpc_job(f"127.0.0.1:{port}", DURABLE_METHOD, requests, concurrency)
+        server_groups = {"server": [process.pid], **{k: v for k, v in groups.items() if k == "db"}}
+        figure = runner.measure(SECTION, f"ceiling: gRPC echo + one INSERT c={concurrency}", job, server_groups, expand)
+        runner.figures.remove(figure)
+        return figure
+    finally:
+        _stop(process)
+
+
 def ratio_note(figure: Figure, echo: Figure, loop: Figure) -> float:
     share = (figure.throughput or 0.0) / max(echo.throughput or 1.0, 1.0)
     of_loop = (figure.throughput or 0.0) / max(loop.throughput or 1.0, 1.0)
@@ -957,6 +985,12 @@ def run(config: Config, plan: Plan) -> int:
                     mpb.SendMessageRequest(message=text_message(agents["sink"].id)).SerializeToString()
                     for _ in range(16)
                 )
+                # The floor of a durable send: the bare echo server committing each request in one indexed row.
+                floor = durable_floor(runner, postgres.uri("bench"), requests, c, config, groups, expand)
+                floor.note = (
+                    f"{(floor.throughput or 0.0) / max(echo.throughput or 1.0, 1.0):.1%} of the gRPC echo (same run)"
+                )
+                figures.append(floor)
                 job = runner.grpc_job(address, SEND_METHOD, requests, c)
                 job = GrpcJob(job.address, job.method, job.requests, job.concurrency, job.channels, job.warmup,
                               job.duration, metadata=(agents["sender"].md,))  # fmt: skip
@@ -966,6 +1000,9 @@ def run(config: Config, plan: Plan) -> int:
                                            (scrape.url, labels))  # fmt: skip
                 runner.figures.remove(sends)
                 share = ratio_note(sends, echo, loop)
+                of_floor = (sends.throughput or 0.0) / max(floor.throughput or 1.0, 1.0)
+                sends.extra["share_of_durable_floor"] = of_floor
+                sends.note += f"; {of_floor:.1%} of the durable-send floor"
                 judge(sends, f">= {SEND_VS_ECHO:.0%} of echo ({share:.0%})", share >= SEND_VS_ECHO)
                 hist = sends.extra.get("server_histogram", {})
                 if hist:

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -173,9 +173,12 @@ class RegistryControlPlane:
         return await self.connections.trust(kind, caller.id, agent_id, default_trust(caller.type))
 
     async def record(self, caller: Caller, agent_id: str, violation: str | None) -> None:
+        await self.record_many(caller, agent_id, (violation,))
+
+    async def record_many(self, caller: Caller, agent_id: str, violations: Sequence[str | None]) -> None:
+        """Interactions of one caller with one agent, in order (one transaction: connection_store.record_many)."""
         kind = caller.type.removeprefix("Caller::").lower()
-        change = await self.connections.record(kind, caller.id, agent_id, violation)
-        if change is not None:
+        for change in await self.connections.record_many(kind, caller.id, agent_id, violations):
             TRUST_CHANGES.labels(change.to_level).inc()
             log.warning(
                 "trust changed",
@@ -879,11 +882,14 @@ class AccessServicer:
                 _check_caller(v, f"interactions[{i}].", item.caller_type, item.caller_id, item.agent_id)
                 agent_rules.check_text(v, f"interactions[{i}].violation", item.violation, max_len=MAX_NOTE)
         v.raise_if_any()
+        # One transaction per connection, its interactions in their order (a batch mostly holds a few connections).
+        by_connection: dict[tuple[str, str, str], list[str | None]] = {}
         for item in request.interactions:
             if item.caller_type in CONNECTION_KINDS:  # a service has no connection to count against
-                await self.control.record(
-                    Caller(item.caller_type, item.caller_id), item.agent_id, item.violation.strip() or None
-                )
+                key = (item.caller_type, item.caller_id, item.agent_id)
+                by_connection.setdefault(key, []).append(item.violation.strip() or None)
+        for (caller_type, caller_id, agent_id), violations in by_connection.items():
+            await self.control.record_many(Caller(caller_type, caller_id), agent_id, violations)
         return empty_pb2.Empty()
 
     async def ConsumeGrant(

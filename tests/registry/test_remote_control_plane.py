@@ -158,6 +158,34 @@ async def test_decide_makes_connections_at_the_default_trust_and_denies_count(pl
     assert await connections_of(plane, "messaging", agent.id) == []
 
 
+async def test_a_batch_of_interactions_applies_the_trust_rules_in_order_per_connection(plane: Plane) -> None:
+    """One RecordInteractions of several connections, interleaved: each counted in order as one call per
+    interaction would be (the registry takes each connection's share in one transaction)."""
+    owner, first, second = await member(plane, "owner"), await member(plane, "first"), await member(plane, "second")
+    agent = await agent_of(plane, owner)
+    md = await plane.tokens.metadata()
+    for who in (first, second):  # first contact: a person's connection starts at basic
+        await plane.policies.ResolveTrust(
+            ppb.ResolveTrustRequest(caller_type="Caller::Person", caller_id=who.principal_id, agent_id=agent.id),
+            metadata=md,
+        )
+    items = []
+    for i in range(7):  # the default limit is 5 violations an hour: the fifth drops `first` to untrusted
+        items.append(ppb.Interaction(caller_type="Caller::Person", caller_id=first.principal_id, agent_id=agent.id,
+                                     violation=f"refused {i}"))  # fmt: skip
+        if i < 3:
+            items.append(ppb.Interaction(caller_type="Caller::Person", caller_id=second.principal_id,
+                                         agent_id=agent.id))  # fmt: skip
+    items += [ppb.Interaction(caller_type="Caller::Person", caller_id=first.principal_id, agent_id=agent.id)] * 2
+    await plane.policies.RecordInteractions(ppb.RecordInteractionsRequest(interactions=items), metadata=md)
+
+    [one] = await connections_of(plane, first.principal_id, agent.id)
+    # Dropped at the fifth violation (its counters reset), then two more violations and two clean interactions.
+    assert (one.trust_level, one.interactions, one.violations) == ("untrusted", 9, 2)
+    [two] = await connections_of(plane, second.principal_id, agent.id)
+    assert (two.trust_level, two.interactions, two.violations) == ("basic", 3, 0)
+
+
 async def test_a_grant_of_two_uses_is_spent_twice_across_two_remote_enforcers(plane: Plane) -> None:
     owner, asker = await member(plane, "owner"), await member(plane, "spender")
     agent = await agent_of(plane, owner, "metered")
