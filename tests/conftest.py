@@ -94,13 +94,31 @@ class MeshHandle:
 MeshFactory = Callable[..., MeshHandle]
 
 
+# Meshes started during the current test module, stopped when it ends (_stop_the_modules_meshes).
+_module_meshes: list[Mesh] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_the_modules_meshes() -> Iterator[None]:
+    """Stops the meshes a module started once its tests and fixtures are done (this fixture, autouse, is set up
+    before the module's own fixtures and so torn down after them): some fifty meshes of five processes each, all
+    alive until the session ends, made a full run slower as it went and held gigabytes of memory."""
+    yield
+    while _module_meshes:
+        _module_meshes.pop().stop()
+
+
 @pytest.fixture(scope="session")
 def mesh_factory(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshFactory]:
-    """Starts a fresh mesh (own database, own Redis db, own ports) as real processes."""
+    """Starts a fresh mesh (own database, own Redis db, own ports) as real processes. It is stopped when the test
+    module that started it ends; `keep=True` (for a session- or package-scoped fixture) keeps it to the end."""
     started: list[Mesh] = []
 
     def start(
-        services: tuple[ServiceSpec, ...] = SERVICES, env: dict[str, str] | None = None, name: str = "mesh"
+        services: tuple[ServiceSpec, ...] = SERVICES,
+        env: dict[str, str] | None = None,
+        name: str = "mesh",
+        keep: bool = False,
     ) -> MeshHandle:
         number = next(_mesh_numbers)
         if number >= MAX_REDIS_DBS:
@@ -131,19 +149,19 @@ def mesh_factory(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> Iter
             **(env or {}),
         }
         mesh = Mesh(mesh_env, log_dir=Path(data_dir) / "logs", services=services)
-        started.append(mesh)
+        (started if keep else _module_meshes).append(mesh)
         mesh.start()
         return MeshHandle(mesh, mesh_env["DATABASE_URL"], mesh_env["REDIS_URL"], token)
 
     yield start
-    for mesh in started:
+    for mesh in started + _module_meshes:
         mesh.stop()
 
 
 @pytest.fixture(scope="session")
 def mesh(mesh_factory: MeshFactory) -> MeshHandle:
     """The shared mesh most tests use; tests that need isolation start their own with mesh_factory."""
-    return mesh_factory(name="shared")
+    return mesh_factory(name="shared", keep=True)
 
 
 @pytest.fixture(scope="session")

@@ -26,13 +26,13 @@ Cli = Callable[..., subprocess.CompletedProcess[str]]
 
 @pytest.fixture(scope="session")
 def client_mesh(mesh_factory: MeshFactory) -> MeshHandle:
-    return mesh_factory(services=REGISTRY_AND_DISCOVERY, name="client")
+    return mesh_factory(services=REGISTRY_AND_DISCOVERY, name="client", keep=True)
 
 
 @pytest.fixture(scope="session")
 def peer_mesh(mesh_factory: MeshFactory) -> MeshHandle:
     """A second mesh the client mesh federates with, for `discover --include-federated`."""
-    return mesh_factory(services=REGISTRY_ONLY, name="client_peer")
+    return mesh_factory(services=REGISTRY_ONLY, name="client_peer", keep=True)
 
 
 @pytest.fixture(scope="session")

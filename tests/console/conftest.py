@@ -57,7 +57,7 @@ async def console(mesh_factory: MeshFactory) -> AsyncIterator[ConsoleNet]:
         # The MCP tool catalog scanned often, so a registered MCP server's tools are listed soon.
         **TOOLS_ENV,
     }
-    mesh = mesh_factory(name="console", env={**MESSAGING_ENV, **env})
+    mesh = mesh_factory(name="console", env={**MESSAGING_ENV, **env}, keep=True)
     async with (
         grpc.aio.insecure_channel(mesh.address("registry")) as reg,
         grpc.aio.insecure_channel(mesh.address("messaging")) as msg,

@@ -163,12 +163,12 @@ class Peers:
 @pytest.fixture(scope="package")
 def mesh_a(mesh_factory: MeshFactory) -> MeshHandle:
     assert any(s.name == "health-monitor" for s in SERVICES)
-    return mesh_factory(env={**monitor_env(), "FEDERATION_REGISTRY_NAME": "mesh-a"}, name="hm_a")
+    return mesh_factory(env={**monitor_env(), "FEDERATION_REGISTRY_NAME": "mesh-a"}, name="hm_a", keep=True)
 
 
 @pytest.fixture(scope="package")
 def mesh_b(mesh_factory: MeshFactory) -> MeshHandle:
-    return mesh_factory(env={"FEDERATION_REGISTRY_NAME": "mesh-b"}, name="hm_b")
+    return mesh_factory(env={"FEDERATION_REGISTRY_NAME": "mesh-b"}, name="hm_b", keep=True)
 
 
 async def add_peer(http: aiohttp.ClientSession, on: MeshHandle, name: str, url: str) -> str:
