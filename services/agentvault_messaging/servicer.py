@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hashlib
 import logging
 import time
 import uuid
@@ -18,7 +17,6 @@ import grpc
 from google.protobuf import empty_pb2, json_format
 
 from agentvault.common import errors, pagination, tracing
-from agentvault.common.auth import AUTHORIZATION_KEY
 from agentvault.common.enums import enum_words
 from agentvault.common.errors import (
     AlreadyExists,
@@ -29,8 +27,6 @@ from agentvault.common.errors import (
     Unavailable,
     invalid,
 )
-from agentvault.common.interceptors import caller_metadata
-from agentvault.common.lru import Lru
 from agentvault.common.policy.asking import ask_once, refuse_unless_decided
 from agentvault.common.policy.enforcer import Enforcer
 from agentvault.common.policy.engine import Outcome
@@ -42,12 +38,13 @@ from agentvault.messaging.v1 import messaging_service_pb2 as mpb
 from agentvault.registry.v1 import registry_service_pb2 as reg_pb
 from agentvault.registry.v1 import registry_service_pb2_grpc as reg_grpc
 from agentvault_messaging import acks, metrics, model
+from agentvault_messaging.agent_lookup import AgentLookup
 from agentvault_messaging.events import Hub, Watcher
 from agentvault_messaging.federation import FEDERATION, PeerBook, peer_inbox
 from agentvault_messaging.parts import PartStreams
 from agentvault_messaging.schema import message_schema
 from agentvault_messaging.session_federation import HandoffsAcrossMeshes
-from agentvault_messaging.sessions import SessionRouter
+from agentvault_messaging.sessions import SessionRouter, instance_label
 from agentvault_messaging.settings import MessagingSettings
 from agentvault_messaging.store import INBOX, Holder, IdempotencyConflict, NewMessage, Row, Store, holds
 from agentvault_messaging.transports.base import Transport, choose
@@ -68,8 +65,6 @@ DEFAULT_IN_FLIGHT = 100
 CONVERSE_QUEUE = 8
 # How long a recipient looked up for one credential is reused: a change of the agent (its endpoints, tags, owner,
 # sharing) or of the credential reaches sends within this time.
-AGENT_CACHE_SECONDS = 2.0
-AGENT_CACHE_BYTES = 32 * 1024 * 1024
 
 
 def inbox_of(principal: Principal) -> str:
@@ -130,8 +125,7 @@ class MessagingServicer:
         # Conversations whose session moved to a peer mesh (session_federation.py).
         self.handoffs_away: HandoffsAcrossMeshes | None = None
         # Recipients as each credential sees them, briefly: a send costs no registry call while they are fresh.
-        # Keyed by the SHA-256 of the credential, bounded in bytes (agents are anyone's to register).
-        self._agents: Lru[tuple[bytes, str], tuple[reg_pb.Agent, float]] = Lru(50_000, budget=AGENT_CACHE_BYTES)
+        self.agents = AgentLookup(registry)
 
     # Who is calling ----------------------------------------------------------------------------------------
 
@@ -140,29 +134,9 @@ class MessagingServicer:
 
     async def _agent(self, agent_id: str, context: grpc.aio.ServicerContext, path: str) -> reg_pb.Agent:
         """The agent as the caller may see it (its credential forwarded: a private agent of someone else is not
-        found)."""
+        found); kept a moment per credential (agent_lookup.py)."""
         model.require_uuid(path, agent_id)
-        metadata = tuple(caller_metadata(context))
-        credential = next((v for k, v in metadata if k == AUTHORIZATION_KEY), "")
-        key = (hashlib.sha256(credential.encode()).digest(), agent_id)
-        now = time.monotonic()
-        cached = self._agents.get(key)
-        if cached is not None and cached[1] > now:
-            return cached[0]
-        try:
-            agent: reg_pb.Agent = await self.registry.GetAgent(
-                reg_pb.GetAgentRequest(id=agent_id), metadata=metadata, timeout=REGISTRY_TIMEOUT
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                raise NotFound(f"agent {agent_id} not found", "AGENT_NOT_FOUND", id=agent_id) from None
-            if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-                raise NotFound(f"agent {agent_id} not found", "AGENT_NOT_FOUND", id=agent_id) from None
-            log.warning("registry GetAgent failed: %s %s", exc.code().name, exc.details())
-            raise Unavailable("the registry cannot be asked now", "REGISTRY_UNAVAILABLE") from None
-        # Python's objects weigh a few times the wire size.
-        self._agents.put(key, (agent, now + AGENT_CACHE_SECONDS), 4 * agent.ByteSize())
-        return agent
+        return await self.agents.get(agent_id, context)
 
     async def _inbox(self, principal: Principal, agent_id: str, context: grpc.aio.ServicerContext) -> str:
         """The inbox the caller may read: its own, or an agent's when it is that agent, its owner or an admin.
@@ -243,6 +217,7 @@ class MessagingServicer:
             )
         status, approval_id, reason = "accepted", None, ""
         verdict = None
+        instance = ""  # the recipient agent's instance it is addressed to ("": any)
         if original is not None and not message.HasField("recipient"):
             route = self.reply_route(original)
         else:
@@ -263,7 +238,7 @@ class MessagingServicer:
             else:
                 if self.sessions is not None and original is None and message.conversation_id:
                     # A conversation whose session was handed off: to its current owner (sessions.py).
-                    owner = await self.sessions.route(message.conversation_id, message.recipient.agent_id)
+                    owner, instance = await self.sessions.route(message.conversation_id, message.recipient.agent_id)
                     if owner != message.recipient.agent_id:
                         # Stored naming its actual recipient; the request hash stays the request's, for repeats.
                         message.recipient.agent_id = owner
@@ -302,6 +277,10 @@ class MessagingServicer:
                     status, approval_id = "held", uuid.UUID(approval.id)
                     reason = "waiting for approval " + approval.id
         conversation = message.conversation_id or (original.conversation_id if original else str(uuid.uuid4()))
+        if original is not None and self.sessions is not None and route.transport == INBOX and route.agent_id:
+            # A reply to the agent holding the conversation's session goes to the instance holding it.
+            owner, held_by = await self.sessions.route(conversation, route.agent_id)
+            instance = held_by if owner == route.agent_id else ""
         correlation = message.correlation_id or (original.correlation_id if original else str(message_id))
         expire_at = message.expire_time.ToDatetime(UTC) if message.HasField("expire_time") else None
         new = NewMessage(
@@ -328,6 +307,7 @@ class MessagingServicer:
             expire_at=expire_at,
             status_reason=reason,
             traceparent=tracing.traceparent(),
+            recipient_instance=instance,
         )
         try:
             row, duplicate = await self.store.insert(new)
@@ -497,18 +477,21 @@ class MessagingServicer:
         )
         if not 0 <= request.wait_seconds <= MAX_LONG_POLL:
             raise invalid("wait_seconds", f"must be from 0 to {MAX_LONG_POLL}")
+        instance = instance_label(request.instance, "instance")
         inbox = await self._inbox(principal, request.agent_id, context)
         deadline = time.monotonic() + request.wait_seconds
         with self.hub.waiting(inbox) as waiter:
             while True:
                 waiter.clear()
-                rows = await self.claim(inbox, count, visibility)
+                rows = await self.claim(inbox, count, visibility, instance)
                 if rows or time.monotonic() >= deadline:
                     return mpb.ReceiveMessagesResponse(deliveries=[_delivery(r) for r in rows])
                 await waiter.wait(min(deadline - time.monotonic(), self.settings.poll_seconds))
 
-    async def claim(self, inbox: str, count: int, visibility: float) -> list[Row]:
-        claimed = await self.store.claim_inbox(inbox, count, visibility, self.settings.max_attempts)
+    async def claim(self, inbox: str, count: int, visibility: float, instance: str = "") -> list[Row]:
+        """Messages addressed to no instance, or to `instance` (the receiver's label), are claimed; a receiver
+        without a label leaves the ones addressed to an instance for it."""
+        claimed = await self.store.claim_inbox(inbox, count, visibility, self.settings.max_attempts, instance)
         dead = [r for r in claimed if r.status == "dead_lettered"]
         rows = [r for r in claimed if r.status != "dead_lettered"]
         if dead:
@@ -601,10 +584,13 @@ class MessagingServicer:
         visibility = _seconds(
             request.visibility_timeout_seconds, "visibility_timeout_seconds", DEFAULT_VISIBILITY, MAX_VISIBILITY
         )
+        instance = instance_label(request.instance, "instance")
         inbox = await self._inbox(principal, request.agent_id, context)
-        return self._deliveries(inbox, limit, visibility)
+        return self._deliveries(inbox, limit, visibility, instance)
 
-    async def _deliveries(self, inbox: str, limit: int, visibility: int) -> AsyncIterator[mpb.Delivery]:
+    async def _deliveries(
+        self, inbox: str, limit: int, visibility: int, instance: str = ""
+    ) -> AsyncIterator[mpb.Delivery]:
         in_flight: dict[str, float] = {}  # message id -> when its visibility ends
         with self.hub.waiting(inbox) as waiter:
             while True:
@@ -615,7 +601,7 @@ class MessagingServicer:
                 for key in [k for k, until in in_flight.items() if until <= now]:
                     del in_flight[key]
                 room = limit - len(in_flight)
-                rows = await self.claim(inbox, min(room, MAX_RECEIVE), visibility) if room > 0 else []
+                rows = await self.claim(inbox, min(room, MAX_RECEIVE), visibility, instance) if room > 0 else []
                 for row in rows:
                     in_flight[str(row.id)] = time.monotonic() + visibility
                     yield _delivery(row)

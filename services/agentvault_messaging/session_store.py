@@ -258,17 +258,17 @@ class SessionStore:
             session_id,
         )
 
-    async def current_owner(self, conversation_id: str, recipient: str) -> str | None:
-        """The conversation's session owner when `recipient` owned it before (and no longer does); else None.
-        One statement on the conversation's unique index and the owners' primary key."""
-        owner: str | None = await self.pool.fetchval(
-            """SELECT s.owner_agent FROM sessions s
-               WHERE s.conversation_id = $1 AND s.owner_agent <> $2
-                 AND EXISTS (SELECT 1 FROM session_owners o WHERE o.session_id = s.id AND o.agent_id = $2)""",
+    async def current_owner(self, conversation_id: str, recipient: str) -> tuple[str, str] | None:
+        """The conversation's session owner and its instance when `recipient` owns it or owned it before; else
+        None. One statement on the conversation's unique index and the owners' primary key."""
+        record = await self.pool.fetchrow(
+            """SELECT s.owner_agent, s.owner_instance FROM sessions s
+               WHERE s.conversation_id = $1 AND (s.owner_agent = $2
+                 OR EXISTS (SELECT 1 FROM session_owners o WHERE o.session_id = s.id AND o.agent_id = $2))""",
             conversation_id,
             recipient,
         )
-        return owner
+        return None if record is None else (record["owner_agent"], record["owner_instance"])
 
     # Handoffs ----------------------------------------------------------------------------------------------
 
@@ -504,9 +504,12 @@ class SessionStore:
                 instance,
             )
             moved: list[uuid.UUID] = []
-            if handoff.target_agent != handoff.from_agent:
+            if handoff.target_agent != handoff.from_agent or instance != base.owner_instance:
+                # Re-addressed to the new owner's instance too ("" when it named none): between instances of one
+                # agent, only the address changes.
                 records = await conn.fetch(
-                    """UPDATE messages SET inbox = $3, recipient_agent = $4, recipient_owner = $5, updated_at = now()
+                    """UPDATE messages SET inbox = $3, recipient_agent = $4, recipient_owner = $5,
+                           recipient_instance = $7, updated_at = now()
                        WHERE inbox = $1 AND conversation_id = $2 AND status = 'accepted' AND transport = $6
                        RETURNING id""",
                     f"agent:{handoff.from_agent}",
@@ -515,6 +518,7 @@ class SessionStore:
                     handoff.target_agent,
                     handoff.target_principal,
                     INBOX,
+                    instance,
                 )
                 moved = [r["id"] for r in records]
             accepted = HandoffRow.of(done)

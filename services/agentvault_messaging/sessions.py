@@ -115,6 +115,10 @@ def _label(value: str, path: str) -> str:
     return value
 
 
+# An instance label wherever one is named (a session's owner, a handoff's target, a receiver: servicer.py).
+instance_label = _label
+
+
 def _uuid(path: str, value: str) -> uuid.UUID:
     return model.require_uuid(path, value)
 
@@ -299,16 +303,21 @@ class SessionRouter:
     def __init__(self, sessions: SessionStore) -> None:
         self.sessions = sessions
 
-    async def route(self, conversation_id: str, agent_id: str) -> str:
-        """The agent a message of `conversation_id` to `agent_id` goes to: the session's current owner when
-        `agent_id` owned it before, else `agent_id` itself."""
+    async def route(self, conversation_id: str, agent_id: str) -> tuple[str, str]:
+        """The agent a message of `conversation_id` to `agent_id` goes to, and the instance it is addressed to: the
+        session's current owner and its instance when `agent_id` owns it or owned it before, else `agent_id` itself
+        and "" (any instance)."""
         if not conversation_id or not agent_id:
-            return agent_id
-        return await self.sessions.current_owner(conversation_id, agent_id) or agent_id
+            return agent_id, ""
+        return await self.sessions.current_owner(conversation_id, agent_id) or (agent_id, "")
 
 
 class HandoffApprovals:
     """Held handoffs released by their approvals (called by delivery.ApprovalFollower, which follows them all)."""
+
+    # Handoffs across meshes (session_federation.py, set by __main__): an approved offer to a peer's agent is sent
+    # there; offers from peers held by this mesh's "ask" are released alike.
+    across: HandoffsAcrossMeshes | None = None
 
     def __init__(self, sessions: SessionStore, notices: Notices, control: ControlPlane) -> None:
         self.sessions = sessions
@@ -316,7 +325,10 @@ class HandoffApprovals:
         self.control = control
 
     async def held(self, limit: int) -> list[uuid.UUID]:
-        return await self.sessions.held(limit)
+        held = await self.sessions.held(limit)
+        if self.across is not None:
+            held += await self.across.held(limit)
+        return held
 
     async def apply(self, approval: ppb.Approval) -> None:
         if approval.status == "pending" or approval.action != "session.handoff":
@@ -329,6 +341,8 @@ class HandoffApprovals:
         for handoff in released:
             log.info("held handoff released", extra={"handoff_id": str(handoff.id), "status": handoff.status})
         await self.notices.publish(told)
+        if self.across is not None:
+            await self.across.released(approval_id, approved, reason, released)
 
 
 class HandoffSweeper:

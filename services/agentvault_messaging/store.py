@@ -25,7 +25,7 @@ _COLUMNS = (
     "id, seq, sender, sender_kind, sender_id, sender_agent, sender_inbox, inbox, recipient_agent, recipient_owner, "
     "recipient_mesh, transport, endpoint, conversation_id, correlation_id, in_reply_to, idempotency_key, "
     "request_hash, body, size, status, status_reason, approval_id, attempts, visible_at, receipt, expire_at, "
-    "annotations, created_at, updated_at, traceparent"
+    "annotations, created_at, updated_at, traceparent, recipient_instance"
 )
 
 
@@ -76,6 +76,8 @@ class Row:
     updated_at: datetime
     # The W3C traceparent of the send (0005_traceparent.sql): its delivery joins the sender's trace.
     traceparent: str = ""
+    # The recipient agent's instance it is addressed to, "" for any (0008_recipient_instance.sql).
+    recipient_instance: str = ""
 
     @classmethod
     def of(cls, record: asyncpg.Record) -> Row:
@@ -100,6 +102,7 @@ class Row:
         message.attempts = self.attempts
         message.approval_id = str(self.approval_id) if self.approval_id else ""
         message.transport = self.transport
+        message.recipient_instance = self.recipient_instance
         message.create_time.CopyFrom(_stamp(self.created_at))
         message.update_time.CopyFrom(_stamp(self.updated_at))
         return message
@@ -144,6 +147,7 @@ class NewMessage:
     expire_at: datetime | None
     status_reason: str = ""
     traceparent: str = ""
+    recipient_instance: str = ""
 
 
 class IdempotencyConflict(Exception):
@@ -170,9 +174,9 @@ class Store:
             INSERT INTO messages (id, sender, sender_kind, sender_id, sender_agent, sender_inbox, inbox,
                 recipient_agent, recipient_owner, recipient_mesh, transport, endpoint, conversation_id,
                 correlation_id, in_reply_to, idempotency_key, request_hash, body, size, status, status_reason,
-                approval_id, expire_at, traceparent)
+                approval_id, expire_at, traceparent, recipient_instance)
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20,
-                $21, $22, $23, $24)
+                $21, $22, $23, $24, $25)
             ON CONFLICT DO NOTHING
             RETURNING {_COLUMNS}
             """,
@@ -200,6 +204,7 @@ class Store:
             new.approval_id,
             new.expire_at,
             new.traceparent,
+            new.recipient_instance,
         )
         if record is not None:
             return Row.of(record), False
@@ -236,17 +241,21 @@ class Store:
 
     # Inboxes ------------------------------------------------------------------------------------------------
 
-    async def claim_inbox(self, inbox: str, limit: int, visibility: float, max_attempts: int) -> list[Row]:
+    async def claim_inbox(
+        self, inbox: str, limit: int, visibility: float, max_attempts: int, instance: str = ""
+    ) -> list[Row]:
         """Up to `limit` deliverable messages of `inbox`, oldest first, each invisible to others for `visibility`
         seconds from now and with a new receipt; in the same statement, those already delivered `max_attempts`
         times without an ack are dead-lettered instead (returned with that status). One indexed scan from the
-        head of the inbox, however long its backlog."""
+        head of the inbox, however long its backlog. Only messages addressed to no instance, or to `instance`
+        (the receiver's label; "" takes only the former)."""
         records = await self.pool.fetch(
             f"""
             WITH picked AS (
                 SELECT id FROM messages
                 WHERE inbox = $1 AND status IN ('accepted', 'delivered') AND transport = 'inbox'
                   AND visible_at <= now() AND (expire_at IS NULL OR expire_at > now())
+                  AND recipient_instance IN ('', $5)
                 ORDER BY seq LIMIT $2
                 FOR UPDATE SKIP LOCKED
             )
@@ -264,6 +273,7 @@ class Store:
             limit,
             visibility,
             max_attempts,
+            instance,
         )
         return sorted((Row.of(r) for r in records), key=lambda r: r.seq)
 

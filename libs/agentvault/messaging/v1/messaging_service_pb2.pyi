@@ -163,6 +163,7 @@ class Message(_message.Message):
     STREAMING_FIELD_NUMBER: _builtins.int
     STREAM_STATE_FIELD_NUMBER: _builtins.int
     STREAM_PARTS_FIELD_NUMBER: _builtins.int
+    RECIPIENT_INSTANCE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The message's UUID: the sender's when given (it then acts as an idempotency key), else assigned."""
     format_version: _builtins.str
@@ -201,6 +202,11 @@ class Message(_message.Message):
     """
     stream_parts: _builtins.int
     """A message sent streaming: the parts its stream holds so far (those sent with it included)."""
+    recipient_instance: _builtins.str
+    """The instance of the recipient agent it is addressed to: a message of a conversation whose session is held by
+    a named instance of its owner goes to that instance only (ReceiveMessages and StreamInbox naming it); empty:
+    any instance of the recipient.
+    """
     @_builtins.property
     def sender(self) -> Global___Party:
         """Who sent it: the verified caller, never a claimed field."""
@@ -270,10 +276,11 @@ class Message(_message.Message):
         streaming: _builtins.bool = ...,
         stream_state: _builtins.str = ...,
         stream_parts: _builtins.int = ...,
+        recipient_instance: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "metadata", b"metadata", "recipient", b"recipient", "sender", b"sender", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "attempts", b"attempts", "conversation_id", b"conversation_id", "correlation_id", b"correlation_id", "create_time", b"create_time", "expire_time", b"expire_time", "extensions", b"extensions", "format_version", b"format_version", "headers", b"headers", "id", b"id", "idempotency_key", b"idempotency_key", "in_reply_to", b"in_reply_to", "metadata", b"metadata", "parts", b"parts", "recipient", b"recipient", "reference_task_ids", b"reference_task_ids", "role", b"role", "sender", b"sender", "status", b"status", "status_reason", b"status_reason", "stream_parts", b"stream_parts", "stream_state", b"stream_state", "streaming", b"streaming", "task_id", b"task_id", "transport", b"transport", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "attempts", b"attempts", "conversation_id", b"conversation_id", "correlation_id", b"correlation_id", "create_time", b"create_time", "expire_time", b"expire_time", "extensions", b"extensions", "format_version", b"format_version", "headers", b"headers", "id", b"id", "idempotency_key", b"idempotency_key", "in_reply_to", b"in_reply_to", "metadata", b"metadata", "parts", b"parts", "recipient", b"recipient", "recipient_instance", b"recipient_instance", "reference_task_ids", b"reference_task_ids", "role", b"role", "sender", b"sender", "status", b"status", "status_reason", b"status_reason", "stream_parts", b"stream_parts", "stream_state", b"stream_state", "streaming", b"streaming", "task_id", b"task_id", "transport", b"transport", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -541,6 +548,7 @@ class ReceiveMessagesRequest(_message.Message):
     MAX_MESSAGES_FIELD_NUMBER: _builtins.int
     VISIBILITY_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     WAIT_SECONDS_FIELD_NUMBER: _builtins.int
+    INSTANCE_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent whose inbox to read (the agent itself or its owner); empty: the caller's own inbox."""
     max_messages: _builtins.int
@@ -549,6 +557,11 @@ class ReceiveMessagesRequest(_message.Message):
     """How long each stays invisible to other receivers: 1 to 43200 seconds, default 30."""
     wait_seconds: _builtins.int
     """Long polling: wait up to this many seconds (0 to 20) for a first message when none is there."""
+    instance: _builtins.str
+    """The receiving instance of the agent (1 to 128 printable ASCII characters without spaces, as a session's
+    instance labels): messages addressed to this instance, and those addressed to none. Empty: only messages
+    addressed to no instance.
+    """
     def __init__(
         self,
         *,
@@ -556,10 +569,11 @@ class ReceiveMessagesRequest(_message.Message):
         max_messages: _builtins.int = ...,
         visibility_timeout_seconds: _builtins.int = ...,
         wait_seconds: _builtins.int = ...,
+        instance: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "max_messages", b"max_messages", "visibility_timeout_seconds", b"visibility_timeout_seconds", "wait_seconds", b"wait_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "instance", b"instance", "max_messages", b"max_messages", "visibility_timeout_seconds", b"visibility_timeout_seconds", "wait_seconds", b"wait_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -774,22 +788,26 @@ class StreamInboxRequest(_message.Message):
     AGENT_ID_FIELD_NUMBER: _builtins.int
     MAX_IN_FLIGHT_FIELD_NUMBER: _builtins.int
     VISIBILITY_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    INSTANCE_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent whose inbox to stream (the agent itself or its owner); empty: the caller's own inbox."""
     max_in_flight: _builtins.int
     """At most this many unacknowledged deliveries at a time: 1 to 1000, default 100."""
     visibility_timeout_seconds: _builtins.int
     """How long an unacknowledged delivery stays with this stream: 1 to 43200 seconds, default 30."""
+    instance: _builtins.str
+    """The receiving instance of the agent, as in ReceiveMessagesRequest: messages addressed to it and to none."""
     def __init__(
         self,
         *,
         agent_id: _builtins.str = ...,
         max_in_flight: _builtins.int = ...,
         visibility_timeout_seconds: _builtins.int = ...,
+        instance: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "max_in_flight", b"max_in_flight", "visibility_timeout_seconds", b"visibility_timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "instance", b"instance", "max_in_flight", b"max_in_flight", "visibility_timeout_seconds", b"visibility_timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
