@@ -144,6 +144,7 @@ async def build(settings: MessagingSettings, server: GrpcServer, stack: contextl
     if settings.box is not None:
         across = HandoffsAcrossMeshes(settings, sessions_db, notices, enforcer, store, hub, book, federation.client)
         across.recipient = peer_facing._recipient
+        across.control = control
         session_servicer.across = servicer.handoffs_away = peer_facing.handoffs = across
     try:
         await asyncio.wait_for(sync.loaded.wait(), FIRST_POLICY_SET_SECONDS)
@@ -157,6 +158,7 @@ async def build(settings: MessagingSettings, server: GrpcServer, stack: contextl
     background(stack, worker.run(), "message-delivery")
     background(stack, StatusFollower(settings, store, hub, federation).run(), "federated-statuses")
     handoffs = HandoffApprovals(sessions_db, notices, buffered)
+    handoffs.across = across
     background(
         stack, ApprovalFollower(plain, identity, store, hub, buffered, handoffs=handoffs).run(), "message-approvals"
     )

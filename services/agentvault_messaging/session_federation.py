@@ -28,7 +28,7 @@ from agentvault.common.errors import (
     Unavailable,
     invalid,
 )
-from agentvault.common.policy.asking import refuse_unless_decided
+from agentvault.common.policy.asking import Asker, ask_once, refuse_unless_decided
 from agentvault.common.policy.enforcer import Enforcer
 from agentvault.common.policy.engine import Outcome
 from agentvault.common.policy.request import Trust, agent_target, caller
@@ -39,7 +39,7 @@ from agentvault.messaging.v1 import session_service_pb2 as spb
 from agentvault.registry.v1 import registry_service_pb2 as reg_pb
 from agentvault_messaging import model
 from agentvault_messaging.events import Hub
-from agentvault_messaging.federation import PeerBook, PeerCallError, PeerClient
+from agentvault_messaging.federation import FEDERATION, PeerBook, PeerCallError, PeerClient, peer_inbox
 from agentvault_messaging.session_store import HandoffRow, SessionStore
 from agentvault_messaging.sessions import (
     _ID,
@@ -54,7 +54,7 @@ from agentvault_messaging.sessions import (
     sign,
 )
 from agentvault_messaging.settings import MessagingSettings
-from agentvault_messaging.store import IdempotencyConflict, NewMessage, Row, Store
+from agentvault_messaging.store import INBOX, IdempotencyConflict, NewMessage, Row, Store
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +65,15 @@ CONCLUDE_METHOD = "/agentvault.messaging.v1.FederatedMessagingService/ConcludeFe
 # How often at most an offer's peer is asked again (from MESSAGING_POLL_SECONDS, doubling up to this).
 MAX_CHECK_SECONDS = 5.0
 BATCH = 100
+# A held offer from a peer whose deadline passed is ended here this long after it, if its peer said nothing (the
+# peer's own conclusion, "aborted", normally comes first).
+HELD_GRACE_SECONDS = 60
 # The peer's statuses after which nothing changes there any more.
 PEER_FINAL = {"rejected": "rejected", "refused": "refused", "expired": "expired", "aborted": "refused"}
 _INCOMING = (
     "id, peer, session_id, conversation_id, from_agent, target_agent, target_instance, target_principal, status, "
     "status_reason, generation, state, state_sha256, signature, request_hash, note, deadline, accepted_instance, "
-    "created_at, updated_at"
+    "created_at, updated_at, approval_id"
 )
 _INCOMING_NO_STATE = _INCOMING.replace(
     "state, state_sha256", "''::bytea AS state, length(state) AS state_size, state_sha256"
@@ -100,6 +103,8 @@ class Incoming:
     created_at: datetime
     updated_at: datetime
     state_size: int = -1
+    # Held by this mesh's "ask": the approval that releases it (0009_incoming_handoffs_held.sql).
+    approval_id: uuid.UUID | None = None
 
     @classmethod
     def of(cls, record: asyncpg.Record) -> Incoming:
@@ -124,7 +129,7 @@ class Incoming:
             state=self.state,
             state_sha256=self.state_sha256,
             signature=self.signature,
-            approval_id=None,
+            approval_id=self.approval_id,
             note=self.note,
             deadline_seconds=0,
             deadline=self.deadline,
@@ -196,6 +201,8 @@ class HandoffsAcrossMeshes:
         self.client = client
         # The peer-facing service's lookup of a federated agent of this mesh (FederatedMessaging._recipient).
         self.recipient: Callable[[mpb.Party], Awaitable[reg_pb.Agent]] | None = None
+        # The control plane that makes approvals (set by __main__): "ask" holds offers both ways; None refuses them.
+        self.control: Asker | None = None
 
     # A: offering a session to an agent of a peer mesh ---------------------------------------------------------
 
@@ -229,13 +236,28 @@ class HandoffsAcrossMeshes:
         )
         try:
             refuse_unless_decided(verdict, "this handoff", "HANDOFF_DENIED")
+            status, approval_id, reason = "offered", None, ""
             if verdict.outcome is Outcome.ASK:
-                # Approvals name an agent of this mesh (as for messages to peer meshes).
-                raise PermissionDenied(
-                    "this mesh's policy asks for an approval, which handoffs to peer meshes cannot wait for: "
-                    + "; ".join(verdict.decision.reasons),
-                    "HANDOFF_DENIED",
+                if self.control is None:
+                    raise PermissionDenied(
+                        "this mesh's policy asks for an approval, which cannot be asked for here: "
+                        + "; ".join(verdict.decision.reasons),
+                        "HANDOFF_DENIED",
+                    )
+                # Held as a local offer is (sessions.py): sent to the peer when approved, its deadline starting then.
+                # Approvals name an agent of this mesh: the session's owner (its owner answers), the grant the target.
+                approval = await ask_once(
+                    self.control,
+                    verdict,
+                    requested_by=principal.id,
+                    action="session.handoff",
+                    target=policy_target.uid,
+                    agent_id=principal.agent_id,
+                    purpose=f"hand session {session.id} (conversation {session.conversation_id}) to agent {target_id} "
+                    f"of peer mesh {peer.name}",
                 )
+                status, approval_id = "held", uuid.UUID(approval.id)
+                reason = "waiting for approval " + approval.id
             handoff_id = uuid.uuid4()
             digest = digest_of(state)
             signature = sign(self.settings.session_key, handoff_id, key, session.generation, digest)
@@ -253,6 +275,9 @@ class HandoffsAcrossMeshes:
                 signature,
                 request.note,
                 seconds,
+                status,
+                approval_id,
+                reason,
             )
         finally:
             await verdict.done()
@@ -278,6 +303,9 @@ class HandoffsAcrossMeshes:
         signature: bytes,
         note: str,
         seconds: int,
+        status: str = "offered",
+        approval_id: uuid.UUID | None = None,
+        reason: str = "",
     ) -> HandoffRow:
         async with self.pool.acquire() as conn, conn.transaction():
             owner = await conn.fetchrow(
@@ -288,14 +316,17 @@ class HandoffsAcrossMeshes:
             try:
                 await conn.execute(
                     """INSERT INTO session_handoffs (id, session_id, from_agent, from_instance, from_principal,
-                           target_agent, target_instance, target_mesh, status, base_generation, state, state_sha256,
-                           signature, note, deadline_seconds, deadline, peer_told, peer_check_at)
-                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'offered', $9, $10, $11, $12, $13, $14::int,
-                           now() + make_interval(secs => $14::int), false, now() + make_interval(secs => $15))""",
+                           target_agent, target_instance, target_mesh, status, status_reason, approval_id,
+                           base_generation, state, state_sha256, signature, note, deadline_seconds, deadline,
+                           peer_told, peer_check_at)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $16::text, $17, $18, $9, $10, $11, $12, $13, $14::int,
+                           -- A held offer's clock starts at its approval (SessionStore.release), as a local one's.
+                           CASE WHEN $16::text = 'offered' THEN now() + make_interval(secs => $14::int) END,
+                           false, now() + make_interval(secs => $15))""",
                     handoff_id, session_id, principal.agent_id, instance, principal.id, target_agent,
                     target_instance, peer, generation, state, digest, signature, note, seconds,
                     # The initiator offers it first itself; the follower takes over after.
-                    self.settings.delivery_timeout,
+                    self.settings.delivery_timeout, status, reason[:1024], approval_id,
                 )  # fmt: skip
             except asyncpg.UniqueViolationError:
                 raise _in_progress(None) from None
@@ -334,13 +365,64 @@ class HandoffsAcrossMeshes:
                     updated_at = now() WHERE status = 'offered' AND deadline <= now() RETURNING {_INCOMING}"""
         )
         await self._tell_incoming([Incoming.of(r) for r in expired], "expired")
+        # Held ones whose peer never concluded them: ended a grace period after the deadline (never told of: no one
+        # here is told of their end either).
+        await self.pool.execute(
+            """UPDATE incoming_handoffs SET status = 'expired', status_reason = 'no answer before the deadline',
+                   updated_at = now() WHERE status = 'held' AND deadline <= now() - make_interval(secs => $1)""",
+            HELD_GRACE_SECONDS,
+        )
+
+    # Approvals: held offers both ways (sessions.HandoffApprovals calls these) ------------------------------------
+
+    async def held(self, limit: int) -> list[uuid.UUID]:
+        """The approvals that offers from peers held here wait for."""
+        records = await self.pool.fetch(
+            "SELECT DISTINCT approval_id FROM incoming_handoffs WHERE status = 'held' AND approval_id IS NOT NULL "
+            "LIMIT $1",
+            limit,
+        )
+        return [r["approval_id"] for r in records]
+
+    async def released(
+        self, approval_id: uuid.UUID, approved: bool, reason: str, released: Sequence[HandoffRow] = ()
+    ) -> None:
+        """An answered approval: offers to peers' agents it released (`released`, already offered by the session
+        store, their deadline started) are sent to the peer now; offers from peers it held here are offered to their
+        target (told in its inbox) when approved and still in time, expired when late, refused when denied."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            records = await conn.fetch(
+                f"""UPDATE incoming_handoffs SET updated_at = now(),
+                        status = CASE WHEN NOT $2 THEN 'refused' WHEN deadline <= now() THEN 'expired'
+                            ELSE 'offered' END,
+                        status_reason = CASE WHEN NOT $2 THEN $3 WHEN deadline <= now()
+                            THEN 'no answer before the deadline' ELSE '' END
+                    WHERE approval_id = $1 AND status = 'held' RETURNING {_INCOMING_NO_STATE}""",
+                approval_id,
+                approved,
+                f"this mesh's approval: {reason}"[:1024],
+            )
+            rows = [Incoming.of(r) for r in records]
+            told: list[Row] = []
+            for row in rows:
+                if row.status == "offered":
+                    told += await _tell(self.store, conn, self._notices(row, "offered"))
+        for row in rows:
+            log.info("held handoff from a peer released", extra={"handoff_id": str(row.id), "status": row.status})
+        await self.notices.publish(told)
+        for handoff in released:
+            if handoff.target_mesh and handoff.status == "offered":
+                try:
+                    await self._check(handoff.id)
+                except Exception as exc:  # the follower offers it again
+                    log.warning("handoff %s: offering it to its peer failed: %s", handoff.id, exc)
 
     async def _check(self, handoff_id: uuid.UUID) -> None:
         """One step of an offer to a peer: ask (or offer again), commit, conclude. Errors reaching the peer leave it
         for the next round."""
         row = await self.sessions.handoff(handoff_id, with_state=False)
-        if row is None or not row.target_mesh:
-            return
+        if row is None or not row.target_mesh or row.status == "held":
+            return  # a held offer goes to the peer once approved (released)
         peer = await self.book.get(row.target_mesh)
         if peer is None or not peer.api_key:
             return
@@ -461,6 +543,7 @@ class HandoffsAcrossMeshes:
                 f"accepted in peer mesh {handoff.target_mesh}",
             )
             assert done is not None
+            moved = await self._send_unclaimed(conn, handoff, base["conversation_id"])
             # As this transaction wrote it (read elsewhere, it would still show offered).
             row = dataclasses.replace(
                 handoff,
@@ -471,10 +554,61 @@ class HandoffsAcrossMeshes:
             told = await _tell(self.store, conn, _initiator_only(self.notices)(row))
         log.info(
             "handoff across meshes committed",
-            extra={"handoff_id": str(handoff.id), "session_id": str(handoff.session_id), "peer": handoff.target_mesh},
+            extra={
+                "handoff_id": str(handoff.id),
+                "session_id": str(handoff.session_id),
+                "peer": handoff.target_mesh,
+                "moved": len(moved),
+            },
         )
+        # Wakes the delivery workers for the messages now on their way to the peer (polling makes up for a loss).
+        sent = [m for m in [await self.store.get(i) for i in moved] if m is not None]
+        if sent:
+            await self.hub.publish(sent)
         await self.notices.publish(told)
         return True
+
+    async def _send_unclaimed(
+        self, conn: asyncpg.Connection, handoff: HandoffRow, conversation_id: str
+    ) -> list[uuid.UUID]:
+        """The old owner's still unclaimed inbox messages of the conversation, re-addressed to the new owner in the
+        peer mesh, in the commit's transaction, as a local acceptance moves them to the new owner's inbox: each
+        becomes a message to that agent of the peer (as a send with `recipient.mesh` is stored: transport
+        federation, the peer's inbox), so the federation transport hands it over with its id, conversation,
+        correlation, sender and content. A message that answered one of this mesh's messages goes as a message of
+        the conversation (its original is not in the peer; the id it answered is kept in its annotations)."""
+        records = await conn.fetch(
+            """SELECT id, body, in_reply_to FROM messages
+               WHERE inbox = $1 AND conversation_id = $2 AND status = 'accepted' AND transport = $3
+               ORDER BY seq FOR UPDATE""",
+            f"agent:{handoff.from_agent}",
+            conversation_id,
+            INBOX,
+        )
+        moved: list[uuid.UUID] = []
+        for record in records:
+            message = mpb.Message.FromString(record["body"])
+            message.recipient.CopyFrom(mpb.Party(agent_id=handoff.target_agent, mesh=handoff.target_mesh))
+            message.ClearField("in_reply_to")
+            body = message.SerializeToString()
+            answered = {"handoff.in_reply_to": str(record["in_reply_to"])} if record["in_reply_to"] else {}
+            await conn.execute(
+                """UPDATE messages SET inbox = $2, recipient_agent = $3, recipient_owner = '',
+                       recipient_mesh = $4::text, transport = $5, endpoint = $4::text, body = $6, in_reply_to = NULL,
+                       annotations = annotations || $7::jsonb, visible_at = now(), receipt = NULL,
+                       status_reason = $8, updated_at = now()
+                   WHERE id = $1""",
+                record["id"],
+                peer_inbox(handoff.target_mesh),
+                handoff.target_agent,
+                handoff.target_mesh,
+                FEDERATION,
+                body,
+                json.dumps({**answered, "handoff.id": str(handoff.id)}),
+                f"its conversation's session moved to peer mesh {handoff.target_mesh} (handoff {handoff.id})"[:1024],
+            )
+            moved.append(record["id"])
+        return moved
 
     async def route_away(self, conversation_id: str, agent_id: str) -> tuple[str, str] | None:
         """The peer agent and mesh a message of `conversation_id` to `agent_id` goes to, when `agent_id` owned the
@@ -530,10 +664,8 @@ class HandoffsAcrossMeshes:
         if self.recipient is None:
             raise Unavailable("handoffs from peer meshes are not served here", "FEDERATION_OFF")
         agent = await self.recipient(mpb.Party(agent_id=request.target_agent_id))
-        status, reason = "offered", ""
-        if await self.pool.fetchval(
-            "SELECT 1 FROM sessions WHERE conversation_id = $1 OR id = $2", request.conversation_id, session_id
-        ):
+        status, reason, approval_id = "offered", "", None
+        if not await self._may_take(peer, session_id, request.conversation_id, request.generation):
             status, reason = "refused", "this conversation has a session in this mesh already"
         else:
             who = caller(principal, Trust.UNTRUSTED, peer)
@@ -547,22 +679,36 @@ class HandoffsAcrossMeshes:
                 if verdict.outcome is Outcome.DENY:
                     status = "refused"
                     reason = "the policy engine refused this handoff: " + "; ".join(verdict.decision.reasons)
-                elif verdict.outcome is Outcome.ASK:
-                    # Not held here: the offering mesh's deadline runs, and approvals across meshes are not built.
+                elif verdict.outcome is Outcome.ASK and self.control is None:
                     status = "refused"
-                    reason = "this mesh's policy asks for an approval, not available for handoffs from peer meshes"
+                    reason = "this mesh's policy asks for an approval, which cannot be asked for here"
+                elif verdict.outcome is Outcome.ASK and self.control is not None:
+                    # Held until approved (then offered to the target), as a local offer is; the offering mesh's
+                    # deadline still bounds it: past it, that mesh concludes it "aborted" and the approval is moot.
+                    approval = await ask_once(
+                        self.control,
+                        verdict,
+                        requested_by=principal.id,
+                        action="session.handoff",
+                        target=target.uid,
+                        agent_id=agent.id,
+                        purpose=f"take session {session_id} (conversation {request.conversation_id}) from agent "
+                        f"{request.from_agent_id} of peer mesh {peer}",
+                    )
+                    status, approval_id = "held", uuid.UUID(approval.id)
+                    reason = "waiting for approval " + approval.id
             finally:
                 await verdict.done()
         async with self.pool.acquire() as conn, conn.transaction():
             record = await conn.fetchrow(
                 f"""INSERT INTO incoming_handoffs (id, peer, session_id, conversation_id, from_agent, target_agent,
                         target_instance, target_principal, status, status_reason, generation, state, state_sha256,
-                        signature, request_hash, note, deadline)
-                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+                        signature, request_hash, note, deadline, approval_id)
+                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
                     ON CONFLICT (id) DO NOTHING RETURNING {_INCOMING}""",
                 handoff_id, peer, session_id, request.conversation_id, request.from_agent_id, agent.id,
                 target_instance, agent.owner, status, reason[:1024], request.generation, state, digest, signature,
-                request_hash, request.note, deadline,
+                request_hash, request.note, deadline, approval_id,
             )  # fmt: skip
             # None: sent twice at once (the initiator and its follower); the first one stands.
             row = Incoming.of(record) if record is not None else None
@@ -575,6 +721,23 @@ class HandoffsAcrossMeshes:
         log.info("handoff offered by a peer", extra={"handoff_id": request.id, "peer": peer, "status": status})
         await self.notices.publish(told)
         return _status(row)
+
+    async def _may_take(self, peer: str, session_id: uuid.UUID, conversation_id: str, generation: int) -> bool:
+        """Whether the session can move here: no session of this id or conversation here, or this very session
+        coming back, i.e. held here by the offering peer (handed to it from here before: owner_mesh names it), at a
+        generation the offer's is not behind."""
+        records = await self.pool.fetch(
+            "SELECT id, conversation_id, owner_mesh, generation FROM sessions WHERE conversation_id = $1 OR id = $2",
+            conversation_id,
+            session_id,
+        )
+        return not records or (
+            len(records) == 1
+            and records[0]["id"] == session_id
+            and records[0]["conversation_id"] == conversation_id
+            and records[0]["owner_mesh"] == peer
+            and records[0]["generation"] <= generation
+        )
 
     def _notices(self, row: Incoming, event: str) -> list[NewMessage]:
         handoff = row.as_handoff()
@@ -641,7 +804,7 @@ class HandoffsAcrossMeshes:
                 await self._live(conn, row)
                 status, reason, event = "accepted", "", "accepted"
             else:
-                if row.status not in ("offered", "prepared"):
+                if row.status not in ("held", "offered", "prepared"):
                     return _status(row)
                 status, reason, event = "aborted", f"{row.peer}: {request.reason or 'aborted'}", "aborted"
             done = Incoming.of(
@@ -653,14 +816,53 @@ class HandoffsAcrossMeshes:
                     reason[:1024],
                 )
             )
-            told = await _tell(self.store, conn, self._notices(done, event))
+            # The target was never told of a held offer: nor of its end.
+            told = await _tell(self.store, conn, self._notices(done, event)) if row.status != "held" else []
         log.info("handoff from a peer concluded", extra={"handoff_id": request.id, "status": status})
         await self.notices.publish(told)
         return _status(done)
 
     async def _live(self, conn: asyncpg.Connection, row: Incoming) -> None:
         """B's copy of the session, live: its id and conversation as at A, owned by the target at the generation
-        after A's, with its history (the peer's agent, then the target)."""
+        after A's, with its history (the peer's agent, then the target). A session that comes back (handed from
+        here to the peer before, so its row here names the peer as its owner's mesh) is taken back the same way:
+        its row here gets the new owner, the offer's state and the generation after the offer's."""
+        returned = await conn.fetchval(
+            """UPDATE sessions SET owner_agent = $3, owner_instance = $4, owner_principal = $5, owner_mesh = '',
+                   generation = $6, state = $7, state_sha256 = $8, state_version = state_version + 1, updated_at = now()
+               WHERE id = $1 AND conversation_id = $2 AND owner_mesh = $9 AND generation < $6 RETURNING id""",
+            row.session_id,
+            row.conversation_id,
+            row.target_agent,
+            row.accepted_instance,
+            row.target_principal,
+            row.generation + 1,
+            row.state,
+            row.state_sha256,
+            row.peer,
+        )
+        if returned is not None:
+            # The history: the owner in the peer is closed (and recorded, if owners changed there meanwhile).
+            await conn.execute(
+                "UPDATE session_owners SET until = now() WHERE session_id = $1 AND until IS NULL", row.session_id
+            )
+            await conn.execute(
+                """INSERT INTO session_owners (session_id, generation, agent_id, instance, handoff_id, until)
+                   VALUES ($1, $2, $3, '', NULL, now()) ON CONFLICT DO NOTHING""",
+                row.session_id,
+                row.generation,
+                row.from_agent,
+            )
+            await conn.execute(
+                """INSERT INTO session_owners (session_id, generation, agent_id, instance, handoff_id)
+                   VALUES ($1, $2, $3, $4, $5)""",
+                row.session_id,
+                row.generation + 1,
+                row.target_agent,
+                row.accepted_instance,
+                row.id,
+            )
+            return
         inserted = await conn.fetchval(
             """INSERT INTO sessions (id, conversation_id, owner_agent, owner_instance, owner_principal, generation,
                    state, state_sha256, metadata)

@@ -1,4 +1,5 @@
-"""Session handoff across two real meshes: accepted (two-phase), rejected, expired, the peer's policy, integrity."""
+"""Session handoff across two real meshes: accepted (two-phase), rejected, expired, the peer's policy, integrity;
+unclaimed messages following the session, "ask" held on either side, a session handed back."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from agentvault.common import signing
 from agentvault.messaging.v1 import messaging_service_pb2 as mpb
 from agentvault.messaging.v1 import session_service_pb2 as spb
 from agentvault.messaging.v1 import session_service_pb2_grpc as spb_grpc
+from agentvault.policy.v1 import policy_service_pb2 as ppb
 from agentvault.registry.v1 import registry_service_pb2 as pb
 
 from ..conftest import MeshFactory, eventually
@@ -31,6 +33,15 @@ from .test_federated_messages import _env, _net
 from .test_handoff import HANDOFF_POLICIES, notices
 
 PATH = "/api/v1/federation/handoffs"
+# Mesh A's policy asks for an approval before a session this large leaves it (a way to have A, which does not know
+# the target's tags, answer "ask"); mesh B asks for its "guarded" agents (HANDOFF_POLICIES[1]).
+ASK_BYTES = 4096
+A_HANDOFF_POLICIES = (
+    'permit(principal, action == Action::"session.handoff", resource) '
+    f'unless {{ resource.tags.contains("guarded") || context.payload_size >= {ASK_BYTES} }};',
+    '@decision("ask") @reason("large sessions leave only when approved")\n'
+    f'permit(principal, action == Action::"session.handoff", resource) when {{ context.payload_size >= {ASK_BYTES} }};',
+)
 
 
 @dataclass
@@ -45,6 +56,7 @@ class Meshes:
     a: Side
     b: Side
     token_b_for_a: str  # what A presents to B
+    token_a_for_b: str  # what B presents to A
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +80,14 @@ async def meshes(mesh_factory: MeshFactory, http: aiohttp.ClientSession) -> Asyn
                 Side(_net(a, a_reg, a_msg), spb_grpc.SessionServiceStub(a_msg), a_db),
                 Side(_net(b, b_reg, b_msg), spb_grpc.SessionServiceStub(b_msg), b_db),
                 token_b_for_a,
+                token_a_for_b,
             )
-            # Both meshes: messages allowed; handoffs allowed except to "closed" agents (deny).
-            for side in (m.a, m.b):
-                await policy(side.net, POLICIES[0])
-                await policy(side.net, HANDOFF_POLICIES[0])
-                await policy(side.net, HANDOFF_POLICIES[2])
+            # Both meshes: messages allowed; handoffs allowed except to "closed" agents (deny); A asks for large
+            # sessions, B for its "guarded" agents.
+            for text in (POLICIES[0], *A_HANDOFF_POLICIES, HANDOFF_POLICIES[2]):
+                await policy(m.a.net, text)
+            for text in (POLICIES[0], *HANDOFF_POLICIES):
+                await policy(m.b.net, text)
             yield m
         finally:
             await a_db.close()
@@ -85,17 +99,28 @@ def state(**fields: Any) -> str:
 
 
 async def start(
-    m: Meshes, *, deadline: int = 60, **target: Any
+    m: Meshes,
+    *,
+    deadline: int = 60,
+    document: str = "",
+    alice_sharing: int = pb.SHARING_LOCAL,
+    before: Any = None,
+    **target: Any,
 ) -> tuple[LocalAgent, LocalAgent, spb.Session, spb.Handoff]:
-    """alice (mesh A) owns a session and offers it to bob (mesh B, shared with peers)."""
-    alice = await local_agent(m.a.net)
+    """alice (mesh A) owns a session and offers it to bob (mesh B, shared with peers); `before(alice, session)`
+    runs between the two."""
+    alice = await local_agent(m.a.net, sharing=alice_sharing)
     bob = await local_agent(m.b.net, sharing=pb.SHARING_FEDERATED, **target)
     session = await m.a.sessions.CreateSession(
         spb.CreateSessionRequest(
-            session=spb.Session(conversation_id=f"conv-{secrets.token_hex(6)}", state=state(step=1, who="alice"))
+            session=spb.Session(
+                conversation_id=f"conv-{secrets.token_hex(6)}", state=document or state(step=1, who="alice")
+            )
         ),
         metadata=alice.md,
     )
+    if before is not None:
+        await before(alice, session)
     offer = await m.a.sessions.InitiateHandoff(
         spb.InitiateHandoffRequest(
             session_id=session.id,
@@ -365,3 +390,222 @@ async def test_an_acceptance_racing_a_cancel_has_one_outcome_on_both_sides(meshe
             await handoff_at(m.b, bob, offer.id, "aborted")
             assert await m.b.db.fetchval("SELECT count(*) FROM sessions WHERE id = $1::uuid", session.id) == 0
     assert outcomes
+
+
+async def receive_at(n: Net, who: LocalAgent, message_id: str) -> mpb.Message:
+    """Polls `who`'s inbox until the message arrives (taken and acked)."""
+    got: list[mpb.Message] = []
+
+    async def reached() -> None:
+        answer = await n.messaging.ReceiveMessages(
+            mpb.ReceiveMessagesRequest(max_messages=10, wait_seconds=1), metadata=who.md
+        )
+        for d in answer.deliveries:
+            await n.messaging.AckMessage(
+                mpb.AckMessageRequest(message_id=d.message.id, receipt=d.receipt), metadata=who.md
+            )
+            if d.message.id == message_id:
+                got.append(d.message)
+        assert got
+
+    await eventually(reached, 30)
+    return got[0]
+
+
+async def test_unclaimed_messages_follow_the_session_to_the_peer(meshes: Meshes) -> None:
+    m = meshes
+    carol = await local_agent(m.a.net)
+    waiting: list[mpb.Message] = []
+
+    async def write_to_alice(alice: LocalAgent, session: spb.Session) -> None:
+        sent = await m.a.net.messaging.SendMessage(
+            mpb.SendMessageRequest(
+                message=mpb.Message(
+                    recipient=mpb.Party(agent_id=alice.id),
+                    conversation_id=session.conversation_id,
+                    correlation_id="case-42",
+                    parts=[mpb.Part(text="still there?")],
+                )
+            ),
+            metadata=carol.md,
+        )
+        assert sent.message.transport == "inbox"
+        waiting.append(sent.message)
+
+    alice, bob, session, offer = await start(m, before=write_to_alice)
+    message = waiting[0]
+    # Waiting, unclaimed, in alice's inbox at A while the offer is open.
+    assert await m.a.db.fetchval("SELECT inbox FROM messages WHERE id = $1::uuid", message.id) == f"agent:{alice.id}"
+    await handoff_at(m.b, bob, offer.id, "offered")
+    await accept_at_b(m, bob, offer.id)
+    await handoff_at(m.a, alice, offer.id, "accepted")
+    # Re-addressed in A's commit: to bob, over the federated message route.
+    row = await m.a.db.fetchrow(
+        "SELECT inbox, transport, recipient_agent, recipient_mesh FROM messages WHERE id = $1::uuid", message.id
+    )
+    assert tuple(row) == ("mesh:mesh-b", "federation", bob.id, "mesh-b")
+    got = await receive_at(m.b.net, bob, message.id)
+    assert got.parts[0].text == "still there?"
+    assert (got.conversation_id, got.correlation_id) == (session.conversation_id, "case-42")
+    assert (got.sender.agent_id, got.sender.mesh) == (carol.id, "mesh-a")
+    assert got.recipient.agent_id == bob.id
+    # Once, with its id: not in alice's inbox any more, one copy at B.
+    assert await m.b.db.fetchval("SELECT count(*) FROM messages WHERE id = $1::uuid", message.id) == 1
+    answer = await m.a.net.messaging.ReceiveMessages(mpb.ReceiveMessagesRequest(max_messages=100), metadata=alice.md)
+    assert message.id not in {d.message.id for d in answer.deliveries}
+
+
+async def test_as_ask_holds_the_offer_until_approved(meshes: Meshes) -> None:
+    m = meshes
+    large = state(step=1, notes="x" * ASK_BYTES)
+    alice, bob, session, held = await start(m, document=large)
+    assert held.status == "held" and held.approval_id and not held.HasField("deadline"), held
+    # Not sent to B while held.
+    assert await m.b.db.fetchval("SELECT count(*) FROM incoming_handoffs WHERE id = $1::uuid", held.id) == 0
+    approval = await m.a.net.policies.GetApproval(ppb.GetApprovalRequest(id=held.approval_id), metadata=m.a.net.admin)
+    assert approval.action == "session.handoff" and approval.status == "pending"
+    await m.a.net.policies.ApproveApproval(
+        ppb.ApproveApprovalRequest(id=approval.id, note="ok"), metadata=m.a.net.admin
+    )
+    offered = await handoff_at(m.a, alice, held.id, "offered")
+    assert offered.HasField("deadline")  # its clock started at the approval
+    await handoff_at(m.b, bob, held.id, "offered")
+    await accept_at_b(m, bob, held.id)
+    await handoff_at(m.a, alice, held.id, "accepted")
+    at_a = await m.a.sessions.GetSession(spb.GetSessionRequest(id=session.id), metadata=alice.md)
+    assert (at_a.owner_agent_id, at_a.owner_mesh, at_a.generation) == (bob.id, "mesh-b", 2)
+    await handoff_at(m.b, bob, held.id, "accepted")
+
+    # Denied: refused, nothing moves, B never heard of it.
+    alice, bob, session, held = await start(m, document=large)
+    assert held.status == "held"
+    await m.a.net.policies.DenyApproval(ppb.DenyApprovalRequest(id=held.approval_id, note="no"), metadata=m.a.net.admin)
+    await handoff_at(m.a, alice, held.id, "refused")
+    await wait_notice(m.a.net, alice, held.id, "refused")
+    assert await m.b.db.fetchval("SELECT count(*) FROM incoming_handoffs WHERE id = $1::uuid", held.id) == 0
+    await nothing_moved(m, alice, session)
+
+
+async def test_bs_ask_holds_the_offer_until_approved(meshes: Meshes) -> None:
+    m = meshes
+    alice, bob, session, offer = await start(m, tags=["guarded"])
+    assert offer.status == "offered", offer  # A's policy allowed it; B's asks
+    at_b = await handoff_at(m.b, bob, offer.id, "held")
+    assert at_b.approval_id
+    await refused(accept_at_b(m, bob, offer.id), grpc.StatusCode.FAILED_PRECONDITION, "HANDOFF_NOT_OPEN")
+    # A sees it held at B, still open at A.
+    assert (await handoff_at(m.a, alice, offer.id, "offered")).status == "offered"
+    await m.b.net.policies.ApproveApproval(
+        ppb.ApproveApprovalRequest(id=at_b.approval_id, note="ok"), metadata=m.b.net.admin
+    )
+    await wait_notice(m.b.net, bob, offer.id, "offered")
+    await accept_at_b(m, bob, offer.id)
+    await handoff_at(m.a, alice, offer.id, "accepted")
+    await handoff_at(m.b, bob, offer.id, "accepted")
+    at_b_session = await m.b.sessions.GetSession(spb.GetSessionRequest(id=session.id), metadata=bob.md)
+    assert (at_b_session.owner_agent_id, at_b_session.generation) == (bob.id, 2)
+
+
+async def test_bs_ask_held_past_as_deadline_ends_with_nothing_moved(meshes: Meshes) -> None:
+    m = meshes
+    alice, bob, session, offer = await start(m, deadline=2, tags=["guarded"])
+    await handoff_at(m.a, alice, offer.id, "expired")
+    await wait_notice(m.a.net, alice, offer.id, "expired")
+    aborted = await handoff_at(m.b, bob, offer.id, "aborted")
+    assert "mesh-a" in aborted.status_reason
+    # B's approval, answered late, changes nothing.
+    await m.b.net.policies.ApproveApproval(
+        ppb.ApproveApprovalRequest(id=aborted.approval_id, note="too late"), metadata=m.b.net.admin
+    )
+    await refused(accept_at_b(m, bob, offer.id), grpc.StatusCode.FAILED_PRECONDITION, "HANDOFF_NOT_OPEN")
+    assert (await m.b.sessions.GetHandoff(spb.GetHandoffRequest(id=offer.id), metadata=bob.md)).status == "aborted"
+    await nothing_moved(m, alice, session)
+
+
+async def test_a_session_handed_back_from_b_to_a(meshes: Meshes, http: aiohttp.ClientSession) -> None:
+    m = meshes
+    alice, bob, session, offer = await start(m, alice_sharing=pb.SHARING_FEDERATED)
+    await handoff_at(m.b, bob, offer.id, "offered")
+    await accept_at_b(m, bob, offer.id)
+    await handoff_at(m.b, bob, offer.id, "accepted")  # B's copy is live
+
+    # B hands it back: a new handoff across meshes, from B, which A takes though it still holds the session's row.
+    back = await m.b.sessions.InitiateHandoff(
+        spb.InitiateHandoffRequest(
+            session_id=session.id,
+            target=spb.HandoffTarget(agent_id=alice.id, mesh="mesh-a"),
+            state=state(step=3, who="bob"),
+            note="back to you",
+        ),
+        metadata=bob.md,
+    )
+    assert back.status == "offered", back
+    await wait_notice(m.a.net, alice, back.id, "offered")
+    prepared = await m.a.sessions.AcceptHandoff(
+        spb.AcceptHandoffRequest(
+            id=back.id, state_sha256=hashlib.sha256(state(step=3, who="bob").encode()).hexdigest()
+        ),
+        metadata=alice.md,
+    )
+    assert prepared.status in ("prepared", "accepted")
+    await handoff_at(m.b, bob, back.id, "accepted")
+    await handoff_at(m.a, alice, back.id, "accepted")
+    at_a = await m.a.sessions.GetSession(spb.GetSessionRequest(id=session.id), metadata=alice.md)
+    assert (at_a.owner_agent_id, at_a.owner_mesh, at_a.generation) == (alice.id, "", 3)
+    assert at_a.state == state(step=3, who="bob")
+    history = await m.a.sessions.ListSessionOwners(spb.ListSessionOwnersRequest(id=session.id), metadata=alice.md)
+    assert [(o.agent_id, o.generation, o.HasField("until")) for o in history.owners] == [
+        (alice.id, 1, True),
+        (bob.id, 2, True),
+        (alice.id, 3, False),
+    ]
+    at_b = await m.b.sessions.GetSession(spb.GetSessionRequest(id=session.id), metadata=bob.md)
+    assert (at_b.owner_agent_id, at_b.owner_mesh, at_b.generation) == (alice.id, "mesh-a", 3)
+    # Alice holds it again: she changes it.
+    await m.a.sessions.UpdateSessionState(
+        spb.UpdateSessionStateRequest(id=session.id, state=state(step=4)), metadata=alice.md
+    )
+
+    # The conversation's messages sent at A now go to alice, locally, also those written to bob.
+    carol = await local_agent(m.a.net)
+    for to in (alice.id, bob.id):
+        sent = await m.a.net.messaging.SendMessage(
+            mpb.SendMessageRequest(
+                message=mpb.Message(
+                    recipient=mpb.Party(agent_id=to),
+                    conversation_id=session.conversation_id,
+                    parts=[mpb.Part(text=f"to {to}")],
+                )
+            ),
+            metadata=carol.md,
+        )
+        assert (sent.message.transport, sent.message.recipient.agent_id) == ("inbox", alice.id), sent.message
+        assert not sent.message.recipient.mesh
+        got = await receive_at(m.a.net, alice, sent.message.id)
+        assert got.parts[0].text == f"to {to}"
+
+    # A session id A holds for another owner (here: alice's, of this mesh) is still refused.
+    mine = await m.a.sessions.CreateSession(
+        spb.CreateSessionRequest(session=spb.Session(conversation_id=f"conv-{secrets.token_hex(6)}", state=state())),
+        metadata=alice.md,
+    )
+    document = state(balance=10)
+    claim = {
+        "id": str(uuid.uuid4()),
+        "session_id": mine.id,
+        "conversation_id": mine.conversation_id,
+        "from_agent_id": bob.id,
+        "target_agent_id": alice.id,
+        "state": document,
+        "state_sha256": hashlib.sha256(document.encode()).hexdigest(),
+        "signature": secrets.token_hex(32),
+        "generation": "5",
+        "deadline": (datetime.now(UTC) + timedelta(minutes=1)).isoformat().replace("+00:00", "Z"),
+    }
+    body = json.dumps(claim)
+    async with http.post(m.a.net.mesh.url(PATH), data=body, headers=_signed(m.token_a_for_b, body)) as response:
+        answer = await response.json(content_type=None)
+        assert response.status == 200, answer
+    assert answer["status"] == "refused" and "has a session" in answer["status_reason"], answer
+    still = await m.a.sessions.GetSession(spb.GetSessionRequest(id=mine.id), metadata=alice.md)
+    assert (still.owner_agent_id, still.owner_mesh, still.generation) == (alice.id, "", 1)

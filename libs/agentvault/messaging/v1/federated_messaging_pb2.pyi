@@ -286,8 +286,10 @@ class FederatedHandoffStatus(_message.Message):
     id: _builtins.str
     """The offer's id."""
     status: _builtins.str
-    """offered, prepared (accepted here, waiting for the offering mesh), accepted (concluded: the session lives here),
-    rejected, refused (by this mesh's policy or integrity check), expired or aborted.
+    """held (this mesh's policy asks for an approval: offered to the target once approved; the offering mesh's deadline
+    still bounds it), offered, prepared (accepted here, waiting for the offering mesh), accepted (concluded: the
+    session lives here), rejected, refused (by this mesh's policy or integrity check, or its approval denied), expired
+    or aborted.
     """
     status_reason: _builtins.str
     """Why (the policy's reasons, the target's reason to reject)."""

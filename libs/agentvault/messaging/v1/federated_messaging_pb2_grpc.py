@@ -104,8 +104,9 @@ class FederatedMessagingServiceServicer:
 
     def OfferFederatedHandoff(self, request, context):
         """OfferFederatedHandoff offers one of the calling peer's sessions to an agent of this mesh (session_federation.py):
-        this mesh's policy decides (the peer as the caller), the state is checked against its SHA-256, and the target
-        agent is told in its inbox. It answers with AcceptHandoff or RejectHandoff here; an acceptance is "prepared"
+        this mesh's policy decides (the peer as the caller; "ask" holds it until approved), the state is checked against
+        its SHA-256, and the target agent is told in its inbox. A session this mesh handed to the calling peer before
+        may come back the same way. It answers with AcceptHandoff or RejectHandoff here; an acceptance is "prepared"
         until the peer, which owns the session until then, concludes it. The same offer sent again is the same offer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -52,8 +52,9 @@ class FederatedMessagingServiceStub:
     """
     OfferFederatedHandoff: _grpc.UnaryUnaryMultiCallable[_federated_messaging_pb2.OfferFederatedHandoffRequest, _federated_messaging_pb2.FederatedHandoffStatus]
     """OfferFederatedHandoff offers one of the calling peer's sessions to an agent of this mesh (session_federation.py):
-    this mesh's policy decides (the peer as the caller), the state is checked against its SHA-256, and the target
-    agent is told in its inbox. It answers with AcceptHandoff or RejectHandoff here; an acceptance is "prepared"
+    this mesh's policy decides (the peer as the caller; "ask" holds it until approved), the state is checked against
+    its SHA-256, and the target agent is told in its inbox. A session this mesh handed to the calling peer before
+    may come back the same way. It answers with AcceptHandoff or RejectHandoff here; an acceptance is "prepared"
     until the peer, which owns the session until then, concludes it. The same offer sent again is the same offer.
     """
     GetFederatedHandoffStatus: _grpc.UnaryUnaryMultiCallable[_federated_messaging_pb2.GetFederatedHandoffStatusRequest, _federated_messaging_pb2.FederatedHandoffStatus]
@@ -87,8 +88,9 @@ class FederatedMessagingServiceAsyncStub(FederatedMessagingServiceStub):
     """
     OfferFederatedHandoff: _aio.UnaryUnaryMultiCallable[_federated_messaging_pb2.OfferFederatedHandoffRequest, _federated_messaging_pb2.FederatedHandoffStatus]  # type: ignore[assignment]
     """OfferFederatedHandoff offers one of the calling peer's sessions to an agent of this mesh (session_federation.py):
-    this mesh's policy decides (the peer as the caller), the state is checked against its SHA-256, and the target
-    agent is told in its inbox. It answers with AcceptHandoff or RejectHandoff here; an acceptance is "prepared"
+    this mesh's policy decides (the peer as the caller; "ask" holds it until approved), the state is checked against
+    its SHA-256, and the target agent is told in its inbox. A session this mesh handed to the calling peer before
+    may come back the same way. It answers with AcceptHandoff or RejectHandoff here; an acceptance is "prepared"
     until the peer, which owns the session until then, concludes it. The same offer sent again is the same offer.
     """
     GetFederatedHandoffStatus: _aio.UnaryUnaryMultiCallable[_federated_messaging_pb2.GetFederatedHandoffStatusRequest, _federated_messaging_pb2.FederatedHandoffStatus]  # type: ignore[assignment]
@@ -143,8 +145,9 @@ class FederatedMessagingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_federated_messaging_pb2.FederatedHandoffStatus, _abc.Awaitable[_federated_messaging_pb2.FederatedHandoffStatus]]:
         """OfferFederatedHandoff offers one of the calling peer's sessions to an agent of this mesh (session_federation.py):
-        this mesh's policy decides (the peer as the caller), the state is checked against its SHA-256, and the target
-        agent is told in its inbox. It answers with AcceptHandoff or RejectHandoff here; an acceptance is "prepared"
+        this mesh's policy decides (the peer as the caller; "ask" holds it until approved), the state is checked against
+        its SHA-256, and the target agent is told in its inbox. A session this mesh handed to the calling peer before
+        may come back the same way. It answers with AcceptHandoff or RejectHandoff here; an acceptance is "prepared"
         until the peer, which owns the session until then, concludes it. The same offer sent again is the same offer.
         """
 
