@@ -381,3 +381,22 @@ def test_a_service_that_dies_stops_the_mesh(data_root: Path, run_dev: Callable[.
     os.kill(registry, signal.SIGKILL)
     assert dev.finish() == 1, dev.output
     assert "agentvault-dev: registry exited with code -9; stopping the mesh" in dev.lines, dev.output
+
+
+def test_a_dev_server_killed_outright_takes_everything_it_started_along(
+    data_root: Path, run_dev: Callable[..., DevServer]
+) -> None:
+    """SIGKILL of the runner alone (no chance to stop anything in order): every process it started ends by itself
+    (the kernel signals each when its parent dies), PostgreSQL and Redis included."""
+    dev = run_dev(data_root / "shared")
+    dev.wait_running()
+    assert dev.tree is not None and dev.process is not None
+    dev.tree.sample()
+    started = dev.tree.left()
+    for name in ("postgres", "redis-server", "agentvault_registry", "agentvault_messaging", "agentvault_edge"):
+        assert any(name in line for line in started), (name, started)
+    dev.process.kill()  # the runner only, not its process group: what Ctrl-C reaches is not involved
+    dev.process.wait(10)
+    tree = dev.tree
+    tree.stop()
+    until(lambda: not tree.left(), 60, "every process the killed dev server started to end")

@@ -30,6 +30,7 @@ from agentvault.common.services import (
 )
 from agentvault.devserver.credentials import new_service_secret
 from agentvault.devserver.embedded import Interrupted, free_port, listens_on, terminate
+from agentvault.devserver.processes import dies_with_parent
 
 __all__ = ["SERVICES", "Mesh", "ServiceSpec", "grpc_serving", "http_ok"]
 
@@ -131,6 +132,7 @@ class Mesh:
             stdout=stdout,
             stderr=subprocess.STDOUT if stdout else None,
             start_new_session=True,  # Ctrl-C reaches the runner, which stops children in order
+            preexec_fn=dies_with_parent(),
         )
         self.processes[name] = process
         self._wait_ready(spec, process, timeout)

@@ -20,6 +20,7 @@ from agentvault.devserver.processes import (
     ChildServer,
     Interrupted,
     InUse,
+    dies_with_parent,
     log_tail,
     never,
     pid_alive,
@@ -214,6 +215,7 @@ class EmbeddedPostgres(ChildServer):
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 user=self._user,
+                preexec_fn=dies_with_parent(),
             )
             try:
                 deadline = time.monotonic() + timeout
@@ -265,6 +267,8 @@ class EmbeddedPostgres(ChildServer):
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 user=self._user,
+                # Orphaned, a fast shutdown: the services' connections are going too.
+                preexec_fn=dies_with_parent(signal.SIGINT),
             )
         self._wait_ready(self._process, interrupted, timeout)
 

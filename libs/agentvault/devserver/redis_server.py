@@ -9,7 +9,15 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from agentvault.devserver.processes import ChildServer, free_port, log_tail, never, terminate, wait_for_port
+from agentvault.devserver.processes import (
+    ChildServer,
+    dies_with_parent,
+    free_port,
+    log_tail,
+    never,
+    terminate,
+    wait_for_port,
+)
 
 
 def redis_server_binary() -> str:
@@ -63,7 +71,12 @@ class EmbeddedRedis(ChildServer):
             "--daemonize", "no",
             "--logfile", str((self.data_dir / "redis.log").resolve()),
         ]  # fmt: skip
-        self._process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
+        self._process = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=dies_with_parent(),
+        )
         try:
             wait_for_port("127.0.0.1", self.port, timeout, self._process, interrupted)
         except RuntimeError as exc:
