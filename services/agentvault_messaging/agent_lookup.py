@@ -45,19 +45,26 @@ class AgentLookup:
         cached = self._agents.get(key)
         if cached is not None and cached[1] > now:
             return cached[0]
-        try:
-            agent: reg_pb.Agent = await self.registry.GetAgent(
-                reg_pb.GetAgentRequest(id=agent_id), metadata=metadata, timeout=REGISTRY_TIMEOUT
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in (
-                grpc.StatusCode.NOT_FOUND,
-                grpc.StatusCode.UNAUTHENTICATED,
-                grpc.StatusCode.PERMISSION_DENIED,
-            ):
-                raise NotFound(f"agent {agent_id} not found", "AGENT_NOT_FOUND", id=agent_id) from None
-            log.warning("registry GetAgent failed: %s %s", exc.code().name, exc.details())
-            raise Unavailable("the registry cannot be asked now", "REGISTRY_UNAVAILABLE") from None
+        agent = await fetch_agent(self.registry, agent_id, metadata)
         # Python's objects weigh a few times the wire size.
         self._agents.put(key, (agent, now + self.seconds), 4 * agent.ByteSize())
         return agent
+
+
+async def fetch_agent(registry: Any, agent_id: str, metadata: tuple[tuple[str, Any], ...]) -> reg_pb.Agent:
+    """GetAgent with the caller's forwarded `metadata`, its refusals as AGENT_NOT_FOUND (what the caller may not see
+    does not exist for it), any other failure REGISTRY_UNAVAILABLE."""
+    try:
+        agent: reg_pb.Agent = await registry.GetAgent(
+            reg_pb.GetAgentRequest(id=agent_id), metadata=metadata, timeout=REGISTRY_TIMEOUT
+        )
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() in (
+            grpc.StatusCode.NOT_FOUND,
+            grpc.StatusCode.UNAUTHENTICATED,
+            grpc.StatusCode.PERMISSION_DENIED,
+        ):
+            raise NotFound(f"agent {agent_id} not found", "AGENT_NOT_FOUND", id=agent_id) from None
+        log.warning("registry GetAgent failed: %s %s", exc.code().name, exc.details())
+        raise Unavailable("the registry cannot be asked now", "REGISTRY_UNAVAILABLE") from None
+    return agent

@@ -23,7 +23,6 @@ from agentvault.common.errors import (
     NotFound,
     PermissionDenied,
     ResourceExhausted,
-    Unavailable,
     invalid,
 )
 from agentvault.common.interceptors import caller_metadata
@@ -40,6 +39,7 @@ from agentvault.policy.v1 import policy_service_pb2 as ppb
 from agentvault.registry.v1 import registry_service_pb2 as reg_pb
 from agentvault.registry.v1 import registry_service_pb2_grpc as reg_grpc
 from agentvault_messaging import model
+from agentvault_messaging.agent_lookup import fetch_agent
 from agentvault_messaging.events import Hub
 from agentvault_messaging.session_store import (
     OPEN,
@@ -434,21 +434,7 @@ class SessionServicer:
         """The target as the caller may see it (its credential forwarded: a private agent of someone else is not
         found)."""
         model.require_uuid("target.agent_id", agent_id)
-        metadata = tuple(caller_metadata(context))
-        try:
-            agent: reg_pb.Agent = await self.registry.GetAgent(
-                reg_pb.GetAgentRequest(id=agent_id), metadata=metadata, timeout=REGISTRY_TIMEOUT
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in (
-                grpc.StatusCode.NOT_FOUND,
-                grpc.StatusCode.UNAUTHENTICATED,
-                grpc.StatusCode.PERMISSION_DENIED,
-            ):
-                raise NotFound(f"agent {agent_id} not found", "AGENT_NOT_FOUND", id=agent_id) from None
-            log.warning("registry GetAgent failed: %s %s", exc.code().name, exc.details())
-            raise Unavailable("the registry cannot be asked now", "REGISTRY_UNAVAILABLE") from None
-        return agent
+        return await fetch_agent(self.registry, agent_id, tuple(caller_metadata(context)))
 
     # Sessions ----------------------------------------------------------------------------------------------
 
