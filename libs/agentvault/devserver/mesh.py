@@ -126,13 +126,13 @@ class Mesh:
             stdout = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop_service
             self._logs[name] = stdout
         process = subprocess.Popen(
-            [sys.executable, "-m", spec.module],
+            # And a runner killed outright takes them along (dies_with_parent).
+            [*dies_with_parent(), sys.executable, "-m", spec.module],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=stdout,
             stderr=subprocess.STDOUT if stdout else None,
             start_new_session=True,  # Ctrl-C reaches the runner, which stops children in order
-            preexec_fn=dies_with_parent(),
         )
         self.processes[name] = process
         self._wait_ready(spec, process, timeout)

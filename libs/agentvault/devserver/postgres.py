@@ -209,13 +209,12 @@ class EmbeddedPostgres(ChildServer):
                 "--encoding=utf8", "-U", "postgres"]  # fmt: skip
         with tempfile.TemporaryFile() as output:
             process = subprocess.Popen(
-                args,
+                dies_with_parent() + args,
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 user=self._user,
-                preexec_fn=dies_with_parent(),
             )
             try:
                 deadline = time.monotonic() + timeout
@@ -261,14 +260,13 @@ class EmbeddedPostgres(ChildServer):
         ]  # fmt: skip
         with open(self.log_path, "ab") as log_file:
             self._process = subprocess.Popen(
-                args,
+                # Orphaned, a fast shutdown (SIGINT): the services' connections are going too.
+                dies_with_parent("INT") + args,
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 user=self._user,
-                # Orphaned, a fast shutdown: the services' connections are going too.
-                preexec_fn=dies_with_parent(signal.SIGINT),
             )
         self._wait_ready(self._process, interrupted, timeout)
 

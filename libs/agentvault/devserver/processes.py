@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import functools
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,7 +15,6 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -118,30 +118,22 @@ def wait_for_port(
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
 
 
-# prctl(PR_SET_PDEATHSIG): Linux's way for a child to be signalled when the thread that started it dies.
-_PR_SET_PDEATHSIG = 1
-_libc: Any = None
+def dies_with_parent(sig: str = "TERM") -> list[str]:
+    """A command prefix that makes the child receive SIG`sig` when this process dies, however it dies: Ctrl-C stops
+    the children in order, but a runner killed with SIGKILL (or the OOM killer) would leave its mesh, PostgreSQL and
+    Redis running, holding ports and data folders. util-linux's `setpriv --pdeathsig` sets Linux's parent-death
+    signal and execs the command (a `preexec_fn` doing the same can deadlock in a process with threads). Empty
+    where there is no setpriv, and outside the main thread: the signal follows the thread that started the child,
+    and a worker thread that ends would take the child with it."""
+    if threading.current_thread() is not threading.main_thread():
+        return []
+    setpriv = _setpriv()
+    return [setpriv, "--pdeathsig", sig, "--"] if setpriv else []
 
 
-def dies_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
-    """A `preexec_fn` that makes the child receive `sig` when this process dies, however it dies: Ctrl-C stops the
-    children in order, but a runner killed with SIGKILL (or the OOM killer) would leave its mesh, PostgreSQL and
-    Redis running, holding ports and data folders. None off Linux, and outside the main thread: the signal follows
-    the starting thread, and a worker thread that ends would take the child with it."""
-    global _libc
-    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
-        return None
-    if _libc is None:
-        try:
-            _libc = ctypes.CDLL(None, use_errno=True)
-        except OSError:
-            return None
-    prctl = _libc.prctl  # looked up here: the child only calls it (no import, no allocation after fork)
-
-    def arm() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-
-    return arm
+@functools.cache
+def _setpriv() -> str | None:
+    return shutil.which("setpriv") if sys.platform.startswith("linux") else None
 
 
 def terminate(

@@ -71,12 +71,7 @@ class EmbeddedRedis(ChildServer):
             "--daemonize", "no",
             "--logfile", str((self.data_dir / "redis.log").resolve()),
         ]  # fmt: skip
-        self._process = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=dies_with_parent(),
-        )
+        self._process = subprocess.Popen(dies_with_parent() + args, stdin=subprocess.DEVNULL, start_new_session=True)
         try:
             wait_for_port("127.0.0.1", self.port, timeout, self._process, interrupted)
         except RuntimeError as exc:
