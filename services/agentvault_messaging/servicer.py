@@ -258,21 +258,25 @@ class MessagingServicer:
                     metrics.SENT.labels(route.transport, "denied").inc()
                 refuse_unless_decided(verdict, "this message", "MESSAGE_DENIED")
                 if verdict.outcome is Outcome.ASK:
+                    approver = agent.id
                     if route.transport == FEDERATION:
-                        # Approvals name an agent of this mesh; one of a peer mesh cannot be approved here.
-                        raise PermissionDenied(
-                            "this mesh's policy asks for an approval, which messages to peer meshes cannot wait for: "
-                            + "; ".join(verdict.decision.reasons),
-                            "MESSAGE_DENIED",
-                        )
+                        # Approvals name an agent of this mesh: for a message leaving it, the sending agent, whose
+                        # owner answers (as for a handoff to a peer). A sender that is no agent cannot be asked for.
+                        if principal.kind is not Kind.AGENT or not principal.agent_id:
+                            raise PermissionDenied(
+                                "this mesh's policy asks for an approval, which a message to a peer mesh from a "
+                                "caller that is not an agent cannot wait for: " + "; ".join(verdict.decision.reasons),
+                                "MESSAGE_DENIED",
+                            )
+                        approver = principal.agent_id
                     approval = await ask_once(
                         self.control,
                         verdict,
                         requested_by=principal.id,
                         action="message.send",
                         target=target.uid,
-                        agent_id=agent.id,
-                        purpose=_purpose(message),
+                        agent_id=approver,
+                        purpose=_purpose(message) + (f" (to an agent of peer mesh {route.mesh})" if route.mesh else ""),
                     )
                     status, approval_id = "held", uuid.UUID(approval.id)
                     reason = "waiting for approval " + approval.id

@@ -36,6 +36,7 @@ class Pair:
     b: Net
     token_b_for_a: str  # what A presents to B
     token_a_for_b: str  # what B presents to A
+    asker: LocalAgent  # an agent of A whose messages A's own policy asks about
 
 
 def _env() -> dict[str, str]:
@@ -73,9 +74,22 @@ async def pair(mesh_factory: MeshFactory, http: aiohttp.ClientSession) -> AsyncI
         grpc.aio.insecure_channel(b.address("registry")) as b_reg,
         grpc.aio.insecure_channel(b.address("messaging")) as b_msg,
     ):
-        p = Pair(_net(a, a_reg, a_msg), _net(b, b_reg, b_msg), token_b_for_a, token_a_for_b)
-        # A lets its agents send anywhere; B asks for "guarded" agents and refuses "closed" ones.
-        await policy(p.a, POLICIES[0])
+        net_a = _net(a, a_reg, a_msg)
+        asker = await local_agent(net_a)
+        p = Pair(net_a, _net(b, b_reg, b_msg), token_b_for_a, token_a_for_b, asker)
+        # A lets its agents send anywhere, but asks about the asker's messages to mesh-b; B asks for "guarded"
+        # agents and refuses "closed" ones.
+        await policy(
+            p.a,
+            'permit(principal, action == Action::"message.send", resource) '
+            f'unless {{ resource.tags.contains("guarded") || principal == Caller::Agent::"{asker.id}" }};',
+        )
+        await policy(
+            p.a,
+            '@decision("ask") @reason("this agent\'s messages to mesh-b are approved first")\n'
+            f'permit(principal == Caller::Agent::"{asker.id}", action == Action::"message.send", resource) '
+            'when { resource.mesh == "mesh-b" };',
+        )
         for text in POLICIES:
             await policy(p.b, text)
         yield p
@@ -181,6 +195,34 @@ async def test_the_peers_policy_refuses_and_asks(pair: Pair) -> None:
     delivery = await _receive(pair.b, guarded, asked.message.id)
     assert delivery.message.parts[0].text == "may I"
     await _status(pair.a, asked.message.id, "delivered")
+
+
+async def test_this_meshs_ask_holds_a_message_to_a_peer_until_its_sender_owner_approves(pair: Pair) -> None:
+    recipient = await _federated(pair.b)
+    sent = await pair.a.messaging.SendMessage(
+        mpb.SendMessageRequest(
+            message=mpb.Message(recipient=await _remote(pair.b, recipient, "mesh-b"), parts=[mpb.Part(text="out?")])
+        ),
+        metadata=pair.asker.md,
+    )
+    assert sent.message.status == "held" and sent.message.approval_id, sent.message
+    assert sent.message.transport == "federation"
+    # The approval names the sending agent (an agent of this mesh), whose owner answers; nothing left A meanwhile.
+    approval = await pair.a.policies.GetApproval(
+        ppb.GetApprovalRequest(id=sent.message.approval_id), metadata=pair.a.admin
+    )
+    assert approval.target_agent_id == pair.asker.id and approval.status == "pending"
+    assert "mesh-b" in approval.purpose
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await pair.b.messaging.GetMessage(mpb.GetMessageRequest(id=sent.message.id), metadata=pair.b.admin)
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+    await pair.a.policies.ApproveApproval(
+        ppb.ApproveApprovalRequest(id=sent.message.approval_id, note="ok"), metadata=pair.a.admin
+    )
+    delivery = await _receive(pair.b, recipient, sent.message.id)
+    assert delivery.message.parts[0].text == "out?"
+    await _status(pair.a, sent.message.id, "delivered")
 
 
 async def test_a_peer_that_is_down_gets_retries_then_a_dead_letter(pair: Pair, http: aiohttp.ClientSession) -> None:
