@@ -746,7 +746,9 @@ class HandoffsAcrossMeshes:
             f"(handoff {row.id})",
             "accepted": f"session {row.session_id} is yours: peer mesh {row.peer} committed handoff {row.id}",
         }.get(event, f"handoff {row.id} of session {row.session_id} offered to you: {row.status}")
-        return [self.notices.tell(handoff, event, row.target_agent, row.target_principal, text)]
+        return [
+            self.notices.tell(handoff, event, row.target_agent, row.target_principal, text, handoff.target_instance)
+        ]
 
     async def _tell_incoming(self, rows: Sequence[Incoming], event: str) -> None:
         told: list[Row] = []

@@ -185,7 +185,11 @@ class Notices:
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
 
-    def tell(self, handoff: HandoffRow, event: str, agent_id: str, owner: str, text: str) -> NewMessage:
+    def tell(
+        self, handoff: HandoffRow, event: str, agent_id: str, owner: str, text: str, instance: str = ""
+    ) -> NewMessage:
+        """A notice to `agent_id`, addressed to its `instance` when the handoff names one (per-instance inboxes:
+        only that instance, or a receiver naming it, takes it)."""
         data = struct_pb2.Value()
         data.struct_value.update(
             {
@@ -235,6 +239,7 @@ class Notices:
             status="accepted",
             approval_id=None,
             expire_at=None,
+            recipient_instance=instance,
         )
 
     def of(self, handoff: HandoffRow) -> list[NewMessage]:
@@ -254,6 +259,7 @@ class Notices:
                     handoff.target_agent,
                     handoff.target_principal,
                     f"agent {handoff.from_agent} offers you session {handoff.session_id} (handoff {handoff.id})",
+                    handoff.target_instance,
                 )
             ]
         told = [
@@ -264,6 +270,7 @@ class Notices:
                 handoff.from_principal,
                 f"handoff {handoff.id} of session {handoff.session_id}: {handoff.status}"
                 + (f" ({handoff.status_reason})" if handoff.status_reason else ""),
+                handoff.from_instance,
             )
         ]
         if handoff.status in ("cancelled", "expired") and handoff.target_agent != handoff.from_agent:
@@ -274,6 +281,7 @@ class Notices:
                     handoff.target_agent,
                     handoff.target_principal,
                     f"handoff {handoff.id} of session {handoff.session_id} offered to you: {handoff.status}",
+                    handoff.target_instance,
                 )
             )
         return told
@@ -288,6 +296,7 @@ class Notices:
                 f"handoff {handoff.id} of session {handoff.session_id} to peer mesh {handoff.target_mesh}: "
                 + handoff.status
                 + (f" ({handoff.status_reason})" if handoff.status_reason else ""),
+                handoff.from_instance,
             )
         ]
 

@@ -121,6 +121,9 @@ async def test_a_sessions_messages_go_to_its_instance_and_follow_a_handoff_betwe
     assert (now.owner_agent_id, now.owner_instance) == (alice.id, "b")
     moved = await mesh.messaging.GetMessage(mpb.GetMessageRequest(id=queued.id), metadata=alice.md)
     assert moved.recipient_instance == "b" and moved.status == "accepted"
+    # The handoff's notices are addressed to the instances it names: the offer to b, its end to a.
+    notices = await db.fetch("SELECT recipient_instance FROM messages WHERE conversation_id = $1", f"handoff:{done.id}")
+    assert sorted(r["recipient_instance"] for r in notices) == ["a", "b"], notices
 
     after = await send(mesh, carol, alice, "for b", conversation)
     assert after.recipient_instance == "b"
