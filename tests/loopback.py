@@ -11,8 +11,9 @@ from aiohttp import web
 
 @contextlib.asynccontextmanager
 async def serve(app: web.Application, ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[int]:
-    """Serves `app` until the block ends; yields the port."""
-    runner = web.AppRunner(app, access_log=None)
+    """Serves `app` until the block ends; yields the port. At the end, a handler still running (a WebSocket a mesh
+    holds open, a long poll) gets a second to finish, not aiohttp's default minute."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
     await site.start()

@@ -83,6 +83,10 @@ async def meshes(mesh_factory: MeshFactory, receiver: Receiver, http: aiohttp.Cl
         await policy(found.a, POLICIES[0])  # messages to untagged agents are allowed, in both meshes
         await policy(found.b, POLICIES[0])
         yield found
+    # Stopped while the receiver still listens: the services' last spans are exported at exit, not retried against
+    # a closed port until the exporter's timeout (which made this module's teardown last a minute).
+    for handle in (a, b):
+        handle.mesh.stop()
 
 
 def parsed(traceparent: str) -> tuple[str, str]:

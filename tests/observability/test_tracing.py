@@ -52,7 +52,7 @@ def otel_env(receiver: Receiver, mesh: str, protocol: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def pair(mesh_factory: MeshFactory, receiver: Receiver) -> Pair:
+def pair(mesh_factory: MeshFactory, receiver: Receiver) -> Iterator[Pair]:
     edge = free_port()
     a = mesh_factory(
         name="traced_a",
@@ -66,7 +66,11 @@ def pair(mesh_factory: MeshFactory, receiver: Receiver) -> Pair:
     )
     # B exports over OTLP/HTTP: both of the SDK's protocols are exercised.
     b = mesh_factory(name="traced_b", env={**mesh_env("traced-b"), **otel_env(receiver, "b", "http/protobuf")})
-    return Pair(a, b, receiver)
+    yield Pair(a, b, receiver)
+    # Stopped while the receiver still listens: the services' last spans are exported at exit, not retried against
+    # a closed port until the exporter's timeout (which made this module's teardown last a minute).
+    for handle in (a, b):
+        handle.mesh.stop()
 
 
 @pytest.fixture(scope="module")
