@@ -54,7 +54,7 @@ from agentvault_messaging.sessions import (
     sign,
 )
 from agentvault_messaging.settings import MessagingSettings
-from agentvault_messaging.store import INBOX, IdempotencyConflict, NewMessage, Row, Store
+from agentvault_messaging.store import INBOX, ROW_COLUMNS_NO_BODY, IdempotencyConflict, NewMessage, Row, Store
 
 log = logging.getLogger(__name__)
 
@@ -562,15 +562,12 @@ class HandoffsAcrossMeshes:
             },
         )
         # Wakes the delivery workers for the messages now on their way to the peer (polling makes up for a loss).
-        sent = [m for m in [await self.store.get(i) for i in moved] if m is not None]
-        if sent:
-            await self.hub.publish(sent)
+        if moved:
+            await self.hub.publish(moved)
         await self.notices.publish(told)
         return True
 
-    async def _send_unclaimed(
-        self, conn: asyncpg.Connection, handoff: HandoffRow, conversation_id: str
-    ) -> list[uuid.UUID]:
+    async def _send_unclaimed(self, conn: asyncpg.Connection, handoff: HandoffRow, conversation_id: str) -> list[Row]:
         """The old owner's still unclaimed inbox messages of the conversation, re-addressed to the new owner in the
         peer mesh, in the commit's transaction, as a local acceptance moves them to the new owner's inbox: each
         becomes a message to that agent of the peer (as a send with `recipient.mesh` is stored: transport
@@ -585,19 +582,19 @@ class HandoffsAcrossMeshes:
             conversation_id,
             INBOX,
         )
-        moved: list[uuid.UUID] = []
+        moved: list[Row] = []
         for record in records:
             message = mpb.Message.FromString(record["body"])
             message.recipient.CopyFrom(mpb.Party(agent_id=handoff.target_agent, mesh=handoff.target_mesh))
             message.ClearField("in_reply_to")
             body = message.SerializeToString()
             answered = {"handoff.in_reply_to": str(record["in_reply_to"])} if record["in_reply_to"] else {}
-            await conn.execute(
-                """UPDATE messages SET inbox = $2, recipient_agent = $3, recipient_owner = '',
+            updated = await conn.fetchrow(
+                f"""UPDATE messages SET inbox = $2, recipient_agent = $3, recipient_owner = '',
                        recipient_mesh = $4::text, transport = $5, endpoint = $4::text, body = $6, in_reply_to = NULL,
                        annotations = annotations || $7::jsonb, visible_at = now(), receipt = NULL,
                        status_reason = $8, updated_at = now()
-                   WHERE id = $1""",
+                   WHERE id = $1 RETURNING {ROW_COLUMNS_NO_BODY}""",
                 record["id"],
                 peer_inbox(handoff.target_mesh),
                 handoff.target_agent,
@@ -607,7 +604,7 @@ class HandoffsAcrossMeshes:
                 json.dumps({**answered, "handoff.id": str(handoff.id)}),
                 f"its conversation's session moved to peer mesh {handoff.target_mesh} (handoff {handoff.id})"[:1024],
             )
-            moved.append(record["id"])
+            moved.append(Row.of(updated))
         return moved
 
     async def route_away(self, conversation_id: str, agent_id: str) -> tuple[str, str] | None:

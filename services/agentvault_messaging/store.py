@@ -31,6 +31,8 @@ _COLUMNS = (
 
 # Every column but the message's content: for answers and events that do not need it.
 _NO_BODY = _COLUMNS.replace("body,", "''::bytea AS body,")
+# A row without its content, for statements of other modules that return messages (Row.of reads it).
+ROW_COLUMNS_NO_BODY = _NO_BODY
 
 # Who may take a message from an inbox: (the caller's own inbox, a person's principal id for the agents it owns,
 # or "" for an agent, which holds only its own inbox).
