@@ -138,6 +138,11 @@ async def _insert_peer(conn: asyncpg.Connection, values: dict[str, Any]) -> asyn
     )
 
 
+async def _issued_to(conn: asyncpg.Connection, peer_id: Any, credential_id: str) -> None:
+    """Records which credential an invitation handshake issued to the peer it created (deleting the peer revokes it)."""
+    await conn.execute("UPDATE federation_peers SET issued_credential_id = $2 WHERE id = $1", peer_id, credential_id)
+
+
 class FederationStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
@@ -200,9 +205,24 @@ class FederationStore:
         )
         return _peer(row) if row else None
 
-    async def delete_peer(self, peer_id: str) -> bool:
-        result = await self.pool.execute("DELETE FROM federation_peers WHERE id = $1", _peer_id(peer_id))
-        return bool(result.endswith(" 1"))
+    async def delete_peer(self, peer_id: str) -> tuple[bool, str | None]:
+        """Deletes the peer; (whether it existed, the id of the credential an invitation handshake issued to it,
+        revoked in the same transaction, or None)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            deleted = await conn.fetchrow(
+                "DELETE FROM federation_peers WHERE id = $1 RETURNING issued_credential_id", _peer_id(peer_id)
+            )
+            if deleted is None:
+                return False, None
+            issued = deleted["issued_credential_id"]
+            if issued is None:
+                return True, None
+            revoked = await conn.fetchval(
+                """UPDATE federation_credentials SET revoked_at = COALESCE(revoked_at, now()) WHERE id = $1
+                   RETURNING id""",
+                issued,
+            )
+            return True, revoked
 
     async def record_health(
         self,
@@ -360,7 +380,8 @@ class FederationStore:
                 inv_id,
             )
             if peer is not None:
-                await _insert_peer(conn, peer)
+                row = await _insert_peer(conn, peer)
+                await _issued_to(conn, row["id"], credential[0])
 
     async def link_peer(self, peer: dict[str, Any], credential: tuple[str, str, str], created_by: str) -> PeerRecord:
         """The redeeming side of a handshake: the peer and the credential issued to it, together."""
@@ -371,6 +392,7 @@ class FederationStore:
                 *credential,
                 created_by,
             )
+            await _issued_to(conn, row["id"], credential[0])
         return _peer(row)
 
     async def peer_url_taken(self, registry_url: str) -> bool:

@@ -167,8 +167,14 @@ class PeerServicer(fpb_grpc.PeerServiceServicer):
 
     async def DeletePeer(self, request: fpb.DeletePeerRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
         await self.auth.require_scope(context.invocation_metadata(), FEDERATION_ADMIN)
-        if not await self.store.delete_peer(request.peer_id):
+        deleted, revoked = await self.store.delete_peer(request.peer_id)
+        if not deleted:
             raise NotFound(f"peer {request.peer_id} not found", "PEER_NOT_FOUND", peer_id=request.peer_id)
+        if revoked is not None:
+            # The credential the invitation handshake issued to this peer goes with it: a mesh forgotten here no
+            # longer calls in with it.
+            await self.cache.invalidate_credential(revoked)
+            log.info("federation credential revoked with its peer", extra={"credential_id": revoked})
         return empty_pb2.Empty()
 
     async def ReportPeerHealth(

@@ -213,8 +213,21 @@ async def test_redeemed_invitation_links_both_directions_without_a_token_in_sigh
     await eventually(lambda: finds(a, f"{word} on b"), seconds=15)
     await eventually(lambda: finds(b, f"{word} on a"), seconds=15)
 
-    # The same code a second time: refused by B, even once A has forgotten B.
+    # A forgets B: the credential A's handshake issued to B is revoked with it, and B no longer finds A's agents
+    # (while A's other credentials, and B's for A, are untouched).
     await call(http, "DELETE", a.url(f"/api/v1/federation/peers/{peer['id']}"), headers=admin(a))
+    (revoked,) = await rows(a, "SELECT id, revoked_at FROM federation_credentials")
+    assert revoked["id"] == a_cred["id"] and revoked["revoked_at"] is not None
+    (kept,) = await rows(b, "SELECT revoked_at FROM federation_credentials")
+    assert kept["revoked_at"] is None
+
+    async def finds_nothing(on: MeshHandle) -> None:
+        found = await discover(http, on, include_federated=True, search=word, force_refresh=True)
+        assert [x["name"] for x in found["agents"] if x["is_federated"]] == [], found["federation_stats"]
+
+    await eventually(lambda: finds_nothing(b), seconds=15)
+
+    # The same code a second time: refused by B, even once A has forgotten B.
     body = await join(http, a, {"name": "Partner B", "invitation": code}, 400)
     assert reason(body) == ("INVITATION_REFUSED", {"inviter_reason": "INVITATION_REDEEMED"}), body
 
