@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -46,3 +47,19 @@ async def test_names_resolving_to_refused_addresses_are_not_connected(local_serv
         with pytest.raises(aiohttp.ClientConnectorError) as err:
             await session.get(f"http://localhost:{local_server}/health")
     assert "not allowed" in str(err.value.os_error)
+
+
+async def test_allowed_addresses_checks_what_a_name_resolves_to_and_literals_as_they_are() -> None:
+    """The one check of the httpx-based clients (the A2A transport, the MCP client): addresses, not names."""
+    found = await egress.allowed_addresses("localhost", 80, block_private=False)
+    assert found and set(found) <= {"127.0.0.1", "::1"}, found
+    with pytest.raises(egress.EgressRefused) as refused:
+        await egress.allowed_addresses("localhost", 80, block_private=True)
+    assert refused.value.reason == "private and loopback addresses are not allowed"
+    assert str(refused.value).startswith("localhost: ")
+    with pytest.raises(egress.EgressRefused) as metadata:
+        await egress.allowed_addresses("169.254.169.254", 80, block_private=False)
+    assert "link-local" in metadata.value.reason
+    assert await egress.allowed_addresses("10.0.0.7", 443, block_private=False) == ["10.0.0.7"]
+    with pytest.raises(socket.gaierror):  # a name that does not resolve is the caller's to report
+        await egress.allowed_addresses("no-such-host.invalid", 80, block_private=False)

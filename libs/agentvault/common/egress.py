@@ -8,6 +8,7 @@ caught too. IP literals, which aiohttp never resolves, are checked before the re
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 from typing import Any
@@ -18,7 +19,11 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 
 
 class EgressRefused(aiohttp.ClientError):
-    """The destination address is not one this service may call."""
+    """The destination address is not one this service may call; `reason` says why."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 def refused_reason(address: str, block_private: bool) -> str | None:
@@ -35,6 +40,23 @@ def refused_reason(address: str, block_private: bool) -> str | None:
     if block_private and (ip.is_private or ip.is_loopback):
         return "private and loopback addresses are not allowed"
     return None
+
+
+async def allowed_addresses(host: str, port: int, block_private: bool) -> list[str]:
+    """The addresses of `host` a connection may use, resolved now (a literal as it is): the one check behind every
+    guarded client that picks its own addresses (the httpx/httpcore backends of the A2A transport and the MCP
+    client). EgressRefused when none is allowed; OSError when the name cannot be resolved."""
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+        found = [host]
+    except ValueError:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        found = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    allowed = [a for a in found if refused_reason(a, block_private) is None]
+    if not allowed:
+        reason = (refused_reason(found[0], block_private) if found else None) or "no address"
+        raise EgressRefused(f"{host}: {reason}", reason)
+    return allowed
 
 
 class GuardedResolver(AbstractResolver):

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import ipaddress
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
-import anyio
 import httpcore2
 import httpx2
 import mcp_types as types
@@ -23,25 +20,6 @@ from agentvault.common.agent_auth import PreparedAuth
 MAX_EVENT_BYTES = 1024 * 1024
 CONNECT_SECONDS = 10.0
 SESSION_HEADER = "mcp-session-id"
-
-
-async def allowed_addresses(host: str, port: int, block_private: bool) -> list[str]:
-    """The addresses of `host` the mesh may connect to (egress.refused_reason), resolved now; EgressRefused when
-    there are none (a name that resolves only to refused addresses, or a refused literal)."""
-    try:
-        ipaddress.ip_address(host.split("%", 1)[0])
-        found = [host]
-    except ValueError:
-        try:
-            infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError as exc:
-            raise httpcore2.ConnectError(f"{host}: cannot be resolved: {exc}") from None
-        found = list(dict.fromkeys(str(info[4][0]) for info in infos))
-    allowed = [a for a in found if egress.refused_reason(a, block_private) is None]
-    if not allowed:
-        reason = egress.refused_reason(found[0], block_private) if found else "no address"
-        raise egress.EgressRefused(f"{host}: {reason}")
-    return allowed
 
 
 class GuardedBackend(httpcore2.AsyncNetworkBackend):
@@ -62,9 +40,11 @@ class GuardedBackend(httpcore2.AsyncNetworkBackend):
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore2.AsyncNetworkStream:
         try:
-            addresses = await allowed_addresses(host, port, self.block_private)
+            addresses = await egress.allowed_addresses(host, port, self.block_private)
         except egress.EgressRefused as exc:
             raise httpcore2.ConnectError(str(exc)) from None
+        except OSError as exc:
+            raise httpcore2.ConnectError(f"{host}: cannot be resolved: {exc}") from None
         failure: Exception | None = None
         for address in addresses:
             try:
@@ -139,7 +119,11 @@ async def open_session(
     here, before any connection, with EgressRefused. `on_connect_error` is told of each request whose connection could
     not be made (so was never sent), `on_session_unknown` of each the server refused for not knowing the session."""
     parts = urlsplit(url)
-    await allowed_addresses(parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80), block_private)
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        await egress.allowed_addresses(host, port, block_private)  # EgressRefused: refused before any connection
+    except OSError as exc:
+        raise httpcore2.ConnectError(f"{host}: cannot be resolved: {exc}") from None
     headers, _token = await prepared.request_headers()
     verify: Any = prepared.ssl_context if prepared.ssl_context is not None else True
     transport = GuardedTransport(

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-import socket
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -368,14 +367,11 @@ class _GuardedBackend(httpcore.AsyncNetworkBackend):
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            allowed = await egress.allowed_addresses(host, port, self.block_private)
+        except egress.EgressRefused as exc:
+            raise _EgressBlocked(exc.reason) from None
         except OSError as exc:
             raise httpcore.ConnectError(f"cannot resolve the agent's host: {exc.strerror or exc}") from None
-        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-        allowed = [a for a in addresses if egress.refused_reason(a, self.block_private) is None]
-        if not allowed:
-            reason = egress.refused_reason(addresses[0], self.block_private) if addresses else "no address"
-            raise _EgressBlocked(str(reason))
         error: Exception | None = None
         for address in allowed:
             try:
