@@ -71,17 +71,25 @@ class InboxWaiter:
     def __init__(self) -> None:
         self._event = asyncio.Event()
         self._settled: set[str] = set()
+        # Whether something may have arrived since the last clear (a wake-up for a settled delivery alone says
+        # nothing new arrived: a stream with room left need not look).
+        self.fresh = False
 
     def set(self) -> None:
+        self.fresh = True
         self._event.set()
 
     def clear(self) -> None:
         self._event.clear()
+        self.fresh = False
 
-    async def wait(self, seconds: float) -> None:
-        """Until woken, or `seconds` passed (then the caller looks at the database anyway)."""
-        with contextlib.suppress(TimeoutError):
+    async def wait(self, seconds: float) -> bool:
+        """Until woken (True), or `seconds` passed (False: then the caller looks at the database anyway)."""
+        try:
             await asyncio.wait_for(self._event.wait(), max(0.0, seconds))
+        except TimeoutError:
+            return False
+        return True
 
     def settle(self, message_id: str) -> None:
         if len(self._settled) < MAX_SETTLED:  # beyond, the stream's visibility timeouts free the room
@@ -159,6 +167,8 @@ class Hub:
                 if e.status in SETTLED:
                     for waiter in self._inbox_waiters.get(e.inbox, ()):
                         waiter.settle(e.id)
+                        if e.status == "released":  # nacked: visible again, to be taken
+                            waiter.set()
                 elif e.status == "accepted":
                     for waiter in self._inbox_waiters.get(e.inbox, ()):
                         waiter.set()

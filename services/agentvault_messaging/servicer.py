@@ -596,6 +596,7 @@ class MessagingServicer:
         self, inbox: str, limit: int, visibility: int, instance: str = ""
     ) -> AsyncIterator[mpb.Delivery]:
         in_flight: dict[str, float] = {}  # message id -> when its visibility ends
+        look = True  # whether the inbox may hold something this stream could take now
         with self.hub.waiting(inbox) as waiter:
             while True:
                 waiter.clear()
@@ -605,13 +606,18 @@ class MessagingServicer:
                 for key in [k for k, until in in_flight.items() if until <= now]:
                     del in_flight[key]
                 room = limit - len(in_flight)
-                rows = await self.claim(inbox, min(room, MAX_RECEIVE), visibility, instance) if room > 0 else []
+                wanted = min(room, MAX_RECEIVE) if look else 0
+                rows = await self.claim(inbox, wanted, visibility, instance) if wanted > 0 else []
                 for row in rows:
                     in_flight[str(row.id)] = time.monotonic() + visibility
                     yield _delivery(row)
-                if rows and len(rows) == min(room, MAX_RECEIVE):
+                if rows and len(rows) == wanted:
                     continue  # there may be more waiting
-                await waiter.wait(self.settings.poll_seconds)
+                woken = await waiter.wait(self.settings.poll_seconds)
+                # Woken only by its own deliveries being settled (acks) while it had room: nothing new arrived, so no
+                # claim (a streaming receiver's acks would otherwise each cost an empty one). A poll's timeout, an
+                # arrival (or a nacked message visible again), or room freed after the stream was full look again.
+                look = not woken or waiter.fresh or room <= 0
 
     async def Converse(
         self, request_iterator: AsyncIterator[mpb.ConverseRequest], context: grpc.aio.ServicerContext
