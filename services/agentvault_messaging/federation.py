@@ -20,7 +20,7 @@ from agentvault.common import peers, signing, tracing
 from agentvault.common.auth import bearer_token
 from agentvault.common.errors import AlreadyExists, NotFound, PermissionDenied, Unavailable, invalid
 from agentvault.common.peers import PeerTarget
-from agentvault.common.policy.asking import ask_once
+from agentvault.common.policy.asking import ask_once, held_for
 from agentvault.common.policy.engine import Outcome as Verdict
 from agentvault.common.policy.request import Trust, agent_target, caller
 from agentvault.common.principal import Principal
@@ -467,8 +467,7 @@ class FederatedMessaging(fpb_grpc.FederatedMessagingServiceServicer):
                         agent_id=agent.id,
                         purpose=f"a message from peer {principal.name}",
                     )
-                    status, approval_id = "held", uuid.UUID(approval.id)
-                    reason = "waiting for approval " + approval.id
+                    status, approval_id, reason = held_for(approval)
             except BaseException:
                 await verdict.done()
                 raise

@@ -27,7 +27,7 @@ from agentvault.common.errors import (
     Unavailable,
     invalid,
 )
-from agentvault.common.policy.asking import ask_once, refuse_unless_decided
+from agentvault.common.policy.asking import ask_once, held_for, refuse_unless_decided
 from agentvault.common.policy.enforcer import Enforcer
 from agentvault.common.policy.engine import Outcome
 from agentvault.common.policy.remote import RemoteControlPlane
@@ -278,8 +278,7 @@ class MessagingServicer:
                         agent_id=approver,
                         purpose=_purpose(message) + (f" (to an agent of peer mesh {route.mesh})" if route.mesh else ""),
                     )
-                    status, approval_id = "held", uuid.UUID(approval.id)
-                    reason = "waiting for approval " + approval.id
+                    status, approval_id, reason = held_for(approval)
         conversation = message.conversation_id or (original.conversation_id if original else str(uuid.uuid4()))
         if original is not None and self.sessions is not None and route.transport == INBOX and route.agent_id:
             # A reply to the agent holding the conversation's session goes to the instance holding it.

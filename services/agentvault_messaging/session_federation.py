@@ -28,7 +28,7 @@ from agentvault.common.errors import (
     Unavailable,
     invalid,
 )
-from agentvault.common.policy.asking import Asker, ask_once, refuse_unless_decided
+from agentvault.common.policy.asking import Asker, ask_once, held_for, refuse_unless_decided
 from agentvault.common.policy.enforcer import Enforcer
 from agentvault.common.policy.engine import Outcome
 from agentvault.common.policy.request import Trust, agent_target, caller
@@ -256,8 +256,7 @@ class HandoffsAcrossMeshes:
                     purpose=f"hand session {session.id} (conversation {session.conversation_id}) to agent {target_id} "
                     f"of peer mesh {peer.name}",
                 )
-                status, approval_id = "held", uuid.UUID(approval.id)
-                reason = "waiting for approval " + approval.id
+                status, approval_id, reason = held_for(approval)
             handoff_id = uuid.uuid4()
             digest = digest_of(state)
             signature = sign(self.settings.session_key, handoff_id, key, session.generation, digest)
@@ -692,8 +691,7 @@ class HandoffsAcrossMeshes:
                         purpose=f"take session {session_id} (conversation {request.conversation_id}) from agent "
                         f"{request.from_agent_id} of peer mesh {peer}",
                     )
-                    status, approval_id = "held", uuid.UUID(approval.id)
-                    reason = "waiting for approval " + approval.id
+                    status, approval_id, reason = held_for(approval)
             finally:
                 await verdict.done()
         async with self.pool.acquire() as conn, conn.transaction():

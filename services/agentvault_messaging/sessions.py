@@ -26,7 +26,7 @@ from agentvault.common.errors import (
     invalid,
 )
 from agentvault.common.interceptors import caller_metadata
-from agentvault.common.policy.asking import answer_of, ask_once, refuse_unless_decided
+from agentvault.common.policy.asking import answer_of, ask_once, held_for, refuse_unless_decided
 from agentvault.common.policy.enforcer import ControlPlane, Enforcer
 from agentvault.common.policy.engine import Outcome
 from agentvault.common.policy.remote import RemoteControlPlane
@@ -574,8 +574,7 @@ class SessionServicer:
                     agent_id=agent.id,
                     purpose=f"hand session {session.id} (conversation {session.conversation_id}) to agent {agent.id}",
                 )
-                status, approval_id = "held", uuid.UUID(approval.id)
-                reason = "waiting for approval " + approval.id
+                status, approval_id, reason = held_for(approval)
             handoff_id = uuid.uuid4()
             digest = digest_of(state)
             new = NewHandoff(

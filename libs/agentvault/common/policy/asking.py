@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -83,6 +84,11 @@ async def ask_once(
         grant_duration_seconds=duration_seconds,
         grant_uses=1,
     )
+
+
+def held_for(approval: ppb.Approval) -> tuple[str, uuid.UUID, str]:
+    """How an action held for `approval` is stored: its status, the approval's id and the status reason."""
+    return "held", uuid.UUID(approval.id), "waiting for approval " + approval.id
 
 
 async def answer_of(control: Spender, approval: ppb.Approval) -> tuple[bool, str]:
