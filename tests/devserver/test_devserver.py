@@ -97,10 +97,9 @@ class DevServer:
     """One `python -m agentvault.devserver run` with its own data folder and free ports."""
 
     def __init__(self, data_dir: Path, **env: str) -> None:
-        self.ports = {
-            var: free_port()
-            for var in ("EDGE_PORT", "REGISTRY_PORT", "DISCOVERY_PORT", "HEALTH_MONITOR_PORT", "AGENTVAULT_REDIS_PORT")
-        }
+        # Every port the dev server listens on, each service's included (a default one, e.g. MESSAGING_PORT's 50054,
+        # can be an ephemeral port another test's process holds at that moment).
+        self.ports = {var: free_port() for var in [spec.port_var for spec in SERVICES] + ["AGENTVAULT_REDIS_PORT"]}
         base = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "AGENTVAULT_ADMIN_TOKEN")}
         self.env = {
             **base,

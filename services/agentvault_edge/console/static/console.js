@@ -414,9 +414,16 @@ async function agentHealth(main, agent) {
     holder.replaceChildren(errorBox(err, "Health history"));
     return undefined;
   }
-  return watch("/api/v1/federation/health:watch", live, (event) => {
-    if (event.subject_kind === "agent" && event.subject_id === agent.id) draw().catch(() => undefined);
-  });
+  // Only status changes come on the stream (an agent's first check is one): the history is read again once the
+  // stream listens, or a first check made while the page loaded would never show.
+  return watch(
+    "/api/v1/federation/health:watch",
+    live,
+    (event) => {
+      if (event.subject_kind === "agent" && event.subject_id === agent.id) draw().catch(() => undefined);
+    },
+    () => draw().catch(() => undefined),
+  );
 }
 
 function approvalRow(approval, onAnswer) {
@@ -635,11 +642,14 @@ async function postStream(path, body, onEvent, signal) {
 }
 
 // An EventSource on a watch stream, its state shown in `live` (data-live: open, retrying, stopped).
-function watch(path, live, onItem) {
+// `onOpen`, when given, runs each time the stream (re)opens: what changed before it was listening (while the page
+// loaded, or during a reconnect) is read again then, since the stream only tells of changes.
+function watch(path, live, onItem, onOpen) {
   const source = new EventSource(path);
   source.onopen = () => {
     live.textContent = "Live: changes appear as they happen.";
     live.dataset.live = "open";
+    if (onOpen) onOpen();
   };
   source.onmessage = (event) => onItem(JSON.parse(event.data));
   source.addEventListener("error", (event) => {
